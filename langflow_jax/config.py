@@ -1,0 +1,323 @@
+"""Configuration: the base config with every key, loading, overrides, validation.
+
+Config files in ``configs/`` start from :func:`base_config` and change what
+differs (big_vision style); their docstrings carry the run command, hardware
+and expected time. ``--config.train.steps=200`` style overrides are parsed with
+the type of the value they replace, and an unknown key or a value of the wrong
+type is a :class:`ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import json
+import os
+import pathlib
+from typing import Any, Iterable
+
+import ml_collections
+
+from langflow_jax.errors import ConfigError
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every key the package reads, with the paper's (OWT) values as defaults."""
+  c = ml_collections.ConfigDict()
+
+  # The denoiser (spec 3). Official names in brackets where they differ.
+  c.model = ml_collections.ConfigDict(dict(
+      vocab_size=50257,
+      hidden_size=768,
+      cond_dim=128,
+      n_blocks=12,
+      n_heads=12,
+      mlp_ratio=4,
+      dropout=0.1,
+      max_length=1024,            # [model_length]
+      normalize_embedding=True,   # [use_normalized_embedding]: rows scaled to norm sqrt(D)
+      self_conditioning=True,
+      use_skip=True,              # [use_bias]: the preconditioning skip logits
+      compute_dtype="float32",    # matmul dtype in the blocks/head: float32 | bfloat16
+  ))
+
+  # Noise schedule over gamma (spec 4.3). For fixed schedules the endpoints
+  # default to the Gumbel endpoints of (loc, scale, cutoff).
+  c.schedule = ml_collections.ConfigDict(dict(
+      name="gumbel",              # gumbel | linear | cosine
+      loc=4.723,
+      scale=0.852,
+      entropy=7.02,
+      cutoff=1e-5,
+      gamma_min=ml_collections.config_dict.placeholder(float),
+      gamma_max=ml_collections.config_dict.placeholder(float),
+  ))
+
+  # Training objective (spec 4).
+  c.objective = ml_collections.ConfigDict(dict(
+      name="langflow",            # langflow (flow matching with CE)
+      self_cond_prob=0.25,
+      self_cond_mode="batch",     # batch: one coin per step | sample: one per sequence
+      time_sampling="stratified",  # stratified | antithetic | iid draws of u in [0, 1]
+      skip_warmup_steps=5000,     # linear ramp of the skip term (spec 4.5); 0 disables
+      schedule_loss_weight=1.0,   # weight of the schedule-fitting regression
+  ))
+
+  # Data (see langflow_jax/data).
+  c.data = ml_collections.ConfigDict(dict(
+      name="sotu",                # sotu | file:PATH (.txt/.jsonl) | lm1b | owt
+      tokenizer="sotu-bpe8k",     # sotu-bpe8k | gpt2 | bert-base-uncased | PATH.json
+      seq_len=1024,
+      wrap=True,                  # pack documents with separators (official protocol)
+      seed=0,                     # shuffling seed
+      holdout_every=10,           # embedded corpus: every 10th document is held out
+  ))
+
+  c.train = ml_collections.ConfigDict(dict(
+      steps=1_000_000,
+      batch_size=512,             # global, in sequences
+      grad_accum=1,               # micro-batches per step (batch_size must divide)
+      seed=0,
+      log_every=100,
+      eval_every=5000,
+      eval_batches=8,
+      checkpoint_every=5000,
+      keep_checkpoints=3,         # most recent checkpoints kept
+      keep_period=0,              # also keep every k-th step forever (0: none)
+      plot=True,                  # write loss/schedule plots at the end
+      progress=True,              # progress bar on stderr
+  ))
+
+  # AdamW with warm-up. Unrecovered upstream values follow MDLM/Duo (spec 4.7).
+  c.optimizer = ml_collections.ConfigDict(dict(
+      lr=3e-4,
+      warmup_steps=2500,
+      decay="constant",           # constant | cosine | linear (after warm-up)
+      min_lr_ratio=0.1,           # final lr / peak lr for cosine and linear decay
+      b1=0.9,
+      b2=0.999,
+      eps=1e-8,
+      weight_decay=0.0,
+      grad_clip=1.0,
+      ema_decay=0.9999,
+      schedule_lr_scale=1.0,      # lr multiplier for the schedule's (loc, scale, entropy)
+  ))
+
+  # Device mesh; -1 takes all remaining devices (see langflow_jax/parallel.py).
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+
+  # Likelihood bound (spec 5; see langflow_jax/likelihood.py).
+  c.eval = ml_collections.ConfigDict(dict(
+      solver="heun",              # euler | heun | rk4 | adaptive
+      steps=128,
+      grid="official",            # official (Gumbel quantiles) | cdf | gamma (uniform)
+      estimator="hutchinson_gaussian",  # hutchinson_gaussian | hutchinson_rademacher | exact
+      probes=1,
+      batch_size=128,
+      num_batches=0,              # 0: the whole split
+      split="heldout",
+      use_ema=True,
+      seed=1,
+      rtol=1e-3,
+      atol=1e-3,
+  ))
+
+  # Sampling (spec 6; see langflow_jax/sampling.py).
+  c.sample = ml_collections.ConfigDict(dict(
+      sampler="euler",            # euler (official Euler-EDM) | heun | stochastic
+      steps=128,
+      num=8,
+      seq_len=0,                  # 0: data.seq_len
+      temperature=1.0,
+      grid="official",
+      churn=0.0,
+      best_of=1,
+      score="ce",
+      use_ema=True,
+      seed=42,
+  ))
+  return c
+
+
+def find_config_file(name: str) -> pathlib.Path:
+  """``tiny`` -> configs/tiny.py (cwd first, then the repo); a path is taken as is."""
+  path = pathlib.Path(name)
+  if path.suffix == ".py":
+    if path.is_file():
+      return path
+    raise ConfigError(f"config file '{name}' does not exist.",
+                      "pass a config name such as 'tiny' or the path of a .py config file.")
+  for root in (pathlib.Path.cwd(), REPO_ROOT):
+    candidate = root / "configs" / f"{name}.py"
+    if candidate.is_file():
+      return candidate
+  available = sorted(p.stem for p in (REPO_ROOT / "configs").glob("*.py") if p.stem != "__init__")
+  raise ConfigError(f"unknown config '{name}'.", f"use one of {available} or a path to a .py file.")
+
+
+def load_config(spec: str, overrides: Iterable[str] = ()) -> ml_collections.ConfigDict:
+  """Loads ``name[:arg]`` or ``path.py[:arg]`` and applies ``--config.x=y`` overrides."""
+  name, _, arg = spec.partition(":")
+  path = find_config_file(name)
+  module_spec = importlib.util.spec_from_file_location(f"langflow_config_{path.stem}", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"config file {path} has no get_config().", "define get_config() in it.")
+  config = module.get_config(arg) if arg else module.get_config()
+  apply_overrides(config, overrides)
+  return config
+
+
+def _parse_value(text: str, old: Any, key: str) -> Any:
+  if isinstance(old, bool):
+    low = text.lower()
+    if low in ("true", "1", "yes"):
+      return True
+    if low in ("false", "0", "no"):
+      return False
+    raise ConfigError(f"--config.{key}={text}: expected a boolean.", f"use --config.{key}=true or false.")
+  if isinstance(old, (int, float)):
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      value = None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+      kind = type(old).__name__
+      raise ConfigError(f"--config.{key}={text}: expected {'an' if kind == 'int' else 'a'} {kind}.",
+                        f"give a number, e.g. --config.{key}={old}.")
+    if isinstance(old, int) and not isinstance(value, int):
+      if float(value).is_integer():
+        return int(value)
+      raise ConfigError(f"--config.{key}={text}: expected an int.", f"give a whole number, e.g. {old}.")
+    return float(value) if isinstance(old, float) else value
+  if isinstance(old, str):
+    return text
+  if isinstance(old, (tuple, list)):
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError) as e:
+      raise ConfigError(f"--config.{key}={text}: expected a list.", f"e.g. --config.{key}='(1, 2)'.") from e
+    return type(old)(value if isinstance(value, (tuple, list)) else (value,))
+  # None / placeholder: take a Python literal if it is one, else the string.
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def _all_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+  keys = []
+  for k, v in config.items():
+    if isinstance(v, ml_collections.ConfigDict):
+      keys += _all_keys(v, f"{prefix}{k}.")
+    else:
+      keys.append(f"{prefix}{k}")
+  return keys
+
+
+def set_value(config: ml_collections.ConfigDict, key: str, text: str) -> None:
+  """Sets ``config.<key>`` from its command-line text, with type checking."""
+  parts = key.split(".")
+  node = config
+  for i, part in enumerate(parts):
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      close = difflib.get_close_matches(key, _all_keys(config), n=3)
+      hint = f"did you mean {', '.join('--config.' + c for c in close)}?" if close else \
+          "run `langflow-jax config --config NAME` to list the keys."
+      raise ConfigError(f"unknown config key '--config.{key}'.", hint)
+    if i < len(parts) - 1:
+      node = node[part]
+  leaf = parts[-1]
+  if isinstance(node[leaf], ml_collections.ConfigDict):
+    raise ConfigError(f"--config.{key} is a group, not a value.", f"set one of its keys, e.g. --config.{key}.<name>=...")
+  value = _parse_value(text, node[leaf], key)
+  try:
+    node[leaf] = value
+  except TypeError as e:
+    raise ConfigError(f"--config.{key}={text}: wrong type ({e}).", "give a value of the key's type.") from e
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str]) -> None:
+  """Applies ``--config.a.b=value`` (or ``config.a.b=value``) strings in order."""
+  for item in overrides:
+    body = item[2:] if item.startswith("--") else item
+    if not body.startswith("config.") or "=" not in body:
+      raise ConfigError(f"cannot read override '{item}'.", "write it as --config.group.key=value.")
+    key, _, text = body[len("config."):].partition("=")
+    set_value(config, key, text)
+
+
+def to_json(config: ml_collections.ConfigDict) -> str:
+  return config.to_json(sort_keys=True)
+
+
+def from_json(text: str) -> ml_collections.ConfigDict:
+  """A config saved by :func:`to_json`, completed with any keys added since."""
+  saved = json.loads(text)
+  config = base_config()
+
+  def merge(node: ml_collections.ConfigDict, values: dict) -> None:
+    for k, v in values.items():
+      if isinstance(v, dict) and k in node and isinstance(node[k], ml_collections.ConfigDict):
+        merge(node[k], v)
+      else:
+        with node.unlocked():
+          node[k] = ml_collections.ConfigDict(v) if isinstance(v, dict) else v
+
+  merge(config, saved)
+  return config
+
+
+def _require(cond: bool, problem: str, fix: str) -> None:
+  if not cond:
+    raise ConfigError(problem, fix)
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks value ranges and combinations before any work starts."""
+  m, t, d, o = config.model, config.train, config.data, config.optimizer
+  _require(t.steps > 0, f"train.steps={t.steps} must be positive.", "set --config.train.steps to e.g. 1000.")
+  _require(t.batch_size > 0, f"train.batch_size={t.batch_size} must be positive.",
+           "set --config.train.batch_size to e.g. 32.")
+  _require(t.grad_accum > 0 and t.batch_size % t.grad_accum == 0,
+           f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}.",
+           "choose grad_accum dividing batch_size.")
+  _require(d.seq_len > 1, f"data.seq_len={d.seq_len} must be at least 2.", "set --config.data.seq_len.")
+  _require(d.seq_len <= m.max_length,
+           f"data.seq_len={d.seq_len} is longer than model.max_length={m.max_length}.",
+           "lower --config.data.seq_len or raise --config.model.max_length (new models only).")
+  _require(m.compute_dtype in ("float32", "bfloat16"),
+           f"model.compute_dtype='{m.compute_dtype}' is not supported.", "use float32 or bfloat16.")
+  _require(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must lie in [0, 1).", "use e.g. 0.1.")
+  _require(0.0 <= config.objective.self_cond_prob <= 1.0,
+           f"objective.self_cond_prob={config.objective.self_cond_prob} must lie in [0, 1].", "use e.g. 0.25.")
+  _require(config.objective.self_cond_mode in ("batch", "sample"),
+           f"objective.self_cond_mode='{config.objective.self_cond_mode}' is unknown.", "use batch or sample.")
+  _require(config.objective.time_sampling in ("stratified", "antithetic", "iid"),
+           f"objective.time_sampling='{config.objective.time_sampling}' is unknown.",
+           "use stratified, antithetic or iid.")
+  _require(o.lr > 0, f"optimizer.lr={o.lr} must be positive.", "use e.g. 3e-4.")
+  _require(o.decay in ("constant", "cosine", "linear"), f"optimizer.decay='{o.decay}' is unknown.",
+           "use constant, cosine or linear.")
+  _require(0.0 <= o.ema_decay < 1.0, f"optimizer.ema_decay={o.ema_decay} must lie in [0, 1).", "use e.g. 0.999.")
+  for key in ("log_every", "eval_every", "checkpoint_every", "eval_batches", "keep_checkpoints"):
+    _require(t[key] > 0, f"train.{key}={t[key]} must be positive.", f"set --config.train.{key} to a positive value.")
+
+
+def describe(config: ml_collections.ConfigDict) -> str:
+  """The resolved config as ``key = value`` lines (for `langflow-jax config`)."""
+  lines = []
+
+  def walk(node, prefix=""):
+    for k, v in sorted(node.items()):
+      if isinstance(v, ml_collections.ConfigDict):
+        walk(v, f"{prefix}{k}.")
+      else:
+        lines.append(f"{prefix}{k} = {v!r}")
+
+  walk(config)
+  return os.linesep.join(lines)

@@ -1,0 +1,313 @@
+"""The LangFlow denoiser: a DiT over normalised token embeddings (spec section 3).
+
+Module and parameter names mirror the official PyTorch state dict one to one
+(``backbone.blocks.3.attn_qkv.weight`` -> ``backbone.blocks[3].attn_qkv.kernel``
+transposed), so converting a release is a renaming. Every parameter carries
+``logical_axes`` metadata that :mod:`langflow_jax.parallel` maps to mesh axes.
+
+Dtypes: parameters are float32. ``compute_dtype`` (float32 or bfloat16) is the
+dtype of the matmuls inside the blocks and the output head; layer norms,
+attention softmax, the residual stream, the skip term and the logits stay
+float32 in both cases (the policy of the official GPU code, spec 3.7).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from langflow_jax import diffusion
+from langflow_jax.errors import ConfigError
+from langflow_jax.schedule import NoiseSchedule, make_schedule
+
+Array = jax.Array
+
+FREQ_EMBED_SIZE = 256  # sinusoidal width of the gamma embedding (hard-coded upstream)
+LN_EPS = 1e-5
+NORM_EPS = 1e-12  # torch F.normalize default
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def torch_linear_init(fan_in: int):
+  """PyTorch's default Linear init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+  bound = 1.0 / math.sqrt(fan_in)
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+def linear(in_features: int, out_features: int, axes: tuple[str | None, str | None], *,
+           rngs: nnx.Rngs, use_bias: bool = True, zero_init: bool = False,
+           dtype: Any = jnp.float32) -> nnx.Linear:
+  """An nnx.Linear with torch's init (or zeros) and logical axis names."""
+  init = nnx.initializers.zeros_init() if zero_init else torch_linear_init(in_features)
+  return nnx.Linear(
+      in_features, out_features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
+      kernel_init=init, bias_init=init, rngs=rngs,
+      kernel_metadata={"logical_axes": axes}, bias_metadata={"logical_axes": axes[1:]})
+
+
+class ScaleOnlyLayerNorm(nnx.Module):
+  """LayerNorm without affine terms (eps 1e-5, biased variance) times a weight."""
+
+  def __init__(self, dim: int):
+    self.scale = nnx.Param(jnp.ones((dim,), jnp.float32), logical_axes=("norm",))
+
+  def __call__(self, x: Array) -> Array:
+    x = x.astype(jnp.float32)
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + LN_EPS) * self.scale[...]
+
+
+def gamma_frequency_embedding(gamma_B: Array) -> Array:
+  """[cos(gamma f_j), sin(gamma f_j)] with f_j = 10000^(-j/128), cos first."""
+  half = FREQ_EMBED_SIZE // 2
+  freqs = jnp.exp(jnp.float32(-math.log(10000.0)) * jnp.arange(half, dtype=jnp.float32) / half)
+  args_BxF = gamma_B.astype(jnp.float32)[:, None] * freqs[None, :]
+  return jnp.concatenate([jnp.cos(args_BxF), jnp.sin(args_BxF)], axis=-1)
+
+
+class GammaEmbedder(nnx.Module):
+  """Official ``sigma_map``: sinusoid(gamma) -> Linear -> SiLU -> Linear."""
+
+  def __init__(self, cond_dim: int, *, rngs: nnx.Rngs):
+    self.linear_1 = linear(FREQ_EMBED_SIZE, cond_dim, ("freq", "cond"), rngs=rngs)
+    self.linear_2 = linear(cond_dim, cond_dim, ("cond", "cond"), rngs=rngs)
+
+  def __call__(self, gamma_B: Array) -> Array:
+    h = self.linear_1(gamma_frequency_embedding(gamma_B))
+    return self.linear_2(jax.nn.silu(h))
+
+
+def rotary_inv_freq(head_dim: int) -> Array:
+  return 1.0 / (10000.0 ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+
+
+def rotary_tables(inv_freq: Array, length: int) -> tuple[Array, Array]:
+  """GPT-NeoX rotate-half tables over the full head dim: cos, sin of [L, d_h]."""
+  theta_LxH = jnp.arange(length, dtype=jnp.float32)[:, None] * inv_freq[None, :]
+  theta = jnp.concatenate([theta_LxH, theta_LxH], axis=-1)
+  return jnp.cos(theta), jnp.sin(theta)
+
+
+def apply_rotary(x_BxLxHxK: Array, cos_LxK: Array, sin_LxK: Array) -> Array:
+  half = x_BxLxHxK.shape[-1] // 2
+  x1, x2 = x_BxLxHxK[..., :half], x_BxLxHxK[..., half:]
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  cos = cos_LxK[None, :, None, :].astype(x_BxLxHxK.dtype)
+  sin = sin_LxK[None, :, None, :].astype(x_BxLxHxK.dtype)
+  return x_BxLxHxK * cos + rotated * sin
+
+
+def dropout(x: Array, rate: float, key: Array | None) -> Array:
+  """Inverted dropout; the identity when ``key`` is None (evaluation)."""
+  if key is None or rate == 0.0:
+    return x
+  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+class DDiTBlock(nnx.Module):
+  """adaLN-modulated bidirectional transformer block with rotary attention."""
+
+  def __init__(self, dim: int, n_heads: int, cond_dim: int, mlp_ratio: int, dropout_rate: float,
+               compute_dtype: Any, *, rngs: nnx.Rngs):
+    self.n_heads = n_heads
+    self.dropout_rate = dropout_rate
+    self.norm1 = ScaleOnlyLayerNorm(dim)
+    self.attn_qkv = linear(dim, 3 * dim, ("embed", "qkv"), use_bias=False, rngs=rngs,
+                           dtype=compute_dtype)
+    self.attn_out = linear(dim, dim, ("heads", "embed"), use_bias=False, rngs=rngs,
+                           dtype=compute_dtype)
+    self.norm2 = ScaleOnlyLayerNorm(dim)
+    self.mlp_1 = linear(dim, mlp_ratio * dim, ("embed", "mlp"), rngs=rngs, dtype=compute_dtype)
+    self.mlp_2 = linear(mlp_ratio * dim, dim, ("mlp", "embed"), rngs=rngs, dtype=compute_dtype)
+    # Zero-init: every block starts as the identity (its gates are 0).
+    self.ada = linear(cond_dim, 6 * dim, ("cond", "modulation"), zero_init=True, rngs=rngs,
+                      dtype=compute_dtype)
+
+  def attention(self, a_BxLxD: Array, cos: Array, sin: Array) -> Array:
+    b, l, d = a_BxLxD.shape
+    h = self.n_heads
+    qkv = self.attn_qkv(a_BxLxD).reshape(b, l, 3, h, d // h)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    scores_BxHxLxL = jnp.einsum("bqhk,bshk->bhqs", q, k, preferred_element_type=jnp.float32)
+    probs = jax.nn.softmax(scores_BxHxLxL / math.sqrt(d // h), axis=-1)
+    o_BxLxHxK = jnp.einsum("bhqs,bshk->bqhk", probs.astype(v.dtype), v)
+    return self.attn_out(o_BxLxHxK.reshape(b, l, d))
+
+  def __call__(self, h_BxLxD: Array, c_BxC: Array, cos: Array, sin: Array,
+               dropout_key: Array | None = None) -> Array:
+    mod = self.ada(c_BxC)[:, None, :]
+    shift1, scale1, gate1, shift2, scale2, gate2 = jnp.split(mod, 6, axis=-1)
+    k1, k2 = jax.random.split(dropout_key) if dropout_key is not None else (None, None)
+
+    a = self.norm1(h_BxLxD) * (1 + scale1) + shift1
+    a = self.attention(a.astype(self.attn_qkv.dtype or jnp.float32), cos, sin)
+    h_BxLxD = h_BxLxD + gate1 * dropout(a, self.dropout_rate, k1)
+
+    m = self.norm2(h_BxLxD) * (1 + scale2) + shift2
+    m = self.mlp_2(jax.nn.gelu(self.mlp_1(m), approximate=True))
+    return h_BxLxD + gate2 * dropout(m, self.dropout_rate, k2)
+
+
+class FinalLayer(nnx.Module):
+  """adaLN final norm and the untied output head to vocabulary logits."""
+
+  def __init__(self, dim: int, vocab_size: int, cond_dim: int, compute_dtype: Any, *,
+               rngs: nnx.Rngs):
+    self.norm_final = ScaleOnlyLayerNorm(dim)
+    self.ada = linear(cond_dim, 2 * dim, ("cond", "modulation"), zero_init=True, rngs=rngs,
+                      dtype=compute_dtype)
+    self.linear = linear(dim, vocab_size, ("embed", "vocab"), zero_init=True, rngs=rngs,
+                         dtype=compute_dtype)
+
+  def __call__(self, h_BxLxD: Array, c_BxC: Array) -> Array:
+    shift, scale = jnp.split(self.ada(c_BxC)[:, None, :], 2, axis=-1)
+    y = self.norm_final(h_BxLxD) * (1 + scale) + shift
+    return self.linear(y)
+
+
+class TokenEmbedding(nnx.Module):
+  """The raw embedding table W [V, D] (official ``vocab_embed``)."""
+
+  def __init__(self, vocab_size: int, dim: int, *, rngs: nnx.Rngs):
+    bound = 1.0 / math.sqrt(dim)  # kaiming_uniform(a=sqrt(5)) on a [V, D] matrix
+    self.embedding = nnx.Param(
+        jax.random.uniform(rngs.params(), (vocab_size, dim), jnp.float32, -bound, bound),
+        logical_axes=("vocab", "embed"))
+
+
+class Backbone(nnx.Module):
+  """The official ``backbone``: embeddings, gamma MLP, DiT blocks, head, self-cond."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+    d, v = cfg.hidden_size, cfg.vocab_size
+    if d % cfg.n_heads or (d // cfg.n_heads) % 2:
+      raise ConfigError(
+          f"model.hidden_size={d} must split into model.n_heads={cfg.n_heads} heads of even width.",
+          "choose n_heads dividing hidden_size with an even quotient.")
+    compute_dtype = DTYPES[cfg.compute_dtype]
+    self.normalize_embedding = bool(cfg.normalize_embedding)
+    self.vocab_embed = TokenEmbedding(v, d, rngs=rngs)
+    self.sigma_map = GammaEmbedder(cfg.cond_dim, rngs=rngs)
+    self.rotary_inv_freq = nnx.Variable(rotary_inv_freq(d // cfg.n_heads))
+    self.blocks = nnx.List([
+        DDiTBlock(d, cfg.n_heads, cfg.cond_dim, cfg.mlp_ratio, cfg.dropout, compute_dtype,
+                  rngs=rngs) for _ in range(cfg.n_blocks)
+    ])
+    self.output_layer = FinalLayer(d, v, cfg.cond_dim, compute_dtype, rngs=rngs)
+    self.self_conditioning = bool(cfg.self_conditioning)
+    if self.self_conditioning:
+      self.self_cond_proj = linear(2 * d, d, ("embed2", "embed"), use_bias=False, zero_init=True,
+                                   rngs=rngs)
+
+  def embedding_matrix(self) -> Array:
+    """E: rows rescaled to norm sqrt(D) (an L2 normalisation, not a LayerNorm)."""
+    w = self.vocab_embed.embedding[...].astype(jnp.float32)
+    if not self.normalize_embedding:
+      return w
+    norm = jnp.sqrt(jnp.sum(jnp.square(w), axis=-1, keepdims=True))
+    return math.sqrt(w.shape[-1]) * w / jnp.maximum(norm, NORM_EPS)
+
+  def __call__(self, z_BxLxD: Array, gamma_B: Array, self_cond_BxLxD: Array | None,
+               dropout_key: Array | None = None, return_hidden: bool = False):
+    z_BxLxD = z_BxLxD.astype(jnp.float32)
+    h = z_BxLxD
+    if self.self_conditioning:
+      s = jnp.zeros_like(z_BxLxD) if self_cond_BxLxD is None else self_cond_BxLxD
+      h = z_BxLxD + self.self_cond_proj(jnp.concatenate([z_BxLxD, s.astype(jnp.float32)], -1))
+    c_BxC = jax.nn.silu(self.sigma_map(gamma_B))
+    cos, sin = rotary_tables(self.rotary_inv_freq[...], z_BxLxD.shape[1])
+    keys = (jax.random.split(dropout_key, len(self.blocks)) if dropout_key is not None
+            else [None] * len(self.blocks))
+    hidden = [h]
+    for block, key in zip(self.blocks, keys):
+      h = block(h, c_BxC, cos, sin, key)
+      hidden.append(h)
+    logits_BxLxV = self.output_layer(h, c_BxC).astype(jnp.float32)
+    return (logits_BxLxV, hidden) if return_hidden else logits_BxLxV
+
+
+class LangFlow(nnx.Module):
+  """Denoiser plus its noise schedule: logits over tokens from noisy embeddings.
+
+  ``logits = backbone(z, gamma, s) + skip_scale * c_skip(gamma) * z E^T``; the
+  skip term is the exact posterior logit of a Gaussian observation, so the
+  network only learns a residual. ``skip_scale`` is 1 except during the
+  training warm-up of the preconditioning (spec 4.5).
+  """
+
+  def __init__(self, model_cfg: ml_collections.ConfigDict,
+               schedule_cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+    self.vocab_size = int(model_cfg.vocab_size)
+    self.max_length = int(model_cfg.max_length)
+    self.use_skip = bool(model_cfg.use_skip)
+    self.backbone = Backbone(model_cfg, rngs=rngs)
+    self.schedule: NoiseSchedule = make_schedule(schedule_cfg)
+
+  @property
+  def hidden_size(self) -> int:
+    return self.backbone.vocab_embed.embedding.shape[1]
+
+  @property
+  def self_conditioning(self) -> bool:
+    return self.backbone.self_conditioning
+
+  def embedding_matrix(self) -> Array:
+    return self.backbone.embedding_matrix()
+
+  def embed(self, ids_BxL: Array) -> Array:
+    """Clean embeddings E[ids], float32."""
+    return jnp.take(self.embedding_matrix(), ids_BxL, axis=0)
+
+  def denoise(self, logits_BxLxV: Array, temperature: float | Array = 1.0) -> Array:
+    """Posterior-mean embedding E^T softmax(logits / temperature), float32."""
+    p = jax.nn.softmax(logits_BxLxV.astype(jnp.float32) / temperature, axis=-1)
+    return diffusion.denoised_embedding(p, self.embedding_matrix())
+
+  def __call__(self, z_BxLxD: Array, gamma_B: Array, self_cond_BxLxD: Array | None = None, *,
+               skip_scale: float | Array = 1.0, dropout_key: Array | None = None,
+               return_hidden: bool = False):
+    length = z_BxLxD.shape[1]
+    if length > self.max_length:
+      raise ConfigError(
+          f"sequence length {length} is longer than the model's max_length {self.max_length}.",
+          "use shorter sequences (--config.data.seq_len) or a model trained for longer ones.")
+    gamma_B = jnp.asarray(gamma_B, jnp.float32)
+    if gamma_B.ndim == 2:  # per-token levels are averaged, as upstream does
+      gamma_B = jnp.mean(gamma_B, axis=-1)
+    gamma_B = jnp.broadcast_to(gamma_B, z_BxLxD.shape[:1])
+    out = self.backbone(z_BxLxD, gamma_B, self_cond_BxLxD, dropout_key, return_hidden)
+    logits, hidden = out if return_hidden else (out, None)
+    if self.use_skip:
+      skip_BxLxV = jnp.einsum("bld,vd->blv", z_BxLxD.astype(jnp.float32), self.embedding_matrix(),
+                              preferred_element_type=jnp.float32)
+      coeff_B = skip_scale * diffusion.skip_coefficient(gamma_B)
+      logits = logits + coeff_B[:, None, None] * skip_BxLxV
+    return (logits, hidden) if return_hidden else logits
+
+  def clean_logits(self, ids_BxL: Array) -> Array:
+    """Logits for noiseless embeddings at gamma_min (official forward(input_ids))."""
+    gamma_min, _ = self.schedule.endpoints()
+    z = self.embed(ids_BxL)
+    return self(z, jnp.full((ids_BxL.shape[0],), gamma_min))
+
+
+def create_model(config: ml_collections.ConfigDict, seed: int = 0) -> LangFlow:
+  """A freshly initialised model for ``config`` (its ``model`` and ``schedule``)."""
+  return LangFlow(config.model, config.schedule, rngs=nnx.Rngs(params=seed))
+
+
+def count_params(model: nnx.Module) -> int:
+  return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
