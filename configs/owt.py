@@ -1,0 +1,21 @@
+"""owt: the paper's OpenWebText model (spec 7.1, the released config.json).
+
+  langflow-jax prepare owt --out DATA_DIR   # once, with internet
+  langflow-jax train --config owt --workdir runs/owt
+
+DiT 12 x 768, 12 heads, cond 128, L = 1024, GPT-2 BPE (V = 50257), packed
+documents, 1M steps at global batch 512, AdamW 3e-4 with 2.5K warm-up; the
+Gumbel schedule starts at the released values (loc 4.723, scale 0.852,
+H_inf 7.02). Reported: PPL <= 24.6, Gen. PPL 36.5 at 1024 steps.
+"""
+
+from langflow_jax.config import base_config
+
+
+def get_config():
+  c = base_config()
+  c.model.update(vocab_size=50257, max_length=1024)
+  c.data.update(name="owt", tokenizer="gpt2", seq_len=1024, wrap=True)
+  c.eval.update(steps=128, solver="heun", batch_size=128)
+  c.sample.update(steps=1024)
+  return c

@@ -1,0 +1,429 @@
+"""The trainer: ``train_and_evaluate(config, workdir)``.
+
+One jitted step takes ``(state, batch)`` with explicit shardings on the mesh
+from ``config.mesh``; the same code runs on one CPU or a pod slice. The step
+scans over ``train.grad_accum`` micro-batches, applies AdamW with warm-up and
+decay, gradient clipping and an EMA of the weights (used for evaluation and
+sampling). Metrics are sums with token-count denominators. A NaN or Inf loss
+stops the run with a clear error; the last good checkpoint stays.
+
+Determinism: all randomness derives from ``train.seed`` by explicit key
+splitting (one key per step, folded from the step number), and the data order
+is a function of (``data.seed``, step). The same config gives the same losses
+bit for bit, and a resumed run continues exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import math
+import pathlib
+import signal
+import time
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from langflow_jax import checkpoint as ckpt_lib
+from langflow_jax import config as config_lib
+from langflow_jax import objective as objective_lib
+from langflow_jax import parallel, reporting
+from langflow_jax.data import pipeline
+from langflow_jax.data.tokenizer import load_tokenizer
+from langflow_jax.errors import ConfigError, NonFiniteLossError, UserError
+from langflow_jax.model import LangFlow, count_params, create_model
+
+log = logging.getLogger(__name__)
+Array = jax.Array
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: Array
+  params: nnx.State
+  ema_params: nnx.State
+  opt_state: optax.OptState
+  rng: Array  # raw uint32[2] key: the root of every per-step key
+
+
+@dataclasses.dataclass
+class ModelParts:
+  """The static half of the model (graph and non-trainable buffers)."""
+
+  graphdef: Any
+  rest: nnx.State
+
+  def merge(self, params: nnx.State) -> LangFlow:
+    return nnx.merge(self.graphdef, params, self.rest)
+
+
+# --------------------------------------------------------------------------- optimizer
+
+
+def learning_rate_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+  """Linear warm-up to ``lr``, then constant, cosine or linear decay."""
+  warmup = max(int(cfg.warmup_steps), 0)
+  decay_steps = max(total_steps - warmup, 1)
+  end = cfg.lr * cfg.min_lr_ratio
+  if cfg.decay == "constant":
+    after = optax.constant_schedule(cfg.lr)
+  elif cfg.decay == "cosine":
+    after = optax.cosine_decay_schedule(cfg.lr, decay_steps, alpha=cfg.min_lr_ratio)
+  elif cfg.decay == "linear":
+    after = optax.linear_schedule(cfg.lr, end, decay_steps)
+  else:
+    raise ConfigError(f"unknown optimizer.decay '{cfg.decay}'.", "use constant, cosine or linear.")
+  if warmup == 0:
+    return after
+  return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warmup), after], [warmup])
+
+
+def _param_labels(params: nnx.State) -> nnx.State:
+  """'schedule' for the noise-schedule parameters, 'network' for the rest."""
+  def label(path, _):
+    return "schedule" if path and getattr(path[0], "key", None) == "schedule" else "network"
+  return jax.tree_util.tree_map_with_path(label, params)
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
+  """AdamW (decay on matrices only) with clipping; the schedule gets its own lr scale."""
+  lr = learning_rate_schedule(cfg, total_steps)
+  decay_mask = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)
+  network = optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                        mask=decay_mask)
+  sched = optax.adam(lambda step: lr(step) * cfg.schedule_lr_scale, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
+  parts = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
+  parts.append(optax.multi_transform({"network": network, "schedule": sched}, _param_labels))
+  return optax.chain(*parts)
+
+
+def ema_update(ema: nnx.State, params: nnx.State, step: Array, decay: float) -> nnx.State:
+  """EMA with the usual warm-up: the effective decay is min(decay, (1+t)/(10+t))."""
+  t = step.astype(jnp.float32)
+  d = jnp.minimum(decay, (1.0 + t) / (10.0 + t))
+  return jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, ema, params)
+
+
+# --------------------------------------------------------------------------- state
+
+
+def split_model(model: LangFlow) -> tuple[ModelParts, nnx.State]:
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  return ModelParts(graphdef, rest), params
+
+
+def abstract_train_state(config: ml_collections.ConfigDict, tx: optax.GradientTransformation):
+  """(ModelParts, abstract TrainState) with no arrays allocated."""
+  def make():
+    model = create_model(config, seed=config.train.seed)
+    parts, params = split_model(model)
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
+                       opt_state=tx.init(params), rng=jax.random.PRNGKey(config.train.seed))
+    return state, parts.rest
+
+  abstract_state, abstract_rest = jax.eval_shape(make)
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: create_model(config, seed=config.train.seed)))
+  return graphdef, abstract_state, abstract_rest
+
+
+def init_train_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                     tx: optax.GradientTransformation) -> tuple[ModelParts, TrainState, Any]:
+  """Sharded initialisation: abstract shapes, shardings, then one jitted init.
+
+  Full-size weights never sit on one device: ``jit(out_shardings=...)`` places
+  every parameter where the rules say as it is created.
+  """
+  graphdef, abstract_state, abstract_rest = abstract_train_state(config, tx)
+  state_shardings = parallel.tree_shardings(abstract_state, mesh)
+  rest_shardings = parallel.tree_shardings(abstract_rest, mesh)
+
+  @functools.partial(jax.jit, out_shardings=(state_shardings, rest_shardings))
+  def init():
+    model = create_model(config, seed=config.train.seed)
+    parts, params = split_model(model)
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
+                       opt_state=tx.init(params), rng=jax.random.PRNGKey(config.train.seed))
+    return state, parts.rest
+
+  state, rest = init()
+  return ModelParts(graphdef, rest), state, state_shardings
+
+
+# --------------------------------------------------------------------------- steps
+
+
+def make_train_step(config: ml_collections.ConfigDict, parts: ModelParts,
+                    tx: optax.GradientTransformation) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+  """The pure train step; jit it with shardings (see :func:`jit_train_step`)."""
+  objective = objective_lib.get_objective(config.objective.name)
+  obj_cfg = config.objective
+  accum = int(config.train.grad_accum)
+
+  def train_step(state: TrainState, batch: dict[str, Array]) -> tuple[TrainState, dict]:
+    key = jax.random.fold_in(state.rng, state.step)
+    ids, mask = batch["ids"], batch["mask"]
+    b = ids.shape[0]
+    num_tokens = jnp.sum(mask.astype(jnp.float32))
+    num_seqs = jnp.sum((jnp.sum(mask, axis=-1) > 0).astype(jnp.float32))
+    skip_scale = objective_lib.skip_warmup_scale(state.step, obj_cfg.skip_warmup_steps)
+    micro = lambda x: x.reshape((accum, b // accum) + x.shape[1:])
+
+    def loss_fn(params, ids_m, mask_m, key_m):
+      model = parts.merge(params)
+      out = objective(model, ids_m, mask_m, key_m, cfg=obj_cfg, skip_scale=skip_scale)
+      return objective_lib.total_loss(out.terms, obj_cfg, num_tokens, num_seqs), out
+
+    def accumulate(carry, xs):
+      grads_acc, terms_acc = carry
+      (_, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, *xs)
+      carry = (jax.tree.map(jnp.add, grads_acc, grads), objective_lib.add_terms(terms_acc, out.terms))
+      return carry, (out.gamma_B, out.ce_per_token_B)
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    (grads, terms), (gamma, ce) = jax.lax.scan(
+        accumulate, (zeros, objective_lib.zero_terms()),
+        (micro(ids), micro(mask), jax.random.split(key, accum)))
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = ema_update(state.ema_params, params, state.step, config.optimizer.ema_decay)
+    new_state = state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state)
+    metrics = {
+        "terms": terms,
+        "grad_norm": optax.global_norm(grads),
+        "update_norm": optax.global_norm(updates),
+        "param_norm": optax.global_norm(params),
+        "skip_scale": skip_scale,
+        "gamma_B": gamma.reshape(-1),
+        "ce_B": ce.reshape(-1),
+    }
+    return new_state, metrics
+
+  return train_step
+
+
+def jit_train_step(step_fn, state_shardings, mesh):
+  """Explicit in/out shardings; the old state's buffers are donated."""
+  batch_sh = {"ids": parallel.batch_sharding(mesh), "mask": parallel.batch_sharding(mesh)}
+  return jax.jit(step_fn, in_shardings=(state_shardings, batch_sh),
+                 out_shardings=(state_shardings, None), donate_argnums=(0,))
+
+
+def make_eval_step(config: ml_collections.ConfigDict, parts: ModelParts):
+  """Held-out loss of the same objective without dropout, summed terms."""
+  objective = objective_lib.get_objective(config.objective.name)
+
+  @jax.jit
+  def eval_step(params: nnx.State, batch: dict[str, Array], key: Array) -> objective_lib.LossTerms:
+    model = parts.merge(params)
+    return objective(model, batch["ids"], batch["mask"], key, cfg=config.objective, train=False).terms
+
+  return eval_step
+
+
+def evaluate_loss(eval_step, params, split: pipeline.PackedSplit, config, mesh) -> dict[str, float]:
+  """Mean held-out CE over ``train.eval_batches`` fixed batches (fixed keys)."""
+  batch_size = config.train.batch_size
+  terms = objective_lib.zero_terms()
+  key = jax.random.PRNGKey(config.train.seed + 1)
+  for i, local in enumerate(pipeline.eval_batches(split, batch_size, config.train.eval_batches,
+                                                  jax.process_index(), jax.process_count())):
+    batch = parallel.global_batch(local, mesh)
+    terms = objective_lib.add_terms(terms, eval_step(params, batch, jax.random.fold_in(key, i)))
+  m = objective_lib.metrics_from_terms(jax.device_get(terms), config.objective.schedule_loss_weight)
+  return {"eval/ce": m["ce"], "eval/loss": m["loss"]}
+
+
+# --------------------------------------------------------------------------- loop
+
+
+def check_data_matches_model(config: ml_collections.ConfigDict, tokenizer) -> None:
+  if tokenizer.vocab_size != config.model.vocab_size:
+    raise ConfigError(
+        f"tokenizer '{config.data.tokenizer}' has {tokenizer.vocab_size} tokens but model.vocab_size="
+        f"{config.model.vocab_size}.",
+        f"set --config.model.vocab_size={tokenizer.vocab_size} (new runs) or use the model's tokenizer.")
+
+
+def host_metrics(metrics: dict, config: ml_collections.ConfigDict) -> dict[str, float]:
+  m = objective_lib.metrics_from_terms(metrics["terms"], config.objective.schedule_loss_weight)
+  for k in ("grad_norm", "update_norm", "param_norm", "skip_scale"):
+    m[k] = float(metrics[k])
+  return m
+
+
+class _Preemption:
+  """SIGTERM sets a flag; the loop saves a checkpoint and exits cleanly."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread (e.g. a notebook worker)
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _check_workdir(workdir: pathlib.Path) -> None:
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+    probe = workdir / ".write_test"
+    probe.write_text("ok")
+    probe.unlink()
+  except OSError as e:
+    raise UserError(f"cannot write to workdir {workdir} ({e.strerror}).",
+                    "choose a writable --workdir.") from e
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
+  """Trains ``config`` in ``workdir``, resuming from its newest checkpoint.
+
+  Returns a summary: final step, last train and eval metrics, timings.
+  """
+  config_lib.validate(config)
+  workdir = pathlib.Path(workdir).expanduser()
+  _check_workdir(workdir)
+  mesh = parallel.make_mesh(config.mesh)
+  parallel.check_batch(config.train.batch_size, mesh)
+  tokenizer = load_tokenizer(config.data.tokenizer)
+  check_data_matches_model(config, tokenizer)
+  train_split = pipeline.load_split(config.data, "train", tokenizer)
+  heldout_split = pipeline.load_split(config.data, "heldout", tokenizer)
+
+  tx = make_optimizer(config.optimizer, config.train.steps)
+  parts, state, state_shardings = init_train_state(config, mesh, tx)
+  checkpointer = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(workdir), keep=config.train.keep_checkpoints,
+                                       keep_period=config.train.keep_period)
+  data_state = {"step": 0}
+  if checkpointer.latest_step() is not None:
+    abstract = ckpt_lib.with_shardings(jax.eval_shape(lambda: state), state_shardings)
+    state, meta, restored_step = checkpointer.restore(abstract)
+    data_state = meta.get("data_state", {"step": int(state.step)})
+    log.info("resumed from %s at step %d", checkpointer.directory, restored_step)
+  (workdir / "config.json").write_text(config_lib.to_json(config))
+
+  start = int(state.step)
+  it = pipeline.BatchIterator(train_split, config.train.batch_size, config.data.seed,
+                              process_index=jax.process_index(), process_count=jax.process_count())
+  it.set_state(data_state)
+  train_step = jit_train_step(make_train_step(config, parts, tx), state_shardings, mesh)
+  eval_step = make_eval_step(config, parts)
+  writer = reporting.MetricWriter(workdir)
+  timer = reporting.PhaseTimer()
+  progress = reporting.Progress(config.train.steps, start, config.train.progress)
+  tokens_per_step = config.train.batch_size * config.data.seq_len
+  summary: dict[str, Any] = {"start_step": start, "num_params": count_params(parts.merge(state.params))}
+  last_train, last_eval = {}, {}
+  pending = None  # (step, metrics) of the last dispatched step, fetched one step late
+  window_start, window_steps = time.perf_counter(), 0
+  last_good_step = checkpointer.latest_step()
+
+  def save(step: int) -> None:
+    nonlocal last_good_step
+    with timer.phase("checkpoint"):
+      checkpointer.save(step, state, ckpt_lib.meta_json(config, it.get_state()), force=True)
+    last_good_step = step
+
+  def fetch(step: int, metrics: dict) -> dict[str, float]:
+    host = host_metrics(jax.device_get(metrics), config)
+    if not all(math.isfinite(host[k]) for k in ("loss", "ce", "grad_norm")):
+      raise NonFiniteLossError(
+          f"training loss became {host['loss']} at step {step} (grad norm {host['grad_norm']}); "
+          f"the last good checkpoint is step {last_good_step}.",
+          "lower --config.optimizer.lr or keep --config.optimizer.grad_clip > 0, then rerun "
+          "the same command to resume from the last good checkpoint.")
+    return host
+
+  with _Preemption() as preemption:
+    try:
+      for step in range(start, config.train.steps):
+        with timer.phase("data"):
+          batch = parallel.global_batch(next(it), mesh)
+        with timer.phase("step"):
+          state, metrics = train_step(state, batch)
+          window_steps += 1
+        done = step + 1
+        if pending is not None:
+          fetch(*pending)  # one step late: the host never stalls the device
+        pending = (done, metrics)
+        is_last = done == config.train.steps
+        if done % config.train.log_every == 0 or is_last or preemption.requested:
+          with timer.phase("step"):
+            last_train = fetch(*pending)
+          pending = None
+          elapsed = time.perf_counter() - window_start
+          last_train.update({
+              "lr": float(learning_rate_schedule(config.optimizer, config.train.steps)(done - 1)),
+              "tokens_per_s": window_steps * tokens_per_step / max(elapsed, 1e-9),
+              "steps_per_s": window_steps / max(elapsed, 1e-9),
+              **{f"schedule/{k}": v for k, v in parts.merge(state.params).schedule.summary().items()},
+              **timer.pop(),
+          })
+          writer.write(done, {f"train/{k}" if "/" not in k else k: v for k, v in last_train.items()})
+          progress.update(window_steps, loss=f"{last_train['loss']:.3f}",
+                          tok_s=f"{last_train['tokens_per_s']:.0f}")
+          window_start, window_steps = time.perf_counter(), 0
+          np.savez(workdir / "last_gamma_ce.npz", gamma=np.asarray(metrics["gamma_B"]),
+                   ce=np.asarray(metrics["ce_B"]))
+        if done % config.train.eval_every == 0 or is_last:
+          with timer.phase("eval"):
+            last_eval = evaluate_loss(eval_step, state.ema_params, heldout_split, config, mesh)
+          writer.write(done, last_eval)
+          progress.write(f"step {done}: train ce {last_train.get('ce', float('nan')):.4f}  "
+                         f"held-out ce (EMA) {last_eval['eval/ce']:.4f}")
+        if done % config.train.checkpoint_every == 0 or is_last or preemption.requested:
+          if pending is not None:
+            fetch(*pending)  # never checkpoint a state whose loss was not checked
+            pending = None
+          save(done)
+        if preemption.requested:
+          progress.write(f"SIGTERM: saved checkpoint at step {done}; rerun the same command to resume.")
+          summary["preempted"] = True
+          break
+    finally:
+      progress.close()
+      checkpointer.close()
+      writer.close()
+
+  summary.update(final_step=int(state.step), train=last_train, eval=last_eval)
+  if config.train.plot and jax.process_index() == 0:
+    from langflow_jax import plots
+
+    summary["plots"] = plots.training_plots(workdir, parts.merge(state.params).schedule)
+  return summary
+
+
+def model_buffers(config: ml_collections.ConfigDict) -> nnx.State:
+  """The model's non-trainable buffers (RoPE frequencies); jit drops the unused init."""
+  return jax.jit(lambda: split_model(create_model(config, seed=0))[0].rest)()
+
+
+def load_model(workdir: str | pathlib.Path, use_ema: bool = True,
+               config: ml_collections.ConfigDict | None = None) -> tuple[ml_collections.ConfigDict, LangFlow]:
+  """The trained model (EMA weights by default) and config of a training run."""
+  config = config or ckpt_lib.saved_config(workdir)
+  tx = make_optimizer(config.optimizer, config.train.steps)
+  graphdef, abstract_state, _ = abstract_train_state(config, tx)
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract_state)
+  checkpointer = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(workdir), create=False, async_save=False)
+  state, _, _ = checkpointer.restore(abstract)
+  params = state.ema_params if use_ema else state.params
+  return config, nnx.merge(graphdef, params, model_buffers(config))

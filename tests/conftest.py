@@ -1,0 +1,56 @@
+"""Shared test set-up: import this checkout, isolate caches, small configs."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # this checkout, even when another one is pip-installed
+FIXTURE_DIR = ROOT.parent / "shared" / "fixtures" / "official_tiny"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+  os.environ["LANGFLOW_JAX_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+  yield
+
+
+@pytest.fixture(scope="session")
+def fixture_dir() -> pathlib.Path:
+  if not FIXTURE_DIR.is_dir():
+    pytest.fail(f"the official parity fixture is missing at {FIXTURE_DIR}; clone next to ../shared")
+  return FIXTURE_DIR
+
+
+@pytest.fixture(scope="session")
+def reference(fixture_dir):
+  import numpy as np
+
+  with np.load(fixture_dir / "ref.npz") as f:
+    return {k: f[k] for k in f.files}
+
+
+def small_config(**model):
+  """A few-hundred-thousand-parameter config on a small corpus file (tests only)."""
+  from langflow_jax.config import base_config
+
+  c = base_config()
+  c.model.update(vocab_size=8192, hidden_size=32, cond_dim=16, n_blocks=1, n_heads=2, max_length=32,
+                 dropout=0.0)
+  c.model.update(**model)
+  c.schedule.update(loc=2.0, scale=0.9, entropy=6.0)
+  c.objective.skip_warmup_steps = 0
+  c.data.update(name="sotu", tokenizer="sotu-bpe8k", seq_len=32)
+  c.train.update(steps=4, batch_size=8, log_every=2, eval_every=4, eval_batches=1, checkpoint_every=4,
+                 progress=False, plot=False)
+  c.optimizer.update(lr=1e-3, warmup_steps=2, ema_decay=0.9)
+  return c
+
+
+@pytest.fixture
+def small():
+  return small_config

@@ -1,0 +1,135 @@
+import json
+
+import numpy as np
+import pytest
+
+from langflow_jax.config import base_config
+from langflow_jax.data import pipeline, sources
+from langflow_jax.data.tokenizer import load_tokenizer
+from langflow_jax.errors import DataError
+
+
+def test_embedded_tokenizer_round_trips_and_has_specials():
+  tok = load_tokenizer("sotu-bpe8k")
+  assert tok.vocab_size == 8192 and tok.eos_id == tok.bos_id and tok.pad_id is not None
+  text = "The Congress shall have Power To lay and collect Taxes, 1790 -- “quoted”."
+  assert tok.decode(tok.encode(text)) == text
+
+
+def test_embedded_corpus_split_by_document():
+  cfg = base_config().data
+  train, held = sources.load_documents(cfg, "train"), sources.load_documents(cfg, "heldout")
+  assert len(train) == 225 and len(held) == 24
+  assert not set(train) & set(held)
+
+
+def test_wrapped_packing_layout():
+  packed = pipeline.pack_wrapped([[1, 2, 3], [4, 5], [6, 7, 8, 9]], seq_len=5, bos_id=0, eos_id=99)
+  # stream: 1 2 3 99 4 5 99 6 7 8 9 99 -> chunks of 3, remainder dropped
+  np.testing.assert_array_equal(packed.ids, [[0, 1, 2, 3, 99], [0, 99, 4, 5, 99], [0, 99, 6, 7, 99],
+                                             [0, 8, 9, 99, 99]])
+  assert packed.mask.all()
+
+
+def test_padded_packing_masks_padding():
+  packed = pipeline.pack_padded([[1, 2], [3, 4, 5, 6, 7]], seq_len=5, bos_id=0, eos_id=9, pad_id=8)
+  np.testing.assert_array_equal(packed.ids, [[0, 1, 2, 9, 8], [0, 3, 4, 5, 6]])
+  np.testing.assert_array_equal(packed.mask, [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]])
+
+
+def make_split(n=37, length=6):
+  ids = np.arange(n * length, dtype=np.int32).reshape(n, length)
+  return pipeline.PackedSplit(ids, np.ones_like(ids, bool))
+
+
+def test_iterator_is_deterministic_and_resumes():
+  split = make_split()
+  a = pipeline.BatchIterator(split, 8, seed=3)
+  first = [next(a)["ids"] for _ in range(10)]
+  b = pipeline.BatchIterator(split, 8, seed=3)
+  b.set_state({"step": 6})
+  for i in range(6, 10):
+    np.testing.assert_array_equal(next(b)["ids"], first[i])
+  c = pipeline.BatchIterator(split, 8, seed=4)
+  assert not np.array_equal(next(c)["ids"], first[0])
+  # one epoch covers every row once
+  rows = np.concatenate([pipeline.BatchIterator(split, 1, seed=3).batch_at(s)["ids"][:, 0] for s in range(37)])
+  assert sorted(rows // 6) == list(range(37))
+
+
+def test_per_process_rows_are_disjoint_and_cover_the_batch():
+  split = make_split()
+  whole = pipeline.BatchIterator(split, 8, seed=1).batch_at(5)["ids"]
+  parts = [pipeline.BatchIterator(split, 8, seed=1, process_index=p, process_count=4).batch_at(5)["ids"]
+           for p in range(4)]
+  np.testing.assert_array_equal(np.concatenate(parts), whole)
+
+
+def test_eval_batches_cover_split_once_with_padding_rows():
+  split = make_split(n=10)
+  batches = list(pipeline.eval_batches(split, 4))
+  assert len(batches) == 3
+  ids = np.concatenate([b["ids"][b["mask"].any(1)] for b in batches])
+  np.testing.assert_array_equal(ids, split.ids)
+
+
+def file_cfg(path, seq_len=16):
+  cfg = base_config().data
+  cfg.update(name=f"file:{path}", seq_len=seq_len, holdout_every=2)
+  return cfg
+
+
+def test_user_text_and_jsonl_files(tmp_path):
+  txt = tmp_path / "notes.txt"
+  txt.write_text("First document about taxes and tariffs.\n\nSecond one, on the union.\n\n" * 20)
+  jsonl = tmp_path / "notes.jsonl"
+  jsonl.write_text("\n".join(json.dumps({"text": f"document number {i} about the economy"}) for i in range(30)))
+  for path in (txt, jsonl):
+    packed = pipeline.load_split(file_cfg(path), "train")
+    assert packed.ids.shape[1] == 16 and len(packed) > 0
+    held = pipeline.load_split(file_cfg(path), "heldout")
+    assert len(held) > 0
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "does not exist"),
+    (b"", "is empty"),
+    (b"\n\n  \n", "is empty"),
+    (b"caf\xe9 au lait", "is not UTF-8"),
+    (b"short", "fewer than one sequence"),
+])
+def test_bad_corpus_files_are_clear_errors(tmp_path, content, message):
+  path = tmp_path / "corpus.txt"
+  if content is not None:
+    path.write_bytes(content)
+  with pytest.raises(DataError, match=message):
+    pipeline.load_split(file_cfg(path, seq_len=64), "all")
+
+
+def test_bad_jsonl_line(tmp_path):
+  path = tmp_path / "c.jsonl"
+  path.write_text('{"text": "ok"}\n{"body": "no text"}\n')
+  with pytest.raises(DataError, match=r"c.jsonl:2 has no string field 'text'"):
+    sources.file_documents(str(path))
+
+
+def test_cache_is_used_and_a_truncated_entry_is_rebuilt(tmp_path, monkeypatch):
+  monkeypatch.setenv("LANGFLOW_JAX_CACHE", str(tmp_path / "cache"))
+  path = tmp_path / "t.txt"
+  path.write_text("a few words of text for the cache test. " * 50)
+  cfg = file_cfg(path)
+  first = pipeline.load_split(cfg, "all")
+  entries = list((tmp_path / "cache").glob("*.npz"))
+  assert len(entries) == 1 and "L16_wrap_all" in entries[0].name
+  entries[0].write_bytes(entries[0].read_bytes()[:50])  # an interrupted write
+  again = pipeline.load_split(cfg, "all")
+  np.testing.assert_array_equal(first.ids, again.ids)
+
+
+def test_unknown_dataset_and_tokenizer():
+  cfg = base_config().data
+  cfg.name = "wikipedia"
+  with pytest.raises(DataError, match="unknown dataset 'wikipedia'"):
+    sources.load_documents(cfg, "train")
+  with pytest.raises(DataError, match="unknown tokenizer 'spm32k'"):
+    load_tokenizer("spm32k")

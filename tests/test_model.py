@@ -1,0 +1,109 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from langflow_jax import diffusion, model as M
+from langflow_jax.errors import ConfigError
+from tests.conftest import small_config
+
+
+def make(**kw):
+  cfg = small_config(vocab_size=50, **kw)
+  return cfg, M.create_model(cfg, seed=0)
+
+
+def randomize_zero_inits(model, scale=0.1):
+  """Zero-initialised layers hide the network at init; give them values."""
+  key = jax.random.PRNGKey(7)
+  layers = [model.backbone.output_layer.linear, model.backbone.output_layer.ada, model.backbone.self_cond_proj]
+  layers += [b.ada for b in model.backbone.blocks]
+  for layer in layers:
+    key, sub = jax.random.split(key)
+    layer.kernel.set_value(jax.random.normal(sub, layer.kernel.shape) * scale)
+
+
+def inputs(b=2, l=16, d=32, seed=0):
+  k1, k2 = jax.random.split(jax.random.PRNGKey(seed))
+  return jax.random.normal(k1, (b, l, d)), jnp.array([3.0, 8.0])[:b], jax.random.normal(k2, (b, l, d))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_shapes_and_dtypes(dtype):
+  _, model = make(compute_dtype=dtype)
+  z, g, s = inputs()
+  logits = model(z, g, s)
+  assert logits.shape == (2, 16, 50) and logits.dtype == jnp.float32
+  params = nnx.state(model, nnx.Param)
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
+
+
+def test_embeddings_are_normalised_to_sqrt_d():
+  _, model = make()
+  e = model.embedding_matrix()
+  np.testing.assert_allclose(np.linalg.norm(np.asarray(e), axis=-1), np.sqrt(32), rtol=1e-5)
+
+
+def test_output_at_init_is_the_exact_gaussian_posterior():
+  # Zero-initialised adaLN/output layers make the network logits 0, so the
+  # model starts as the skip term: log N(z; alpha E[v], sigma^2) + const.
+  _, model = make()
+  z, g, _ = inputs()
+  logits = model(z, g)
+  e = model.embedding_matrix()
+  a, s = diffusion.alpha_sigma(g)
+  log_lik = -jnp.sum((z[:, :, None, :] - a[:, None, None, None] * e[None, None]) ** 2, -1) / (
+      2 * s[:, None, None] ** 2)
+  np.testing.assert_allclose(np.asarray(jax.nn.log_softmax(logits)), np.asarray(jax.nn.log_softmax(log_lik)),
+                             rtol=1e-4, atol=1e-3)
+
+
+def test_self_conditioning_input_changes_output():
+  _, model = make()
+  z, g, s = inputs()
+  randomize_zero_inits(model)
+  assert not np.allclose(np.asarray(model(z, g, s)), np.asarray(model(z, g, None)))
+  np.testing.assert_array_equal(np.asarray(model(z, g, jnp.zeros_like(s))), np.asarray(model(z, g, None)))
+
+
+def test_dropout_only_with_a_key():
+  cfg, model = make(dropout=0.5)
+  z, g, _ = inputs()
+  randomize_zero_inits(model)
+  a, b = model(z, g), model(z, g)
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  c = model(z, g, dropout_key=jax.random.PRNGKey(0))
+  assert not np.allclose(np.asarray(a), np.asarray(c))
+
+
+def test_sequence_longer_than_model_is_a_clear_error():
+  _, model = make()
+  z = jnp.zeros((1, 33, 32))
+  with pytest.raises(ConfigError, match="longer than the model's max_length 32"):
+    model(z, jnp.array([3.0]))
+
+
+def test_per_token_gamma_is_averaged():
+  _, model = make()
+  z, _, _ = inputs(b=1)
+  np.testing.assert_allclose(np.asarray(model(z, jnp.array([[2.0, 4.0]]))), np.asarray(model(z, jnp.array([3.0]))),
+                             rtol=1e-6)
+
+
+def test_rotary_matches_rotate_half_definition():
+  x = jax.random.normal(jax.random.PRNGKey(0), (1, 5, 2, 8))
+  cos, sin = M.rotary_tables(M.rotary_inv_freq(8), 5)
+  out = np.asarray(M.apply_rotary(x, cos, sin))
+  xn = np.asarray(x)
+  for p in range(5):
+    for j in range(4):
+      theta = p / 10000 ** (2 * j / 8)
+      x1, x2 = xn[0, p, :, j], xn[0, p, :, j + 4]
+      np.testing.assert_allclose(out[0, p, :, j], x1 * np.cos(theta) - x2 * np.sin(theta), rtol=1e-5, atol=1e-6)
+      np.testing.assert_allclose(out[0, p, :, j + 4], x2 * np.cos(theta) + x1 * np.sin(theta), rtol=1e-5, atol=1e-6)
+
+
+def test_bad_head_split_is_a_config_error():
+  with pytest.raises(ConfigError, match="heads of even width"):
+    make(n_heads=3)

@@ -1,0 +1,109 @@
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from langflow_jax import parallel, train
+from langflow_jax.errors import NonFiniteLossError
+from tests.conftest import small_config
+
+
+def test_overfits_one_fixed_batch():
+  cfg = small_config(vocab_size=64, hidden_size=64, n_heads=4, cond_dim=32, n_blocks=2, max_length=16)
+  cfg.data.seq_len = 16
+  cfg.schedule.update(name="linear", gamma_min=-2.0, gamma_max=3.0)
+  cfg.optimizer.update(lr=3e-3, warmup_steps=20, ema_decay=0.0)
+  mesh = parallel.make_mesh(cfg.mesh)
+  tx = train.make_optimizer(cfg.optimizer, 300)
+  parts, state, shardings = train.init_train_state(cfg, mesh, tx)
+  step = train.jit_train_step(train.make_train_step(cfg, parts, tx), shardings, mesh)
+  ids = np.repeat(np.asarray(jax.random.randint(jax.random.PRNGKey(0), (1, 16), 0, 64), np.int32), 8, 0)
+  batch = parallel.global_batch({"ids": ids, "mask": np.ones_like(ids, bool)}, mesh)
+  losses = []
+  for _ in range(300):
+    state, m = step(state, batch)
+    losses.append(float(m["terms"].ce_sum / m["terms"].num_tokens))
+  first, last = np.mean(losses[:5]), np.mean(losses[-20:])
+  print(f"overfit: CE {first:.3f} -> {last:.3f}")
+  assert last < 0.15 and last < 0.35 * first
+
+
+def test_grad_accumulation_equals_full_batch(monkeypatch):
+  from langflow_jax import objective as O
+
+  def deterministic(model, ids, mask, key, *, cfg, skip_scale=1.0, train=True):
+    # clean embeddings at a fixed noise level: no randomness, so micro-batching
+    # is the only difference between the two runs
+    gamma = jnp.full((ids.shape[0],), 2.0)
+    logits = model(model.embed(ids), gamma, skip_scale=skip_scale)
+    ce = O.token_cross_entropy(logits, ids) * mask
+    t = O.LossTerms(ce.sum(), mask.sum().astype(jnp.float32), jnp.float32(0), jnp.float32(ids.shape[0]),
+                    jnp.float32(0))
+    return O.ObjectiveOutput(t, gamma, ce.sum(-1) / 32)
+
+  monkeypatch.setitem(O.OBJECTIVES, "deterministic", deterministic)
+  cfg = small_config(vocab_size=64)
+  cfg.objective.name = "deterministic"
+  mesh = parallel.make_mesh(cfg.mesh)
+  ids = np.asarray(jax.random.randint(jax.random.PRNGKey(0), (8, 32), 0, 64), np.int32)
+  mask = np.ones_like(ids, bool)
+  mask[5, 10:] = False  # unequal token counts per micro-batch
+  batch = parallel.global_batch({"ids": ids, "mask": mask}, mesh)
+  params = []
+  for accum in (1, 4):
+    cfg.train.grad_accum = accum
+    tx = train.make_optimizer(cfg.optimizer, 10)
+    parts, state, sh = train.init_train_state(cfg, mesh, tx)
+    new_state, metrics = jax.jit(train.make_train_step(cfg, parts, tx))(state, batch)
+    params.append((new_state.params, float(metrics["grad_norm"]), float(metrics["terms"].ce_sum)))
+  (p1, g1, c1), (p4, g4, c4) = params
+  np.testing.assert_allclose(g4, g1, rtol=1e-5)
+  np.testing.assert_allclose(c4, c1, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p4)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def run(tmp_path, name, **overrides):
+  cfg = small_config()
+  for k, v in overrides.items():
+    group, key = k.split("__")
+    cfg[group][key] = v
+  return cfg, train.train_and_evaluate(cfg, tmp_path / name)
+
+
+def test_same_seed_same_losses_bit_for_bit(tmp_path):
+  cfg, _ = run(tmp_path, "a")
+  _, _ = run(tmp_path, "b")
+  a = [json.loads(l) for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+  b = [json.loads(l) for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+  strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time/") and "per_s" not in k} for r in rows]
+  assert strip(a) == strip(b)
+  assert any("train/ce" in r for r in a) and any("eval/ce" in r for r in a)
+  _, c = run(tmp_path, "c", train__seed=1)
+  assert c["train"]["ce"] != a[-2].get("train/ce")
+
+
+def test_nan_loss_aborts_with_clear_error_and_keeps_checkpoint(tmp_path):
+  cfg = small_config()
+  cfg.train.update(steps=8, checkpoint_every=2, log_every=1)
+  cfg.optimizer.update(lr=1e9, grad_clip=0.0, warmup_steps=0)
+  with pytest.raises(NonFiniteLossError, match="training loss became") as err:
+    train.train_and_evaluate(cfg, tmp_path / "nan")
+  assert "last good checkpoint" in str(err.value)
+
+
+def test_resume_continues_exactly(tmp_path):
+  cfg = small_config()
+  cfg.train.update(steps=6, checkpoint_every=3, log_every=3, eval_every=6)
+  train.train_and_evaluate(cfg, tmp_path / "full")
+  cfg.train.steps = 3
+  train.train_and_evaluate(cfg, tmp_path / "half")
+  cfg.train.steps = 6
+  train.train_and_evaluate(cfg, tmp_path / "half")
+  _, full = train.load_model(tmp_path / "full", use_ema=False)
+  _, resumed = train.load_model(tmp_path / "half", use_ema=False)
+  from flax import nnx
+  for a, b in zip(jax.tree.leaves(nnx.state(full, nnx.Param)), jax.tree.leaves(nnx.state(resumed, nnx.Param))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
