@@ -16,7 +16,6 @@ bit for bit, and a resumed run continues exactly.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import math
 import pathlib
@@ -120,16 +119,19 @@ def split_model(model: LangFlow) -> tuple[ModelParts, nnx.State]:
   return ModelParts(graphdef, rest), params
 
 
-def abstract_train_state(config: ml_collections.ConfigDict, tx: optax.GradientTransformation):
-  """(ModelParts, abstract TrainState) with no arrays allocated."""
-  def make():
-    model = create_model(config, seed=config.train.seed)
-    parts, params = split_model(model)
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
-                       opt_state=tx.init(params), rng=jax.random.PRNGKey(config.train.seed))
-    return state, parts.rest
+def fresh_train_state(config: ml_collections.ConfigDict,
+                      tx: optax.GradientTransformation) -> tuple[TrainState, nnx.State]:
+  """A newly initialised state and the model buffers (call under jit or eval_shape)."""
+  model = create_model(config, seed=config.train.seed)
+  parts, params = split_model(model)
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
+                     opt_state=tx.init(params), rng=jax.random.PRNGKey(config.train.seed))
+  return state, parts.rest
 
-  abstract_state, abstract_rest = jax.eval_shape(make)
+
+def abstract_train_state(config: ml_collections.ConfigDict, tx: optax.GradientTransformation):
+  """(graphdef, abstract TrainState, abstract buffers) with no arrays allocated."""
+  abstract_state, abstract_rest = jax.eval_shape(lambda: fresh_train_state(config, tx))
   graphdef = nnx.graphdef(nnx.eval_shape(lambda: create_model(config, seed=config.train.seed)))
   return graphdef, abstract_state, abstract_rest
 
@@ -145,14 +147,7 @@ def init_train_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
   state_shardings = parallel.tree_shardings(abstract_state, mesh)
   rest_shardings = parallel.tree_shardings(abstract_rest, mesh)
 
-  @functools.partial(jax.jit, out_shardings=(state_shardings, rest_shardings))
-  def init():
-    model = create_model(config, seed=config.train.seed)
-    parts, params = split_model(model)
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
-                       opt_state=tx.init(params), rng=jax.random.PRNGKey(config.train.seed))
-    return state, parts.rest
-
+  init = jax.jit(lambda: fresh_train_state(config, tx), out_shardings=(state_shardings, rest_shardings))
   state, rest = init()
   return ModelParts(graphdef, rest), state, state_shardings
 
