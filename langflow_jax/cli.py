@@ -3,6 +3,7 @@
     langflow-jax train  --config tiny --workdir runs/demo [--config.train.steps=200 ...]
     langflow-jax config --config tiny [--config.x=y ...]     # print the resolved config
     langflow-jax demo   --workdir runs/demo                    # what `make demo` runs
+    langflow-jax sample-ar --workdir runs/ar [--prompt TEXT]   # samples of the AR baseline
 
 Every subcommand is a thin wrapper around an importable function. Mistakes a
 user can make end with one line on stderr naming the problem and the fix, and
@@ -83,10 +84,26 @@ def cmd_demo(args, overrides) -> int:
   return 0
 
 
+def cmd_sample_ar(args, overrides) -> int:
+  from langflow_jax import checkpoint, config as config_lib, train
+  from langflow_jax.baselines import ar
+  from langflow_jax.data.tokenizer import load_tokenizer
+
+  config = checkpoint.saved_config(args.workdir)
+  config_lib.apply_overrides(config, overrides)
+  _, model = train.load_model(args.workdir, use_ema=config.sample.use_ema, config=config)
+  length = config.sample.seq_len or config.data.seq_len
+  texts = ar.sample_texts(model, load_tokenizer(config.data.tokenizer), config.sample, length, args.prompt)
+  for i, text in enumerate(texts):
+    print(f"--- sample {i}\n{text}")
+  return 0
+
+
 COMMANDS: dict[str, tuple[Callable, str]] = {
     "train": (cmd_train, "train a model (resumes from --workdir when it has checkpoints)"),
     "config": (cmd_config, "print the resolved config"),
     "demo": (cmd_demo, "train the tiny config, evaluate it and print samples"),
+    "sample-ar": (cmd_sample_ar, "sample from a trained autoregressive baseline (--config.sample.x=y)"),
 }
 
 
@@ -103,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     if name in ("train", "demo"):
       p.add_argument("--workdir", required=(name == "train"), default="runs/demo",
                      help="run directory (checkpoints, metrics, plots)")
+    if name == "sample-ar":
+      p.add_argument("--workdir", required=True, help="run directory of an AR training run")
+      p.add_argument("--prompt", default="", help="text every sample continues (after BOS)")
   return parser
 
 

@@ -58,7 +58,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   # Training objective (spec 4).
   c.objective = ml_collections.ConfigDict(dict(
-      name="langflow",            # langflow (flow matching with CE)
+      name="langflow",            # langflow (flow matching with CE) | ar (causal baseline, next-token CE)
       self_cond_prob=0.25,
       self_cond_mode="batch",     # batch: one coin per step | sample: one per sequence
       time_sampling="stratified",  # stratified | antithetic | iid draws of u in [0, 1]
@@ -132,6 +132,7 @@ def base_config() -> ml_collections.ConfigDict:
       num=8,
       seq_len=0,                  # 0: data.seq_len
       temperature=1.0,
+      top_p=1.0,                  # nucleus mass for the AR baseline's sampler (1: off)
       grid="official",
       churn=0.0,
       best_of=1,

@@ -92,9 +92,13 @@ def rotary_inv_freq(head_dim: int) -> Array:
   return 1.0 / (10000.0 ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
 
 
-def rotary_tables(inv_freq: Array, length: int) -> tuple[Array, Array]:
-  """GPT-NeoX rotate-half tables over the full head dim: cos, sin of [L, d_h]."""
-  theta_LxH = jnp.arange(length, dtype=jnp.float32)[:, None] * inv_freq[None, :]
+def rotary_tables(inv_freq: Array, length: int, offset: Array | int = 0) -> tuple[Array, Array]:
+  """GPT-NeoX rotate-half tables over the full head dim: cos, sin of [L, d_h].
+
+  Rows are positions ``offset .. offset+L-1`` (a KV-cache decoder's new tokens).
+  """
+  positions = (offset + jnp.arange(length)).astype(jnp.float32)
+  theta_LxH = positions[:, None] * inv_freq[None, :]
   theta = jnp.concatenate([theta_LxH, theta_LxH], axis=-1)
   return jnp.cos(theta), jnp.sin(theta)
 
@@ -106,6 +110,36 @@ def apply_rotary(x_BxLxHxK: Array, cos_LxK: Array, sin_LxK: Array) -> Array:
   cos = cos_LxK[None, :, None, :].astype(x_BxLxHxK.dtype)
   sin = sin_LxK[None, :, None, :].astype(x_BxLxHxK.dtype)
   return x_BxLxHxK * cos + rotated * sin
+
+
+def rotary_qkv(attn_qkv: nnx.Linear, a_BxLxD: Array, n_heads: int, cos_LxK: Array,
+               sin_LxK: Array) -> tuple[Array, Array, Array]:
+  """Fused q/k/v projection (head-major inside each third), RoPE on q and k."""
+  b, l, d = a_BxLxD.shape
+  qkv = attn_qkv(a_BxLxD).reshape(b, l, 3, n_heads, d // n_heads)
+  q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+  return apply_rotary(q, cos_LxK, sin_LxK), apply_rotary(k, cos_LxK, sin_LxK), v
+
+
+def dot_product_attention(q_BxLxHxK: Array, k_BxSxHxK: Array, v_BxSxHxK: Array,
+                          mask_LxS: Array | None = None) -> Array:
+  """softmax(q k^T / sqrt(d_h)) v per head; scores and softmax in float32.
+
+  ``mask_LxS`` (True: may attend) is None for the bidirectional denoiser.
+  """
+  scores_BxHxLxS = jnp.einsum("bqhk,bshk->bhqs", q_BxLxHxK, k_BxSxHxK,
+                              preferred_element_type=jnp.float32)
+  scores_BxHxLxS = scores_BxHxLxS / math.sqrt(q_BxLxHxK.shape[-1])
+  if mask_LxS is not None:
+    scores_BxHxLxS = jnp.where(mask_LxS, scores_BxHxLxS, -jnp.inf)
+  probs = jax.nn.softmax(scores_BxHxLxS, axis=-1)
+  return jnp.einsum("bhqs,bshk->bqhk", probs.astype(v_BxSxHxK.dtype), v_BxSxHxK)
+
+
+def normalized_rows(w_VxD: Array) -> Array:
+  """Rows rescaled to norm sqrt(D) (an L2 normalisation, not a LayerNorm)."""
+  norm = jnp.sqrt(jnp.sum(jnp.square(w_VxD), axis=-1, keepdims=True))
+  return math.sqrt(w_VxD.shape[-1]) * w_VxD / jnp.maximum(norm, NORM_EPS)
 
 
 def dropout(x: Array, rate: float, key: Array | None) -> Array:
@@ -136,15 +170,9 @@ class DDiTBlock(nnx.Module):
                       dtype=compute_dtype)
 
   def attention(self, a_BxLxD: Array, cos: Array, sin: Array) -> Array:
-    b, l, d = a_BxLxD.shape
-    h = self.n_heads
-    qkv = self.attn_qkv(a_BxLxD).reshape(b, l, 3, h, d // h)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-    scores_BxHxLxL = jnp.einsum("bqhk,bshk->bhqs", q, k, preferred_element_type=jnp.float32)
-    probs = jax.nn.softmax(scores_BxHxLxL / math.sqrt(d // h), axis=-1)
-    o_BxLxHxK = jnp.einsum("bhqs,bshk->bqhk", probs.astype(v.dtype), v)
-    return self.attn_out(o_BxLxHxK.reshape(b, l, d))
+    q, k, v = rotary_qkv(self.attn_qkv, a_BxLxD, self.n_heads, cos, sin)
+    o_BxLxHxK = dot_product_attention(q, k, v)
+    return self.attn_out(o_BxLxHxK.reshape(a_BxLxD.shape))
 
   def __call__(self, h_BxLxD: Array, c_BxC: Array, cos: Array, sin: Array,
                dropout_key: Array | None = None) -> Array:
@@ -188,15 +216,27 @@ class TokenEmbedding(nnx.Module):
         logical_axes=("vocab", "embed"))
 
 
+def check_heads(hidden_size: int, n_heads: int) -> None:
+  """RoPE rotates halves of each head, so heads must split D into even widths."""
+  if hidden_size % n_heads or (hidden_size // n_heads) % 2:
+    raise ConfigError(
+        f"model.hidden_size={hidden_size} must split into model.n_heads={n_heads} heads of even width.",
+        "choose n_heads dividing hidden_size with an even quotient.")
+
+
+def check_length(length: int, max_length: int) -> None:
+  if length > max_length:
+    raise ConfigError(
+        f"sequence length {length} is longer than the model's max_length {max_length}.",
+        "use shorter sequences (--config.data.seq_len) or a model trained for longer ones.")
+
+
 class Backbone(nnx.Module):
   """The official ``backbone``: embeddings, gamma MLP, DiT blocks, head, self-cond."""
 
   def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
     d, v = cfg.hidden_size, cfg.vocab_size
-    if d % cfg.n_heads or (d // cfg.n_heads) % 2:
-      raise ConfigError(
-          f"model.hidden_size={d} must split into model.n_heads={cfg.n_heads} heads of even width.",
-          "choose n_heads dividing hidden_size with an even quotient.")
+    check_heads(d, cfg.n_heads)
     compute_dtype = DTYPES[cfg.compute_dtype]
     self.normalize_embedding = bool(cfg.normalize_embedding)
     self.vocab_embed = TokenEmbedding(v, d, rngs=rngs)
@@ -215,10 +255,7 @@ class Backbone(nnx.Module):
   def embedding_matrix(self) -> Array:
     """E: rows rescaled to norm sqrt(D) (an L2 normalisation, not a LayerNorm)."""
     w = self.vocab_embed.embedding[...].astype(jnp.float32)
-    if not self.normalize_embedding:
-      return w
-    norm = jnp.sqrt(jnp.sum(jnp.square(w), axis=-1, keepdims=True))
-    return math.sqrt(w.shape[-1]) * w / jnp.maximum(norm, NORM_EPS)
+    return normalized_rows(w) if self.normalize_embedding else w
 
   def __call__(self, z_BxLxD: Array, gamma_B: Array, self_cond_BxLxD: Array | None,
                dropout_key: Array | None = None, return_hidden: bool = False):
@@ -279,11 +316,7 @@ class LangFlow(nnx.Module):
   def __call__(self, z_BxLxD: Array, gamma_B: Array, self_cond_BxLxD: Array | None = None, *,
                skip_scale: float | Array = 1.0, dropout_key: Array | None = None,
                return_hidden: bool = False):
-    length = z_BxLxD.shape[1]
-    if length > self.max_length:
-      raise ConfigError(
-          f"sequence length {length} is longer than the model's max_length {self.max_length}.",
-          "use shorter sequences (--config.data.seq_len) or a model trained for longer ones.")
+    check_length(z_BxLxD.shape[1], self.max_length)
     gamma_B = jnp.asarray(gamma_B, jnp.float32)
     if gamma_B.ndim == 2:  # per-token levels are averaged, as upstream does
       gamma_B = jnp.mean(gamma_B, axis=-1)

@@ -11,7 +11,10 @@ the schedule parameters). Self-conditioning: with probability
 the second pass, the only one that is trained.
 
 Each objective returns an :class:`ObjectiveOutput` whose terms are sums with
-explicit denominators, so micro-batches and devices combine exactly.
+explicit denominators, so micro-batches and devices combine exactly. The
+objective also decides the model it trains (:data:`MODELS`,
+:func:`create_model`): ``ar`` trains the causal baseline of
+:mod:`langflow_jax.baselines.ar` with next-token CE.
 """
 
 from __future__ import annotations
@@ -23,7 +26,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from flax import nnx
+
 from langflow_jax import diffusion
+from langflow_jax import model as model_lib
+from langflow_jax.baselines import ar
 from langflow_jax.errors import ConfigError
 from langflow_jax.model import LangFlow
 
@@ -121,6 +128,12 @@ def langflow_objective(model: LangFlow, ids_BxL: Array, mask_BxL: Array, key: Ar
   ce_per_token_B = jnp.sum(ce_BxL, axis=-1) / jnp.maximum(tokens_B, 1.0)
   has_tokens_B = (tokens_B > 0).astype(jnp.float32)
   fit_B = model.schedule.fit_loss(gamma_B, ce_per_token_B) * has_tokens_B
+  return _output(ce_BxL, tokens_B, fit_B, sc_B, gamma_B)
+
+
+def _output(ce_BxL: Array, tokens_B: Array, fit_B: Array, sc_B: Array, gamma_B: Array) -> ObjectiveOutput:
+  """Summed terms from masked per-token CE and per-sequence extras."""
+  has_tokens_B = (tokens_B > 0).astype(jnp.float32)
   terms = LossTerms(
       ce_sum=jnp.sum(ce_BxL),
       num_tokens=jnp.sum(tokens_B),
@@ -128,7 +141,25 @@ def langflow_objective(model: LangFlow, ids_BxL: Array, mask_BxL: Array, key: Ar
       num_seqs=jnp.sum(has_tokens_B),
       self_cond_seqs=jnp.sum(sc_B.astype(jnp.float32) * has_tokens_B),
   )
+  ce_per_token_B = jnp.sum(ce_BxL, axis=-1) / jnp.maximum(tokens_B, 1.0)
   return ObjectiveOutput(terms=terms, gamma_B=gamma_B, ce_per_token_B=ce_per_token_B)
+
+
+def ar_objective(model: ar.ARTransformer, ids_BxL: Array, mask_BxL: Array, key: Array, *,
+                 cfg: ml_collections.ConfigDict, skip_scale: Array | float = 1.0,
+                 train: bool = True) -> ObjectiveOutput:
+  """Next-token CE of the causal baseline, teacher-forced, over every valid token.
+
+  Position 0 is predicted from the start vector, so the token count equals
+  LangFlow's. There is no noise level (``gamma_B`` is 0), no schedule fit and
+  no self-conditioning; ``cfg`` and ``skip_scale`` are unused.
+  """
+  del cfg, skip_scale
+  mask = mask_BxL.astype(jnp.float32)
+  logits = model(ids_BxL, dropout_key=key if train else None)
+  ce_BxL = token_cross_entropy(logits, ids_BxL) * mask
+  zeros_B = jnp.zeros(ids_BxL.shape[:1], jnp.float32)
+  return _output(ce_BxL, jnp.sum(mask, axis=-1), zeros_B, zeros_B, zeros_B)
 
 
 def total_loss(terms: LossTerms, cfg: ml_collections.ConfigDict, num_tokens: Array,
@@ -145,7 +176,19 @@ def total_loss(terms: LossTerms, cfg: ml_collections.ConfigDict, num_tokens: Arr
 
 OBJECTIVES: dict[str, Callable[..., ObjectiveOutput]] = {
     "langflow": langflow_objective,
+    "ar": ar_objective,
 }
+
+# The model each objective trains; objectives not listed train a LangFlow.
+MODELS: dict[str, Callable[[ml_collections.ConfigDict, int], nnx.Module]] = {
+    "langflow": model_lib.create_model,
+    "ar": ar.create_model,
+}
+
+
+def create_model(config: ml_collections.ConfigDict, seed: int = 0) -> nnx.Module:
+  """A fresh model of the kind ``config.objective.name`` trains."""
+  return MODELS.get(config.objective.name, model_lib.create_model)(config, seed)
 
 
 def get_objective(name: str) -> Callable[..., ObjectiveOutput]:

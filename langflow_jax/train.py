@@ -38,7 +38,8 @@ from langflow_jax import parallel, reporting
 from langflow_jax.data import pipeline
 from langflow_jax.data.tokenizer import load_tokenizer
 from langflow_jax.errors import ConfigError, NonFiniteLossError, UserError
-from langflow_jax.model import LangFlow, count_params, create_model
+from langflow_jax.model import count_params
+from langflow_jax.objective import create_model
 
 log = logging.getLogger(__name__)
 Array = jax.Array
@@ -60,7 +61,7 @@ class ModelParts:
   graphdef: Any
   rest: nnx.State
 
-  def merge(self, params: nnx.State) -> LangFlow:
+  def merge(self, params: nnx.State) -> nnx.Module:
     return nnx.merge(self.graphdef, params, self.rest)
 
 
@@ -114,7 +115,7 @@ def ema_update(ema: nnx.State, params: nnx.State, step: Array, decay: float) -> 
 # --------------------------------------------------------------------------- state
 
 
-def split_model(model: LangFlow) -> tuple[ModelParts, nnx.State]:
+def split_model(model: nnx.Module) -> tuple[ModelParts, nnx.State]:
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   return ModelParts(graphdef, rest), params
 
@@ -254,6 +255,12 @@ def host_metrics(metrics: dict, config: ml_collections.ConfigDict) -> dict[str, 
   return m
 
 
+def schedule_summary(model: nnx.Module) -> dict[str, float]:
+  """The learned schedule's parameters (none for models without one, e.g. the AR baseline)."""
+  schedule = getattr(model, "schedule", None)
+  return {} if schedule is None else {f"schedule/{k}": v for k, v in schedule.summary().items()}
+
+
 class _Preemption:
   """SIGTERM sets a flag; the loop saves a checkpoint and exits cleanly."""
 
@@ -368,7 +375,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
               "lr": float(learning_rate_schedule(config.optimizer, config.train.steps)(done - 1)),
               "tokens_per_s": window_steps * tokens_per_step / max(elapsed, 1e-9),
               "steps_per_s": window_steps / max(elapsed, 1e-9),
-              **{f"schedule/{k}": v for k, v in parts.merge(state.params).schedule.summary().items()},
+              **schedule_summary(parts.merge(state.params)),
               **timer.pop(),
           })
           writer.write(done, {f"train/{k}" if "/" not in k else k: v for k, v in last_train.items()})
@@ -401,7 +408,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   if config.train.plot and jax.process_index() == 0:
     from langflow_jax import plots
 
-    summary["plots"] = plots.training_plots(workdir, parts.merge(state.params).schedule)
+    summary["plots"] = plots.training_plots(workdir, getattr(parts.merge(state.params), "schedule", None))
   return summary
 
 
@@ -411,8 +418,11 @@ def model_buffers(config: ml_collections.ConfigDict) -> nnx.State:
 
 
 def load_model(workdir: str | pathlib.Path, use_ema: bool = True,
-               config: ml_collections.ConfigDict | None = None) -> tuple[ml_collections.ConfigDict, LangFlow]:
-  """The trained model (EMA weights by default) and config of a training run."""
+               config: ml_collections.ConfigDict | None = None) -> tuple[ml_collections.ConfigDict, nnx.Module]:
+  """The trained model (EMA weights by default) and config of a training run.
+
+  A LangFlow, or the model its objective trains (``ar``: the causal baseline).
+  """
   config = config or ckpt_lib.saved_config(workdir)
   tx = make_optimizer(config.optimizer, config.train.steps)
   graphdef, abstract_state, _ = abstract_train_state(config, tx)

@@ -1,0 +1,1 @@
+"""Baselines trained and evaluated by the same code as LangFlow."""
