@@ -150,10 +150,10 @@ def dropout(x: Array, rate: float, key: Array | None) -> Array:
   return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
 
 
-class DDiTBlock(nnx.Module):
-  """adaLN-modulated bidirectional transformer block with rotary attention."""
+class PreLNBlock(nnx.Module):
+  """The weights every block has: scale-only norms, fused qkv, output projection, MLP."""
 
-  def __init__(self, dim: int, n_heads: int, cond_dim: int, mlp_ratio: int, dropout_rate: float,
+  def __init__(self, dim: int, n_heads: int, mlp_ratio: int, dropout_rate: float,
                compute_dtype: Any, *, rngs: nnx.Rngs):
     self.n_heads = n_heads
     self.dropout_rate = dropout_rate
@@ -165,6 +165,14 @@ class DDiTBlock(nnx.Module):
     self.norm2 = ScaleOnlyLayerNorm(dim)
     self.mlp_1 = linear(dim, mlp_ratio * dim, ("embed", "mlp"), rngs=rngs, dtype=compute_dtype)
     self.mlp_2 = linear(mlp_ratio * dim, dim, ("mlp", "embed"), rngs=rngs, dtype=compute_dtype)
+
+
+class DDiTBlock(PreLNBlock):
+  """adaLN-modulated bidirectional transformer block with rotary attention."""
+
+  def __init__(self, dim: int, n_heads: int, cond_dim: int, mlp_ratio: int, dropout_rate: float,
+               compute_dtype: Any, *, rngs: nnx.Rngs):
+    super().__init__(dim, n_heads, mlp_ratio, dropout_rate, compute_dtype, rngs=rngs)
     # Zero-init: every block starts as the identity (its gates are 0).
     self.ada = linear(cond_dim, 6 * dim, ("cond", "modulation"), zero_init=True, rngs=rngs,
                       dtype=compute_dtype)
