@@ -3,6 +3,8 @@
     langflow-jax train  --config tiny --workdir runs/demo [--config.train.steps=200 ...]
     langflow-jax config --config tiny [--config.x=y ...]     # print the resolved config
     langflow-jax demo   --workdir runs/demo                    # what `make demo` runs
+    langflow-jax convert --from DIR --workdir runs/official    # import official weights
+    langflow-jax export --workdir RUN --out DIR                # write the official layout
 
 Every subcommand is a thin wrapper around an importable function. Mistakes a
 user can make end with one line on stderr naming the problem and the fix, and
@@ -83,10 +85,28 @@ def cmd_demo(args, overrides) -> int:
   return 0
 
 
+def cmd_convert(args, overrides) -> int:
+  from langflow_jax import convert
+
+  out = convert.convert_official(args.source, args.workdir)
+  print(f"converted {args.source} -> {out} (use: langflow-jax eval --workdir {out})")
+  return 0
+
+
+def cmd_export(args, overrides) -> int:
+  from langflow_jax import convert
+
+  out = convert.export_official(args.workdir, args.out, use_ema=not args.raw)
+  print(f"wrote {out}/config.json and {out}/model.safetensors")
+  return 0
+
+
 COMMANDS: dict[str, tuple[Callable, str]] = {
     "train": (cmd_train, "train a model (resumes from --workdir when it has checkpoints)"),
     "config": (cmd_config, "print the resolved config"),
     "demo": (cmd_demo, "train the tiny config, evaluate it and print samples"),
+    "convert": (cmd_convert, "import an official release (config.json + model.safetensors) as a run"),
+    "export": (cmd_export, "write a run's weights in the official layout"),
 }
 
 
@@ -100,9 +120,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     if name in ("train", "config"):
       p.add_argument("--config", default="tiny", help="config name in configs/ or path to a .py file")
-    if name in ("train", "demo"):
-      p.add_argument("--workdir", required=(name == "train"), default="runs/demo",
+    if name in ("train", "demo", "convert", "export"):
+      p.add_argument("--workdir", required=(name != "demo"), default="runs/demo",
                      help="run directory (checkpoints, metrics, plots)")
+    if name == "convert":
+      p.add_argument("--from", dest="source", required=True,
+                     help="directory with the official config.json and model.safetensors")
+    if name == "export":
+      p.add_argument("--out", required=True, help="output directory for config.json + model.safetensors")
+      p.add_argument("--raw", action="store_true", help="export the raw weights instead of the EMA ones")
   return parser
 
 

@@ -51,6 +51,7 @@ class TrainState:
   ema_params: nnx.State
   opt_state: optax.OptState
   rng: Array  # raw uint32[2] key: the root of every per-step key
+  buffers: nnx.State  # non-trainable model buffers (RoPE frequencies), saved as loaded
 
 
 @dataclasses.dataclass
@@ -59,6 +60,11 @@ class ModelParts:
 
   graphdef: Any
   rest: nnx.State
+
+  @classmethod
+  def from_state(cls, graphdef: Any, state: "TrainState") -> "ModelParts":
+    # A copy: the train step donates the state, buffers included.
+    return cls(graphdef, jax.tree.map(jnp.copy, state.buffers))
 
   def merge(self, params: nnx.State) -> LangFlow:
     return nnx.merge(self.graphdef, params, self.rest)
@@ -119,21 +125,23 @@ def split_model(model: LangFlow) -> tuple[ModelParts, nnx.State]:
   return ModelParts(graphdef, rest), params
 
 
-def fresh_train_state(config: ml_collections.ConfigDict,
-                      tx: optax.GradientTransformation) -> tuple[TrainState, nnx.State]:
-  """A newly initialised state and the model buffers (call under jit or eval_shape)."""
-  model = create_model(config, seed=config.train.seed)
+def fresh_train_state(config: ml_collections.ConfigDict, tx: optax.GradientTransformation) -> TrainState:
+  """A newly initialised state (call under jit or eval_shape)."""
+  return state_from_model(create_model(config, seed=config.train.seed), tx, config.train.seed)
+
+
+def state_from_model(model: LangFlow, tx: optax.GradientTransformation, seed: int) -> TrainState:
+  """Step 0 with ``model``'s weights as both raw and EMA parameters."""
   parts, params = split_model(model)
-  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
-                     opt_state=tx.init(params), rng=jax.random.PRNGKey(config.train.seed))
-  return state, parts.rest
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
+                    opt_state=tx.init(params), rng=jax.random.PRNGKey(seed), buffers=parts.rest)
 
 
 def abstract_train_state(config: ml_collections.ConfigDict, tx: optax.GradientTransformation):
-  """(graphdef, abstract TrainState, abstract buffers) with no arrays allocated."""
-  abstract_state, abstract_rest = jax.eval_shape(lambda: fresh_train_state(config, tx))
+  """(graphdef, abstract TrainState) with no arrays allocated."""
+  abstract_state = jax.eval_shape(lambda: fresh_train_state(config, tx))
   graphdef = nnx.graphdef(nnx.eval_shape(lambda: create_model(config, seed=config.train.seed)))
-  return graphdef, abstract_state, abstract_rest
+  return graphdef, abstract_state
 
 
 def init_train_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
@@ -143,13 +151,10 @@ def init_train_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
   Full-size weights never sit on one device: ``jit(out_shardings=...)`` places
   every parameter where the rules say as it is created.
   """
-  graphdef, abstract_state, abstract_rest = abstract_train_state(config, tx)
+  graphdef, abstract_state = abstract_train_state(config, tx)
   state_shardings = parallel.tree_shardings(abstract_state, mesh)
-  rest_shardings = parallel.tree_shardings(abstract_rest, mesh)
-
-  init = jax.jit(lambda: fresh_train_state(config, tx), out_shardings=(state_shardings, rest_shardings))
-  state, rest = init()
-  return ModelParts(graphdef, rest), state, state_shardings
+  state = jax.jit(lambda: fresh_train_state(config, tx), out_shardings=state_shardings)()
+  return ModelParts.from_state(graphdef, state), state, state_shardings
 
 
 # --------------------------------------------------------------------------- steps
@@ -310,6 +315,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   if checkpointer.latest_step() is not None:
     abstract = ckpt_lib.with_shardings(jax.eval_shape(lambda: state), state_shardings)
     state, meta, restored_step = checkpointer.restore(abstract)
+    parts = ModelParts.from_state(parts.graphdef, state)
     data_state = meta.get("data_state", {"step": int(state.step)})
     log.info("resumed from %s at step %d", checkpointer.directory, restored_step)
   (workdir / "config.json").write_text(config_lib.to_json(config))
@@ -405,20 +411,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   return summary
 
 
-def model_buffers(config: ml_collections.ConfigDict) -> nnx.State:
-  """The model's non-trainable buffers (RoPE frequencies); jit drops the unused init."""
-  return jax.jit(lambda: split_model(create_model(config, seed=0))[0].rest)()
-
-
 def load_model(workdir: str | pathlib.Path, use_ema: bool = True,
                config: ml_collections.ConfigDict | None = None) -> tuple[ml_collections.ConfigDict, LangFlow]:
   """The trained model (EMA weights by default) and config of a training run."""
   config = config or ckpt_lib.saved_config(workdir)
   tx = make_optimizer(config.optimizer, config.train.steps)
-  graphdef, abstract_state, _ = abstract_train_state(config, tx)
+  graphdef, abstract_state = abstract_train_state(config, tx)
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract_state)
   checkpointer = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(workdir), create=False, async_save=False)
   state, _, _ = checkpointer.restore(abstract)
   params = state.ema_params if use_ema else state.params
-  return config, nnx.merge(graphdef, params, model_buffers(config))
+  return config, nnx.merge(graphdef, params, state.buffers)
