@@ -333,6 +333,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   summary: dict[str, Any] = {"start_step": start, "num_params": count_params(parts.merge(state.params))}
   last_train, last_eval = {}, {}
   pending = None  # (step, metrics) of the last dispatched step, fetched one step late
+  window_terms = objective_lib.zero_terms()  # loss sums since the last log line
   window_start, window_steps = time.perf_counter(), 0
   last_good_step = checkpointer.latest_step()
 
@@ -359,6 +360,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
           batch = parallel.global_batch(next(it), mesh)
         with timer.phase("step"):
           state, metrics = train_step(state, batch)
+          window_terms = objective_lib.add_terms(window_terms, metrics["terms"])
           window_steps += 1
         done = step + 1
         if pending is not None:
@@ -368,7 +370,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         if done % config.train.log_every == 0 or is_last or preemption.requested:
           with timer.phase("step"):
             last_train = fetch(*pending)
-          pending = None
+            # report the whole window's token-weighted means, not the last step's
+            last_train.update(objective_lib.metrics_from_terms(jax.device_get(window_terms),
+                                                               config.objective.schedule_loss_weight))
+          pending, window_terms = None, objective_lib.zero_terms()
           elapsed = time.perf_counter() - window_start
           last_train.update({
               "lr": float(learning_rate_schedule(config.optimizer, config.train.steps)(done - 1)),
