@@ -106,19 +106,26 @@ def make_split(n=37, length=6):
   return pipeline.PackedSplit(ids, np.ones_like(ids, bool))
 
 
-def test_iterator_is_deterministic_and_resumes():
+def test_iterator_is_deterministic_and_resumes_from_a_json_state():
   split = make_split()
-  a = pipeline.BatchIterator(split, 8, seed=3)
+  a = pipeline.BatchIterator(split, 8, seed=3, prefetch=0)
   first = [next(a)["ids"] for _ in range(10)]
-  b = pipeline.BatchIterator(split, 8, seed=3)
-  b.set_state({"step": 6})
-  for i in range(6, 10):
+  # Prefetching threads change nothing; the state counts consumed batches only.
+  b = pipeline.BatchIterator(split, 8, seed=3, prefetch=4, threads=2)
+  for i in range(6):
     np.testing.assert_array_equal(next(b)["ids"], first[i])
-  c = pipeline.BatchIterator(split, 8, seed=4)
-  assert not np.array_equal(next(c)["ids"], first[0])
-  # one epoch covers every row once
-  rows = np.concatenate([pipeline.BatchIterator(split, 1, seed=3).batch_at(s)["ids"][:, 0] for s in range(37)])
-  assert sorted(rows // 6) == list(range(37))
+  state = json.loads(json.dumps(b.get_state()))  # what the checkpoint metadata stores
+  assert state == {"step": 6}
+  c = pipeline.BatchIterator(split, 8, seed=3, prefetch=2)
+  c.set_state(state)
+  for i in range(6, 10):
+    np.testing.assert_array_equal(next(c)["ids"], first[i])
+  d = pipeline.BatchIterator(split, 8, seed=4)
+  assert not np.array_equal(next(d)["ids"], first[0])
+  # every epoch covers every row once, in a new order
+  rows = np.concatenate([pipeline.BatchIterator(split, 1, seed=3).batch_at(s)["ids"][:, 0] for s in range(74)])
+  assert sorted(rows[:37] // 6) == list(range(37)) and sorted(rows[37:] // 6) == list(range(37))
+  assert not np.array_equal(rows[:37], rows[37:])
 
 
 def test_per_process_rows_are_disjoint_and_cover_the_batch():
@@ -127,6 +134,30 @@ def test_per_process_rows_are_disjoint_and_cover_the_batch():
   parts = [pipeline.BatchIterator(split, 8, seed=1, process_index=p, process_count=4).batch_at(5)["ids"]
            for p in range(4)]
   np.testing.assert_array_equal(np.concatenate(parts), whole)
+  # over the steps of an epoch (37 rows = 4.6 batches of 8), the hosts' rows never overlap
+  split = make_split(n=40)
+  seen = [np.concatenate([pipeline.BatchIterator(split, 8, seed=1, process_index=p, process_count=2,
+                                                 prefetch=1).batch_at(s)["ids"][:, 0] for s in range(5)])
+          for p in range(2)]
+  assert not set(seen[0]) & set(seen[1]) and sorted(np.concatenate(seen) // 6) == list(range(40))
+
+
+def test_padded_split_from_disk_masks_padding(tmp_path):
+  path = tmp_path / "docs.jsonl"
+  path.write_text("\n".join(json.dumps({"text": "word " * n}) for n in (1, 3, 2, 40, 5, 7)))
+  cfg = file_cfg(path, seq_len=12)
+  cfg.update(wrap=False, holdout_every=3)
+  packed = pipeline.load_split(cfg, "train")
+  tok = load_tokenizer(cfg.tokenizer)
+  assert packed.ids.shape == (4, 12)
+  lengths = np.asarray(packed.mask).sum(1)
+  expected = [min(len(tok.encode("word " * n)), 10) + 2 for n in (1, 3, 40, 5)]
+  np.testing.assert_array_equal(lengths, expected)
+  np.testing.assert_array_equal(packed.ids[:, 0], tok.bos_id)
+  np.testing.assert_array_equal(packed.ids[np.arange(4), lengths - 1], tok.eos_id)
+  batch = next(iter(pipeline.eval_batches(packed, 3)))
+  np.testing.assert_array_equal(batch["mask"], np.asarray(packed.mask)[:3])
+  assert batch["ids"].dtype == np.int32 and batch["mask"].dtype == bool
 
 
 def test_eval_batches_cover_split_once_with_padding_rows():

@@ -77,7 +77,13 @@ class RecordDocuments:
       if hasattr(self.source, "column_names"):  # HF Dataset: a column slice is one Arrow read
         yield [_text(t) for t in self.source[a:b][self.field]]
       else:
-        yield [_text(r[self.field]) for r in self.source.__getitems__(list(range(a, b)))]
+        yield [_text(r[self.field]) for r in self._records(list(range(a, b)))]
+
+  def _records(self, keys: list[int]) -> list:
+    try:
+      return self.source.__getitems__(keys)  # one batched array_record read
+    except TypeError:  # tfds.testing.mock_data's sources take items one at a time
+      return [self.source[k] for k in keys]
 
 
 @dataclasses.dataclass
@@ -203,7 +209,7 @@ CORPORA: dict[str, Corpus] = {c.name: c for c in [
            "article", "scientific_papers", "gpt2", 1024, about=_ZERO_SHOT),
 ]}
 
-_SPLIT_WORDS = {"train": ("train",), "validation": ("valid", "validation", "dev"), "test": ("test",)}
+_SPLIT_WORDS = {"train": ("train",), "validation": ("val", "valid", "validation", "dev"), "test": ("test",)}
 _TEXT_SUFFIXES = (".txt", ".raw")  # .raw: WikiText's wiki.valid.raw
 _SUFFIXES = (".parquet", ".jsonl", ".json", *_TEXT_SUFFIXES)
 
@@ -287,6 +293,11 @@ def _lm1b_builder_class():
     @classmethod
     def _get_pkg_dir_path(cls):
       return stock.Builder._get_pkg_dir_path()  # the stock README, citation and checksums
+
+    @tfds.core.utils.classproperty
+    @classmethod
+    def code_path(cls):  # the stock module's (TFDS's own lookup needs importlib_resources)
+      return epath.Path(stock.__file__)
 
     def _split_generators(self, dl_manager):
       if self._source_dir:
