@@ -310,6 +310,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(o.decay in ("constant", "cosine", "linear"), f"optimizer.decay='{o.decay}' is unknown.",
            "use constant, cosine or linear.")
   _require(0.0 <= o.ema_decay < 1.0, f"optimizer.ema_decay={o.ema_decay} must lie in [0, 1).", "use e.g. 0.999.")
+  for key, low in (("group_docs", 0), ("group_shards", 1), ("prefetch", 0), ("prefetch_threads", 1)):
+    _require(d[key] >= low, f"data.{key}={d[key]} must be at least {low}.", f"set --config.data.{key}>={low}.")
   for key in ("log_every", "eval_every", "checkpoint_every", "eval_batches", "keep_checkpoints"):
     _require(t[key] > 0, f"train.{key}={t[key]} must be positive.", f"set --config.train.{key} to a positive value.")
 

@@ -68,11 +68,10 @@ class RowMask:
     return self.shape[0]
 
   def __getitem__(self, rows) -> np.ndarray:
-    positions = np.arange(self.shape[1])
     if self.lengths is None:
-      n = len(np.arange(self.shape[0])[rows])
+      n = len(range(*rows.indices(self.shape[0]))) if isinstance(rows, slice) else np.asarray(rows).shape[0]
       return np.ones((n, self.shape[1]), bool)
-    return positions < np.asarray(self.lengths[rows])[..., None]
+    return np.arange(self.shape[1]) < np.asarray(self.lengths[rows])[..., None]
 
   def __array__(self, dtype=None, copy=None) -> np.ndarray:
     out = self[slice(None)]
