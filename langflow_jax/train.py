@@ -322,7 +322,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
   start = int(state.step)
   it = pipeline.BatchIterator(train_split, config.train.batch_size, config.data.seed,
-                              process_index=jax.process_index(), process_count=jax.process_count())
+                              process_index=jax.process_index(), process_count=jax.process_count(),
+                              prefetch=config.data.prefetch, threads=config.data.prefetch_threads)
   it.set_state(data_state)
   train_step = jit_train_step(make_train_step(config, parts, tx), state_shardings, mesh)
   eval_step = make_eval_step(config, parts)
