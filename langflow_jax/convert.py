@@ -47,27 +47,33 @@ _DIRECT = [
 INV_FREQ_KEY = "backbone.rotary_emb.inv_freq"
 
 
-def _rules() -> list[tuple[re.Pattern, str, bool]]:
-  rules = []
+def _mapping() -> list[tuple[str, str, bool]]:
+  """(official template, our template, transpose) for every tensor kind."""
+  rows = []
   for official, ours in _LINEAR:
-    for suffix, target, transpose in ((".weight", ".kernel", True), (".bias", ".bias", False)):
-      rules.append((official + suffix, ours + target, transpose))
-  rules += [(official, ours, False) for official, ours in _DIRECT]
-  compiled = []
-  for official, ours, transpose in rules:
-    pattern = re.escape(official).replace(re.escape("{i}"), r"(?P<i>\d+)")
-    compiled.append((re.compile(pattern + "$"), ours, transpose))
-  return compiled
+    rows.append((official + ".weight", ours + ".kernel", True))
+    rows.append((official + ".bias", ours + ".bias", False))
+  rows += [(official, ours, False) for official, ours in _DIRECT]
+  return rows
+
+
+def _translate(name: str, source_col: int) -> tuple[str, bool] | None:
+  """Maps a name through the table (0: official -> ours, 1: ours -> official)."""
+  for row in _mapping():
+    pattern = re.escape(row[source_col]).replace(re.escape("{i}"), r"(?P<i>\d+)") + "$"
+    match = re.match(pattern, name)
+    if match:
+      return row[1 - source_col].replace("{i}", match.groupdict().get("i") or ""), row[2]
+  return None
 
 
 def official_to_ours(name: str) -> tuple[str, bool]:
   """Our dotted path for an official key, and whether to transpose it."""
-  for pattern, ours, transpose in _rules():
-    match = pattern.match(name)
-    if match:
-      return ours.replace("{i}", match.groupdict().get("i") or ""), transpose
-  raise CheckpointError(f"official tensor '{name}' has no counterpart in langflow_jax.",
-                        "check that the checkpoint is a LangFlow release; report the key if it is.")
+  found = _translate(name, 0)
+  if found is None:
+    raise CheckpointError(f"official tensor '{name}' has no counterpart in langflow_jax.",
+                          "check that the checkpoint is a LangFlow release; report the key if it is.")
+  return found
 
 
 def config_from_official(official: dict) -> ml_collections.ConfigDict:
@@ -96,7 +102,7 @@ def config_from_official(official: dict) -> ml_collections.ConfigDict:
   return c
 
 
-def official_to_config(model_cfg: ml_collections.ConfigDict,
+def config_to_official(model_cfg: ml_collections.ConfigDict,
                        schedule_cfg: ml_collections.ConfigDict) -> dict:
   """The official ``config.json`` dict for our model/schedule config."""
   return {
@@ -157,12 +163,15 @@ def load_tensors(model: LangFlow, tensors: dict[str, np.ndarray]) -> None:
   """Fills ``model``'s parameters from an official state dict, checking everything."""
   targets = _flat_params(model)
   seen = set()
+  # A formula, so recompute it when absent; when present, keep the stored
+  # float32 values (torch's pow may differ from ours in the last bit).
+  inv_freq = rotary_inv_freq(2 * model.backbone.rotary_inv_freq.shape[0])
   for name, value in tensors.items():
     if name == INV_FREQ_KEY:
-      expected = np.asarray(rotary_inv_freq(2 * value.shape[0]))
-      if value.shape != expected.shape or not np.allclose(value, expected, rtol=1e-6, atol=1e-7):
+      if value.shape != inv_freq.shape or not np.allclose(value, inv_freq, rtol=1e-6, atol=1e-7):
         raise CheckpointError(f"{INV_FREQ_KEY} differs from the RoPE formula (base 10000).",
                               "this checkpoint uses a different rotary base; it is not supported.")
+      inv_freq = jnp.asarray(value, jnp.float32)
       continue
     ours, transpose = official_to_ours(name)
     if ours not in targets:
@@ -181,28 +190,71 @@ def load_tensors(model: LangFlow, tensors: dict[str, np.ndarray]) -> None:
   if missing:
     raise CheckpointError(f"the official checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}.",
                           "the file is incomplete; download it again.")
-  # Under eval_shape the buffer is abstract; it is a formula, so recompute it.
-  model.backbone.rotary_inv_freq.set_value(
-      rotary_inv_freq(2 * model.backbone.rotary_inv_freq.shape[0]))
+  model.backbone.rotary_inv_freq.set_value(inv_freq)
 
 
 def export_tensors(model: LangFlow) -> dict[str, np.ndarray]:
   """The official state dict (numpy float32) for ``model``."""
   out = {}
-  ours_to_official = {}
-  n_blocks = len(model.backbone.blocks)
-  for pattern, ours, transpose in _rules():
-    template = pattern.pattern
-    for i in range(n_blocks) if "(?P<i>" in template else [None]:
-      official = template.replace(r"(?P<i>\d+)", str(i)).rstrip("$").replace("\\", "")
-      path = ours.replace("{i}", "" if i is None else str(i))
-      ours_to_official[path] = (official, transpose)
   for path, var in _flat_params(model).items():
-    if path not in ours_to_official:
+    found = _translate(path, 1)
+    if found is None:
       raise CheckpointError(f"parameter '{path}' has no official name.",
                             "only LangFlow models with the official layout can be exported.")
-    official, transpose = ours_to_official[path]
+    official, transpose = found
     array = np.asarray(jax.device_get(var[...]), np.float32)
     out[official] = np.ascontiguousarray(array.T if transpose else array)
   out[INV_FREQ_KEY] = np.asarray(model.backbone.rotary_inv_freq[...], np.float32)
   return out
+
+
+# Tokenizer and dataset of each official vocabulary size (spec 7.1).
+_PROTOCOLS = {50257: ("gpt2", "owt"), 30522: ("bert-base-uncased", "lm1b")}
+
+
+def convert_official(source: str | pathlib.Path, workdir: str | pathlib.Path) -> pathlib.Path:
+  """Writes an official release as a run directory that ``eval``/``sample`` read.
+
+  The weights become both the raw and the EMA parameters of a step-0 train
+  state (the release holds the evaluated weights), with a fresh optimizer.
+  """
+  from langflow_jax import checkpoint as ckpt_lib
+  from langflow_jax import train
+
+  config, model = load_official(source)
+  if config.model.vocab_size in _PROTOCOLS:
+    config.data.tokenizer, config.data.name = _PROTOCOLS[config.model.vocab_size]
+  workdir = pathlib.Path(workdir).expanduser()
+  checkpointer = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(workdir), async_save=False)
+  if checkpointer.latest_step() is not None:
+    raise CheckpointError(f"{workdir} already holds checkpoints.", "convert into a new, empty --workdir.")
+  tx = train.make_optimizer(config.optimizer, config.train.steps)
+  state = train.state_from_model(model, tx, config.train.seed)
+  meta = ckpt_lib.meta_json(config, {"step": 0}, {"converted_from": str(pathlib.Path(source).resolve())})
+  checkpointer.save(0, state, meta, force=True)
+  checkpointer.close()
+  (workdir / "config.json").write_text(config_lib.to_json(config))
+  return workdir
+
+
+def export_official(workdir: str | pathlib.Path, out_dir: str | pathlib.Path, use_ema: bool = True) -> pathlib.Path:
+  """Writes a run's weights (EMA by default) as ``config.json`` + ``model.safetensors``."""
+  from safetensors.numpy import save_file
+
+  from langflow_jax import train
+
+  config, model = train.load_model(workdir, use_ema=use_ema)
+  if config.schedule.name != "gumbel" or not config.model.use_skip:
+    raise CheckpointError(
+        f"the official layout needs the Gumbel schedule and skip logits (this run: schedule "
+        f"'{config.schedule.name}', use_skip={config.model.use_skip}).",
+        "export only models trained with --config.schedule.name=gumbel and model.use_skip=true.")
+  out_dir = pathlib.Path(out_dir).expanduser()
+  out_dir.mkdir(parents=True, exist_ok=True)
+  official_cfg = config_to_official(config.model, config.schedule)
+  # The learned schedule lives in the tensors; the config holds its values too.
+  official_cfg.update(gumbel_loc=float(model.schedule.loc[...]), gumbel_scale=float(model.schedule.scale[...]),
+                      gumbel_entropy=float(model.schedule.entropy[...]))
+  (out_dir / "config.json").write_text(json.dumps(official_cfg, indent=2))
+  save_file(export_tensors(model), str(out_dir / "model.safetensors"))
+  return out_dir

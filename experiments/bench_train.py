@@ -1,0 +1,105 @@
+"""Training throughput of the `bench` config against this machine's matmul peak.
+
+    python experiments/bench_train.py [--steps 10] [--dtype float32|bfloat16] [--quick]
+
+Prints tokens/s, model FLOP/s (matmul FLOPs of the forward and backward pass,
+counted analytically, including the expected self-conditioning pass) and that
+as a fraction of the peak of a large jitted float32 matmul measured in the same
+run. XLA's own FLOP count of the compiled step is printed beside it. Compile
+time is reported separately; step times are medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from langflow_jax import config as config_lib
+from langflow_jax import parallel, train
+
+
+def matmul_peak(n: int = 4096, repeats: int = 5) -> float:
+  """FLOP/s of an n x n float32 matmul under jit (median of repeats)."""
+  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    f(a).block_until_ready()
+    times.append(time.perf_counter() - t)
+  return 2 * n**3 / statistics.median(times)
+
+
+def model_flops_per_token(config) -> float:
+  """Matmul FLOPs per token of one training step (forward + backward)."""
+  m, L = config.model, config.data.seq_len
+  d, v = m.hidden_size, m.vocab_size
+  per_block = 2 * d * d * (3 + 1 + 2 * m.mlp_ratio) + 4 * L * d  # qkv, out, MLP; QK^T and AV
+  forward = m.n_blocks * per_block + 2 * d * v  # blocks + output head
+  forward += 2 * d * v if m.use_skip else 0  # skip logits z E^T
+  forward += 4 * d * d if m.self_conditioning else 0  # self-conditioning projection
+  sc_pass = config.objective.self_cond_prob * (forward + 2 * d * v) if m.self_conditioning else 0.0
+  return 3 * forward + sc_pass  # backward = 2x forward; the first SC pass has no backward
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--config", default="bench")
+  parser.add_argument("--steps", type=int, default=10)
+  parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  parser.add_argument("--quick", action="store_true", help="3 steps, smaller peak matmul (smoke run)")
+  args = parser.parse_args(argv)
+  steps = 3 if args.quick else args.steps
+
+  config = config_lib.load_config(args.config, [f"--config.model.compute_dtype={args.dtype}"])
+  mesh = parallel.make_mesh(config.mesh)
+  tx = train.make_optimizer(config.optimizer, config.train.steps)
+  parts, state, shardings = train.init_train_state(config, mesh, tx)
+  step_fn = train.jit_train_step(train.make_train_step(config, parts, tx), shardings, mesh)
+  b, L, v = config.train.batch_size, config.data.seq_len, config.model.vocab_size
+  rng = np.random.default_rng(0)
+  batch = parallel.global_batch({"ids": rng.integers(0, v, (b, L), dtype=np.int32),
+                                 "mask": np.ones((b, L), bool)}, mesh)
+
+  t = time.perf_counter()
+  compiled = step_fn.lower(state, batch).compile()
+  compile_s = time.perf_counter() - t
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  xla_flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
+
+  state, metrics = compiled(state, batch)  # warm-up
+  jax.block_until_ready(metrics)
+  times = []
+  for _ in range(steps):
+    t = time.perf_counter()
+    state, metrics = compiled(state, batch)
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - t)
+  step_s = statistics.median(times)
+  peak = matmul_peak(2048 if args.quick else 4096)
+
+  tokens = b * L
+  flops = model_flops_per_token(config) * tokens
+  print(f"device:            {jax.devices()[0].device_kind} x {jax.device_count()} ({jax.default_backend()})")
+  print(f"config:            {args.config}  D={config.model.hidden_size} blocks={config.model.n_blocks} "
+        f"heads={config.model.n_heads} V={v} L={L} batch={b} dtype={args.dtype}")
+  print(f"compile:           {compile_s:.1f} s")
+  print(f"step (median/{steps}): {step_s * 1e3:.0f} ms")
+  print(f"tokens/s:          {tokens / step_s:,.0f}")
+  print(f"model FLOP/step:   {flops / 1e9:.1f} GFLOP (analytic, matmuls)   XLA count: {xla_flops / 1e9:.1f} GFLOP")
+  print(f"model FLOP/s:      {flops / step_s / 1e9:.1f} GFLOP/s")
+  print(f"matmul peak:       {peak / 1e9:.1f} GFLOP/s (jitted float32 {2048 if args.quick else 4096}^3)")
+  print(f"fraction of peak:  {flops / step_s / peak:.1%}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
