@@ -151,15 +151,22 @@ class Checkpointer:
         read_only=read_only,
         cleanup_tmp_directories=not read_only,
         todelete_subdir=None if read_only else DELETED_DIR,
+        save_interval_steps=0 if read_only else 1,
     )
     handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+    absl_log = logging.getLogger("absl")
+    level = absl_log.level
     try:
+      if read_only:  # orbax warns that a read-only directory is read-only
+        absl_log.setLevel(max(level, logging.ERROR))
       self._manager = ocp.CheckpointManager(self.directory, item_handlers=handlers, options=options)
     except Exception as e:
       err = environment_error(e, f"opening checkpoints in {self.directory}")
       if err is None:
         raise
       raise err from e
+    finally:
+      absl_log.setLevel(level)
     self._saving: int | None = None  # the step whose async write may still be running
     self._empty_deleted()
 
