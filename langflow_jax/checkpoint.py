@@ -262,6 +262,11 @@ class Checkpointer:
                            f"{what}.")
 
   def _damaged(self, step: int, e: Exception, errors: list[str]) -> None:
+    """Records an unreadable step; a failure of the machine (permissions, memory) is
+    not damage and is raised instead, so that a good step is never set aside."""
+    err = environment_error(e, f"reading checkpoint step {step} in {self.directory}")
+    if err is not None:
+      raise err from e
     text = str(e).splitlines()[0][:200] if str(e) else ""
     errors.append(f"step {step}: {type(e).__name__}: {text}")
     log.warning("checkpoint step %d in %s is unreadable (%s: %s); trying the previous one", step,
