@@ -274,13 +274,18 @@ class Checkpointer:
 
   def _quarantine(self, steps: list[int]) -> None:
     """Moves unreadable steps to ``damaged/`` (kept, but never listed or overwritten)."""
-    if self.read_only or not steps or jax.process_index() != 0:
+    if self.read_only or not steps:
       return
-    for s in steps:
-      target = self.directory / DAMAGED_DIR / f"{s}-{time.strftime('%Y%m%d-%H%M%S')}"
-      target.parent.mkdir(parents=True, exist_ok=True)
-      (self.directory / str(s)).rename(target)
-      log.warning("moved the unreadable checkpoint step %d to %s", s, target)
+    if jax.process_index() == 0:
+      for s in steps:
+        target = self.directory / DAMAGED_DIR / f"{s}-{time.strftime('%Y%m%d-%H%M%S')}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        (self.directory / str(s)).rename(target)
+        log.warning("moved the unreadable checkpoint step %d to %s", s, target)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+
+      multihost_utils.sync_global_devices("langflow_jax:checkpoint_quarantine")
     self._manager.reload()
 
   def restore(self, abstract_state: Any, step: int | None = None, *,

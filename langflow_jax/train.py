@@ -290,7 +290,7 @@ class _Preemption:
 def _check_workdir(workdir: pathlib.Path) -> None:
   try:
     workdir.mkdir(parents=True, exist_ok=True)
-    probe = workdir / ".write_test"
+    probe = workdir / f".write_test.{jax.process_index()}.{os.getpid()}"  # one per process on shared disks
     probe.write_text("ok")
     probe.unlink()
   except OSError as e:

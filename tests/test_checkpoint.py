@@ -279,7 +279,8 @@ def test_keep_last_n_and_every_kth_and_interrupted_saves_are_ignored(tmp_path):
 
 def test_failed_save_is_a_clear_error_and_keeps_the_previous_step(tmp_path):
   """A save that cannot be written (here: a file-size limit, as a full disk would) stops
-  with a CheckpointError naming the reason and the last complete step; nothing is deleted."""
+  with a CheckpointError naming the reason and the last complete step. With keep=1 this
+  also checks Orbax's order: an old step is deleted only once a newer one is complete."""
   directory = tmp_path / "checkpoints"
   ckpt = C.Checkpointer(directory, keep=1)
   ckpt.save(1, tiny_state(1), {})
