@@ -112,7 +112,7 @@ def copy_run(trained, tmp_path, name="run"):
 def test_kill_and_resume_is_bit_identical(tmp_path, corpus):
   """SIGKILL at random points (mid-step, mid-save) three times; each rerun of the same
   command resumes, and the end state equals an uninterrupted run's bit for bit."""
-  steps, env = 16, cli_env(tmp_path)
+  steps, env = 24, cli_env(tmp_path)
   reference = subprocess.run(train_cmd(tmp_path / "reference", corpus, steps=steps, every=1), env=env,
                              capture_output=True, text=True, timeout=900)
   assert reference.returncode == 0, reference.stderr
@@ -126,7 +126,7 @@ def test_kill_and_resume_is_bit_identical(tmp_path, corpus):
     while (steps_on_disk(workdir)[-1:] or [0])[0] <= before[0] and time.time() < deadline:
       assert proc.poll() is None, "the run ended before it could be killed"
       time.sleep(0.02)
-    time.sleep(rng.uniform(0.0, 0.3))  # somewhere in a step or a save
+    time.sleep(rng.uniform(0.0, 0.2))  # somewhere in a step or a save
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
     killed_at.append(steps_on_disk(workdir)[-1])
