@@ -119,11 +119,11 @@ def test_kill_and_resume_is_bit_identical(tmp_path, corpus):
   rng = random.Random(int(time.time()))
   workdir, killed_at = tmp_path / "killed", []
   for _ in range(3):
-    before = steps_on_disk(workdir)[-1:] or [0]
+    target = (steps_on_disk(workdir)[-1:] or [0])[0] + rng.randint(1, 3)
     proc = subprocess.Popen(train_cmd(workdir, corpus, steps=steps, every=1), env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 600
-    while (steps_on_disk(workdir)[-1:] or [0])[0] <= before[0] and time.time() < deadline:
+    while (steps_on_disk(workdir)[-1:] or [0])[0] < target and time.time() < deadline:
       assert proc.poll() is None, "the run ended before it could be killed"
       time.sleep(0.02)
     time.sleep(rng.uniform(0.0, 0.2))  # somewhere in a step or a save
