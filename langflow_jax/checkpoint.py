@@ -1,25 +1,41 @@
 """Orbax checkpoints: train state, data position and resolved config in one step.
 
-A checkpoint step directory holds two items:
+A run directory keeps its checkpoints under ``checkpoints/<step>/``, each with
+two items:
 
 * ``state``: the :class:`~langflow_jax.train.TrainState` pytree (params, EMA,
   optimizer state, step, RNG key), restored onto whatever mesh the caller
-  asks for (abstract target with shardings), so a different device count is
-  fine;
-* ``meta``: JSON with the resolved config, the package version and the data
-  iterator state.
+  asks for (abstract target with shardings), so a different device count or
+  mesh shape is fine;
+* ``meta``: JSON with the resolved config, the package version and git
+  commit, the data iterator state, the tokenizer's fingerprint and the mesh
+  that saved it.
 
-Orbax writes each step to a temporary directory and renames it when complete,
-so an interrupted save is never listed. A step that is listed but unreadable
-(truncated files) is skipped with a warning, and the next older one is used;
-nothing is deleted.
+Why nothing is lost:
+
+* Orbax writes a step to ``<step>.orbax-checkpoint-tmp*`` and renames it when
+  every file is written, so a listed step is always complete; the leftovers of
+  an interrupted save are removed when the next run starts.
+* Old steps are deleted only after a newer save has completed (Orbax's
+  finalize thread waits for the commit before it applies the keep policy), and
+  they are first renamed into ``deleted/``, so a kill in the middle of a
+  deletion never leaves a half-deleted step that looks like a checkpoint.
+* A step that is listed but unreadable (truncated or damaged files) is skipped
+  with a warning and the next older one is used; a resuming run moves it to
+  ``damaged/`` so that it can be inspected and is not overwritten.
+* A failed save (full disk, permissions) stops the run with one clear error
+  and leaves the previous steps as they were.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import pathlib
+import shutil
+import subprocess
+import time
 from typing import Any
 
 import jax
@@ -28,30 +44,133 @@ import orbax.checkpoint as ocp
 
 from langflow_jax import __version__
 from langflow_jax import config as config_lib
-from langflow_jax.errors import CheckpointError
+from langflow_jax.errors import CheckpointError, environment_error
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
+DELETED_DIR = "deleted"   # steps past the keep policy, renamed here and then removed
+DAMAGED_DIR = "damaged"   # unreadable steps moved aside by a resuming run (kept for inspection)
 
 
 def checkpoint_dir(workdir: str | pathlib.Path) -> pathlib.Path:
   return pathlib.Path(workdir).expanduser().resolve() / CHECKPOINT_DIR
 
 
+def locate(path: str | pathlib.Path) -> tuple[pathlib.Path, int | None]:
+  """(checkpoints directory, step or None) for a run directory, its ``checkpoints/``
+  directory or one step directory (``runs/base/checkpoints/600``)."""
+  path = pathlib.Path(path).expanduser().resolve()
+  if not path.exists():
+    raise CheckpointError(f"{path} does not exist.",
+                          "pass the --workdir of a training run (langflow-jax train --workdir ... makes one).")
+  if (path / CHECKPOINT_DIR).is_dir():
+    return path / CHECKPOINT_DIR, None
+  if path.name.isdigit() and (path / "state").is_dir():
+    return path.parent, int(path.name)
+  if path.name == CHECKPOINT_DIR and path.is_dir():
+    return path, None
+  raise CheckpointError(f"{path} has no checkpoints (it is empty or not a training run).",
+                        f"train first (langflow-jax train --workdir {path}) or pass another run directory.")
+
+
+@functools.lru_cache(maxsize=1)
+def git_commit() -> str | None:
+  """The commit of the source tree this package runs from, if it is a git checkout."""
+  root = pathlib.Path(__file__).resolve().parent.parent
+  if not (root / ".git").exists():
+    return None
+  try:
+    out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                         timeout=5, check=True)
+    return out.stdout.strip() or None
+  except (OSError, subprocess.SubprocessError):
+    return None
+
+
+def _key_name(entry: Any) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(entry, attr):
+      return str(getattr(entry, attr))
+  return str(entry)
+
+
+def array_shapes(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
+  """``{"params.backbone.vocab_embed.embedding": (shape, dtype)}`` for every array leaf.
+
+  Works for abstract trains states (nnx Variables end in ``.value``) and for
+  Orbax's stored tree metadata alike, so the two can be compared.
+  """
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    if not hasattr(leaf, "shape"):
+      continue
+    names = [_key_name(k) for k in path]
+    if names and names[-1] == "value":
+      names = names[:-1]
+    out[".".join(names)] = (tuple(leaf.shape), str(getattr(leaf, "dtype", "")))
+  return out
+
+
+def tree_differences(saved: dict, wanted: dict, limit: int = 3) -> list[str]:
+  """Human-readable differences between two :func:`array_shapes` maps (at most ``limit``)."""
+  diffs = []
+  for key in sorted(set(saved) | set(wanted)):
+    if key not in wanted:
+      diffs.append(f"{key} is in the checkpoint only")
+    elif key not in saved:
+      diffs.append(f"{key} is missing from the checkpoint")
+    elif saved[key][0] != wanted[key][0]:
+      diffs.append(f"{key} has shape {saved[key][0]} in the checkpoint but {wanted[key][0]} here")
+    elif saved[key][1] != wanted[key][1]:
+      diffs.append(f"{key} is {saved[key][1]} in the checkpoint but {wanted[key][1]} here")
+  if len(diffs) > limit:
+    diffs = diffs[:limit] + [f"{len(diffs) - limit} more"]
+  return diffs
+
+
 class Checkpointer:
-  """A thin, fault-tolerant wrapper around ``ocp.CheckpointManager``."""
+  """A fault-tolerant wrapper around ``ocp.CheckpointManager``.
+
+  ``keep`` most recent steps are kept, plus every step divisible by
+  ``keep_period`` (0: none). ``read_only`` (eval, sample) never creates,
+  cleans up or deletes anything.
+  """
 
   def __init__(self, directory: str | pathlib.Path, *, keep: int = 3, keep_period: int = 0,
-               async_save: bool = True, create: bool = True):
+               async_save: bool = True, read_only: bool = False):
     self.directory = pathlib.Path(directory).expanduser().resolve()
+    self.read_only = read_only
+    policies = ocp.checkpoint_managers
+    keep_policy = [policies.LatestN(n=keep)] + ([policies.EveryNSteps(interval_steps=keep_period)]
+                                                if keep_period else [])
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep,
-        keep_period=keep_period or None,
-        enable_async_checkpointing=async_save,
-        create=create,
+        preservation_policy=None if read_only else policies.AnyPreservationPolicy(keep_policy),
+        enable_async_checkpointing=async_save and not read_only,
+        create=not read_only,
+        read_only=read_only,
+        cleanup_tmp_directories=not read_only,
+        todelete_subdir=None if read_only else DELETED_DIR,
+        save_interval_steps=0 if read_only else 1,
     )
-    self._manager = ocp.CheckpointManager(self.directory, item_names=("state", "meta"), options=options)
+    handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+    absl_log = logging.getLogger("absl")
+    level = absl_log.level
+    try:
+      if read_only:  # orbax warns that a read-only directory is read-only
+        absl_log.setLevel(max(level, logging.ERROR))
+      self._manager = ocp.CheckpointManager(self.directory, item_handlers=handlers, options=options)
+    except Exception as e:
+      err = environment_error(e, f"opening checkpoints in {self.directory}")
+      if err is None:
+        raise
+      raise err from e
+    finally:
+      absl_log.setLevel(level)
+    self._saving: int | None = None  # the step whose async write may still be running
+    self._empty_deleted()
+
+  # ------------------------------------------------------------------ listing
 
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
@@ -60,18 +179,192 @@ class Checkpointer:
     steps = self.all_steps()
     return steps[-1] if steps else None
 
-  def save(self, step: int, state: Any, meta: dict, *, force: bool = False) -> bool:
-    meta = dict(meta, step=int(step), version=__version__)
-    return self._manager.save(
-        int(step),
-        args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-        force=force)
+  # ------------------------------------------------------------------ saving
 
-  def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict, int]:
+  def save(self, step: int, state: Any, meta: dict, *, force: bool = False) -> bool:
+    """Starts an (async) save of ``state`` and ``meta`` at ``step``.
+
+    A failure of this save or of the previous one's background write raises
+    :class:`CheckpointError`; the steps already on disk stay as they were.
+    """
+    self.wait()  # surfaces a failed previous write before starting a new one
+    self._empty_deleted()
+    meta = dict(meta, step=int(step), version=__version__, git_commit=git_commit(), saved_at=time.time())
+    self._saving = int(step)
+    try:
+      return self._manager.save(
+          int(step),
+          args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+          force=force)
+    except Exception as e:
+      err = self._save_error(e)
+      if err is None:
+        raise
+      raise err from e
+
+  def _save_error(self, e: Exception) -> CheckpointError | None:
+    """A one-line error for a save that failed for a user-fixable reason (else None: a bug)."""
+    step, self._saving = self._saving, None
+    err = environment_error(e, f"saving checkpoint step {step} to {self.directory}")
+    if err is None:
+      return None
+    self._manager.reload()
+    good = [s for s in self.all_steps() if s != step]
+    kept = f"the last complete checkpoint is step {good[-1]}" if good else "no checkpoint was completed yet"
+    return CheckpointError(f"{err.problem[:-1]}; {kept}.", err.fix)
+
+  def wait(self) -> None:
+    """Blocks until the last save is on disk (raises if it failed)."""
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:
+      err = self._save_error(e)
+      if err is None:
+        raise
+      raise err from e
+    self._saving = None
+
+  def close(self) -> None:
+    try:
+      self.wait()
+      self._empty_deleted()
+    finally:
+      self._manager.close()
+
+  def _empty_deleted(self) -> None:
+    """Removes steps that the keep policy already renamed into ``deleted/``."""
+    if self.read_only or jax.process_index() != 0:
+      return
+    shutil.rmtree(self.directory / DELETED_DIR, ignore_errors=True)
+
+  # ------------------------------------------------------------------ restoring
+
+  def _stored_shapes(self, step: int) -> dict:
+    metadata = self._manager.item_metadata(step)
+    tree = metadata["state"] if metadata is not None else None
+    if tree is None:
+      raise ValueError("the state metadata is missing")
+    return array_shapes(getattr(tree, "tree", tree))
+
+  def _mismatch(self, step: int, diffs: list[str], config: ml_collections.ConfigDict | None,
+                what: str) -> CheckpointError:
+    detail = "; ".join(diffs)
+    if config is not None:
+      try:
+        saved = config_lib.from_json(self.read_meta(step)["config"])
+        changed = config_lib.differences(saved, config, groups=("model", "schedule", "optimizer"))
+        if changed:
+          detail = "config differs in " + ", ".join(
+              f"{k} ({a!r} in the checkpoint, {b!r} here)" for k, a, b in changed[:4]) + "; " + detail
+      except (CheckpointError, KeyError, ValueError):
+        pass
+    return CheckpointError(f"the checkpoint {self.directory}/{step} does not fit this config ({detail}).",
+                           f"{what}.")
+
+  def _damaged(self, step: int, e: Exception, errors: list[str]) -> None:
+    """Records an unreadable step; a failure of the machine (permissions, memory) is
+    not damage and is raised instead, so that a good step is never set aside."""
+    err = environment_error(e, f"reading checkpoint step {step} in {self.directory}")
+    if err is not None:
+      raise err from e
+    text = str(e).splitlines()[0][:200] if str(e) else ""
+    errors.append(f"step {step}: {type(e).__name__}: {text}")
+    log.warning("checkpoint step %d in %s is unreadable (%s: %s); trying the previous one", step,
+                self.directory, type(e).__name__, text)
+
+  def _quarantine(self, steps: list[int]) -> None:
+    """Moves unreadable steps to ``damaged/`` (kept, but never listed or overwritten)."""
+    if self.read_only or not steps:
+      return
+    if jax.process_index() == 0:
+      for s in steps:
+        target = self.directory / DAMAGED_DIR / f"{s}-{time.strftime('%Y%m%d-%H%M%S')}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        (self.directory / str(s)).rename(target)
+        log.warning("moved the unreadable checkpoint step %d to %s", s, target)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+
+      multihost_utils.sync_global_devices("langflow_jax:checkpoint_quarantine")
+    self._manager.reload()
+
+  def restore(self, abstract_state: Any, step: int | None = None, *,
+              config: ml_collections.ConfigDict | None = None) -> tuple[Any, dict, int]:
     """Restores ``step`` (default: the newest readable one) onto ``abstract_state``.
 
-    ``abstract_state`` is a pytree of ``jax.ShapeDtypeStruct`` with shardings.
+    ``abstract_state`` is a pytree of ``jax.ShapeDtypeStruct`` with shardings
+    (any mesh). A checkpoint whose arrays do not match it raises one
+    :class:`CheckpointError` naming the differences (``config`` adds the
+    config keys that changed). Unreadable newer steps are skipped with a
+    warning (and, unless read-only, moved to ``damaged/``).
     """
+    steps = [step] if step is not None else sorted(self.all_steps(), reverse=True)
+    if not steps:
+      raise CheckpointError(f"no checkpoint in {self.directory}.",
+                            "train first (langflow-jax train) or point at another --workdir.")
+    wanted = array_shapes(abstract_state)
+    errors, unreadable = [], []
+    for s in steps:
+      try:
+        diffs = tree_differences(self._stored_shapes(s), wanted)
+      except Exception as e:  # unreadable metadata: a damaged step
+        self._damaged(s, e, errors)
+        unreadable.append(s)
+        continue
+      if diffs:
+        raise self._mismatch(s, diffs, config, "resume with the config the run was trained with "
+                             "(its config.json), or train this config in a fresh --workdir")
+      try:
+        restored = self._manager.restore(
+            s, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                       meta=ocp.args.JsonRestore()))
+      except Exception as e:  # orbax raises ValueError/KeyError/FileNotFoundError on damage
+        self._damaged(s, e, errors)
+        unreadable.append(s)
+        continue
+      if unreadable:
+        log.warning("resuming from checkpoint step %d of %s: the newer step(s) %s were unreadable", s,
+                    self.directory, ", ".join(map(str, unreadable)))
+        self._quarantine(unreadable)
+      return restored.state, dict(restored.meta), s
+    raise CheckpointError(f"no readable checkpoint in {self.directory} ({errors[0]}).",
+                          "the files are damaged; restore them from a backup or start a fresh --workdir.")
+
+  def restore_weights(self, abstract: dict[str, Any], step: int | None = None, *,
+                      config: ml_collections.ConfigDict | None = None) -> tuple[dict, dict, int]:
+    """Only the subtrees named in ``abstract`` (e.g. ``params``, ``ema_params``) of the
+    newest readable step: the fine-tuning start. Same checks as :meth:`restore`."""
+    steps = [step] if step is not None else sorted(self.all_steps(), reverse=True)
+    if not steps:
+      raise CheckpointError(f"no checkpoint in {self.directory}.",
+                            "point --config.train.restore_from at a training run with checkpoints.")
+    wanted = array_shapes(abstract)
+    errors = []
+    for s in steps:
+      try:
+        stored = {k: v for k, v in self._stored_shapes(s).items() if k.split(".")[0] in abstract}
+      except Exception as e:
+        self._damaged(s, e, errors)
+        continue
+      diffs = tree_differences(stored, wanted)
+      if diffs:
+        raise self._mismatch(s, diffs, config, "fine-tune with the model config of the run you start from "
+                             "(only data, optimizer and training keys may change)")
+      try:
+        restorer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
+        weights = restorer.restore(self.directory / str(s) / "state", args=ocp.args.PyTreeRestore(
+            item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+            partial_restore=True))
+        meta = self.read_meta(s)
+      except Exception as e:
+        self._damaged(s, e, errors)
+        continue
+      return weights, meta, s
+    raise CheckpointError(f"no readable checkpoint in {self.directory} ({errors[0]}).",
+                          "the files are damaged; restore them from a backup or start from another run.")
+
+  def read_meta(self, step: int | None = None) -> dict:
+    """The JSON metadata of ``step`` (default: newest readable)."""
     steps = [step] if step is not None else sorted(self.all_steps(), reverse=True)
     if not steps:
       raise CheckpointError(f"no checkpoint in {self.directory}.",
@@ -79,48 +372,52 @@ class Checkpointer:
     errors = []
     for s in steps:
       try:
-        restored = self._manager.restore(
-            s, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                       meta=ocp.args.JsonRestore()))
-        if errors:
-          log.warning("resumed from checkpoint step %d; newer steps were unreadable: %s", s,
-                      "; ".join(errors))
-        return restored.state, dict(restored.meta), s
-      except Exception as e:  # orbax raises ValueError/KeyError/FileNotFoundError on damage
-        msg = f"step {s}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-        log.warning("checkpoint %s is unreadable, trying an older one (%s)", s, msg)
-        errors.append(msg)
-    raise CheckpointError(f"no readable checkpoint in {self.directory} ({errors[0]}).",
-                          "the files are damaged; restore them or start a fresh --workdir.")
-
-  def read_meta(self, step: int | None = None) -> dict:
-    """The JSON metadata of ``step`` (default: newest readable)."""
-    steps = [step] if step is not None else sorted(self.all_steps(), reverse=True)
-    for s in steps:
-      try:
         return dict(self._manager.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta)
       except Exception as e:
-        log.warning("metadata of checkpoint %s is unreadable (%s)", s, e)
-    raise CheckpointError(f"no readable checkpoint in {self.directory}.",
-                          "train first (langflow-jax train) or point at another --workdir.")
+        self._damaged(s, e, errors)
+    raise CheckpointError(f"no readable checkpoint in {self.directory} ({errors[0]}).",
+                          "the files are damaged; restore them from a backup or start a fresh --workdir.")
 
-  def wait(self) -> None:
-    self._manager.wait_until_finished()
 
-  def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+def open_run(path: str | pathlib.Path) -> tuple[Checkpointer, int | None]:
+  """A read-only :class:`Checkpointer` for a run (or step) directory, with a clear
+  error when there is nothing to read; and the step a step directory names."""
+  directory, step = locate(path)
+  ckpt = Checkpointer(directory, read_only=True)
+  if not ckpt.all_steps():
+    raise CheckpointError(f"{path} has no complete checkpoint yet.",
+                          f"train first (langflow-jax train --workdir {path}) or pass another run directory.")
+  return ckpt, step
 
 
 def saved_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
-  """The resolved config stored with the newest checkpoint of ``workdir``."""
-  directory = checkpoint_dir(workdir)
-  if not directory.is_dir():
-    raise CheckpointError(f"{workdir} has no checkpoints/ directory.",
-                          "pass the --workdir of a training run (or train one first).")
-  ckpt = Checkpointer(directory, create=False, async_save=False)
-  meta = ckpt.read_meta()
+  """The resolved config stored with the newest readable checkpoint of ``workdir``."""
+  ckpt, step = open_run(workdir)
+  meta = ckpt.read_meta(step)
+  if "config" not in meta:
+    raise CheckpointError(f"the checkpoint in {ckpt.directory} stores no config.",
+                          "it was not written by langflow-jax; convert it or train a new run.")
   return config_lib.from_json(meta["config"])
+
+
+def tokenizer_meta(tokenizer) -> dict:
+  """What a checkpoint records about its tokenizer (see :func:`check_tokenizer`)."""
+  from langflow_jax.data.tokenizer import fingerprint
+
+  return {"name": tokenizer.name, "vocab_size": int(tokenizer.vocab_size), "fingerprint": fingerprint(tokenizer)}
+
+
+def check_tokenizer(meta: dict, current: dict, where: str) -> None:
+  """``current`` (:func:`tokenizer_meta`) must be the tokenizer the checkpoint was trained with."""
+  saved = meta.get("tokenizer")
+  if not saved or saved.get("fingerprint") == current["fingerprint"]:
+    return  # the same vocabulary (or a checkpoint that does not record it)
+  raise CheckpointError(
+      f"the checkpoint in {where} was trained with tokenizer '{saved.get('name')}' "
+      f"({saved.get('vocab_size')} tokens), but data.tokenizer gives '{current['name']}' "
+      f"({current['vocab_size']} tokens) with a different vocabulary.",
+      f"use the checkpoint's tokenizer (--config.data.tokenizer={saved.get('name')}); a model only "
+      "understands the token ids it was trained on.")
 
 
 def with_shardings(abstract: Any, shardings: Any) -> Any:

@@ -9,8 +9,10 @@
     langflow-jax sample-ar --workdir runs/ar [--prompt TEXT]   # samples of the AR baseline
 
 Every subcommand is a thin wrapper around an importable function. Mistakes a
-user can make end with one line on stderr naming the problem and the fix, and
-exit status 2; ``--debug`` shows the traceback instead.
+user can make (and a full disk, missing permissions or device memory) end with
+one line on stderr naming the problem and the fix, and exit status 2;
+``--debug`` shows the traceback instead. Other exceptions are bugs and keep
+their traceback.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import os
 import sys
 from typing import Callable, Sequence
 
-from langflow_jax.errors import ConfigError, UserError
+from langflow_jax.errors import ConfigError, UserError, environment_error
 
 EXIT_USER_ERROR = 2
 
@@ -47,8 +49,12 @@ def _setup_logging(debug: bool) -> None:
   logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="%(levelname)s %(name)s: %(message)s",
                       stream=sys.stderr)
   # Orbax and JAX log every checkpoint step at INFO through absl; keep them quiet.
-  for name in ("absl", "jax", "orbax"):
+  # Orbax also logs a failed background save as several ERROR tracebacks before
+  # the same error reaches us as an exception: without --debug only that one
+  # reported line is shown.
+  for name in ("jax", "orbax"):
     logging.getLogger(name).setLevel(logging.DEBUG if debug else logging.WARNING)
+  logging.getLogger("absl").setLevel(logging.DEBUG if debug else logging.CRITICAL)
   try:
     from absl import logging as absl_logging
 
@@ -67,6 +73,8 @@ def cmd_train(args, overrides) -> int:
   from langflow_jax import parallel, train
 
   parallel.maybe_initialize_distributed()
+  if args.restore_from:
+    overrides = [*overrides, f"config.train.restore_from={args.restore_from}"]
   config = _config_from_args(args, overrides)
   summary = train.train_and_evaluate(config, args.workdir)
   print(json.dumps({k: v for k, v in summary.items() if k != "plots"}, indent=2, default=str))
@@ -185,6 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
     if name == "sample-ar":
       p.add_argument("--workdir", required=True, help="run directory of an AR training run")
       p.add_argument("--prompt", default="", help="text every sample continues (after BOS)")
+    if name == "train":
+      p.add_argument("--restore_from", default="", metavar="RUN_DIR",
+                     help="start from another run's weights (fresh optimizer, step 0) unless --workdir "
+                          "already has checkpoints; same as --config.train.restore_from")
   return parser
 
 
@@ -206,6 +218,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("langflow-jax: interrupted; rerun the same command to resume from the last checkpoint.",
           file=sys.stderr)
     return 130
+  except Exception as e:
+    # A full disk, missing permissions or device memory: the user's to fix, so
+    # one line too. Anything else is a bug and keeps its traceback.
+    err = environment_error(e)
+    if err is None or debug:
+      raise
+    print(f"langflow-jax: error: {err} (--debug shows the traceback)", file=sys.stderr)
+    return EXIT_USER_ERROR
 
 
 if __name__ == "__main__":

@@ -93,6 +93,8 @@ def base_config() -> ml_collections.ConfigDict:
       checkpoint_every=5000,
       keep_checkpoints=3,         # most recent checkpoints kept
       keep_period=0,              # also keep every k-th step forever (0: none)
+      restore_from="",            # run dir (or step dir) whose params + EMA start a fresh run (fine-tuning);
+                                  # ignored when --workdir already has checkpoints (then it resumes)
       plot=True,                  # write loss/schedule plots at the end
       progress=True,              # progress bar on stderr
   ))
@@ -315,6 +317,86 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _require(d[key] >= low, f"data.{key}={d[key]} must be at least {low}.", f"set --config.data.{key}>={low}.")
   for key in ("log_every", "eval_every", "checkpoint_every", "eval_batches", "keep_checkpoints"):
     _require(t[key] > 0, f"train.{key}={t[key]} must be positive.", f"set --config.train.{key} to a positive value.")
+  _require(t.keep_period >= 0, f"train.keep_period={t.keep_period} must be 0 (off) or positive.",
+           "set --config.train.keep_period=0 or e.g. 10000.")
+  validate_eval(config)
+  validate_sample(config)
+
+
+# Names the likelihood and sampling code accept (extend these with new methods).
+EVAL_SOLVERS = ("euler", "heun", "rk4", "adaptive")
+EVAL_ESTIMATORS = ("hutchinson_gaussian", "hutchinson_rademacher", "exact")
+STEP_GRIDS = ("official", "cdf", "gamma")
+SAMPLERS = ("euler", "heun", "stochastic")
+EVAL_SPLITS = ("train", "heldout", "all")
+
+
+def _one_of(value: str, allowed: tuple[str, ...], key: str) -> None:
+  close = difflib.get_close_matches(str(value), allowed, n=1)
+  hint = f" (did you mean {close[0]}?)" if close else ""
+  _require(value in allowed, f"{key}='{value}' is unknown{hint}.",
+           f"set --config.{key} to one of {', '.join(allowed)}.")
+
+
+def validate_eval(config: ml_collections.ConfigDict) -> None:
+  """Checks the ``eval`` group (likelihood bound): call again after eval-time overrides."""
+  e = config.eval
+  _one_of(e.solver, EVAL_SOLVERS, "eval.solver")
+  _one_of(e.estimator, EVAL_ESTIMATORS, "eval.estimator")
+  _one_of(e.grid, STEP_GRIDS, "eval.grid")
+  _one_of(e.split, EVAL_SPLITS, "eval.split")
+  _require(e.steps > 0, f"eval.steps={e.steps} (ODE steps) must be positive.", "use e.g. --config.eval.steps=128.")
+  _require(e.probes > 0, f"eval.probes={e.probes} (divergence probes) must be positive.",
+           "use e.g. --config.eval.probes=1.")
+  _require(e.batch_size > 0, f"eval.batch_size={e.batch_size} must be positive.",
+           "use e.g. --config.eval.batch_size=32.")
+  _require(e.num_batches >= 0, f"eval.num_batches={e.num_batches} must be 0 (whole split) or positive.",
+           "use --config.eval.num_batches=0.")
+  _require(e.rtol > 0 and e.atol > 0, f"eval.rtol={e.rtol} and eval.atol={e.atol} must be positive.",
+           "use e.g. 1e-3 for both.")
+
+
+def validate_sample(config: ml_collections.ConfigDict) -> None:
+  """Checks the ``sample`` group: call again after sample-time overrides."""
+  s, m = config.sample, config.model
+  _one_of(s.sampler, SAMPLERS, "sample.sampler")
+  _one_of(s.grid, STEP_GRIDS, "sample.grid")
+  _require(s.steps > 0, f"sample.steps={s.steps} must be positive.", "use e.g. --config.sample.steps=128.")
+  _require(s.num > 0, f"sample.num={s.num} must be positive.", "use e.g. --config.sample.num=8.")
+  _require(s.best_of > 0, f"sample.best_of={s.best_of} must be positive.", "use 1 (no selection) or e.g. 4.")
+  _require(s.temperature > 0, f"sample.temperature={s.temperature} must be positive.", "use e.g. 1.0.")
+  _require(s.churn >= 0, f"sample.churn={s.churn} must not be negative.", "use 0 (deterministic) or e.g. 0.5.")
+  _require(0 <= s.seq_len <= m.max_length,
+           f"sample.seq_len={s.seq_len} must lie in [0, model.max_length={m.max_length}] (0: data.seq_len).",
+           f"use at most {m.max_length}; the model was not trained for longer sequences.")
+
+
+def check_prompt(text: str, num_tokens: int, seq_len: int) -> None:
+  """A prompt must have some text and leave room to generate in a ``seq_len`` sample."""
+  _require(bool(text and text.strip()), "the prompt is empty.",
+           "give some text (--prompt \"The Congress shall\") or leave --prompt out for unconditional samples.")
+  _require(num_tokens < seq_len,
+           f"the prompt is {num_tokens} tokens long, but a sample has only {seq_len} positions.",
+           f"shorten the prompt to fewer than {seq_len} tokens or raise --config.sample.seq_len "
+           "(up to model.max_length).")
+
+
+def differences(a: ml_collections.ConfigDict, b: ml_collections.ConfigDict,
+                groups: Iterable[str] | None = None) -> list[tuple[str, Any, Any]]:
+  """``(key, value in a, value in b)`` for every leaf that differs (optionally only in ``groups``)."""
+  flat = lambda c: {k: _get(c, k) for k in _all_keys(c)}
+  fa, fb = flat(a), flat(b)
+  keys = sorted(set(fa) | set(fb))
+  if groups is not None:
+    keys = [k for k in keys if k.split(".")[0] in tuple(groups)]
+  return [(k, fa.get(k), fb.get(k)) for k in keys if fa.get(k) != fb.get(k)]
+
+
+def _get(config: ml_collections.ConfigDict, key: str) -> Any:
+  node = config
+  for part in key.split("."):
+    node = node[part]
+  return node
 
 
 def describe(config: ml_collections.ConfigDict) -> str:

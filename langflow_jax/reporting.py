@@ -60,6 +60,27 @@ def read_metrics(workdir: str | pathlib.Path) -> list[dict]:
   return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def drop_rows_after(workdir: str | pathlib.Path, step: int) -> None:
+  """Removes ``metrics.jsonl`` rows past ``step``: a resumed run recomputes the
+  steps a killed run had logged after its last checkpoint (process 0 only)."""
+  path = pathlib.Path(workdir) / "metrics.jsonl"
+  if jax.process_index() != 0 or not path.is_file():
+    return
+  lines = path.read_text().splitlines()
+  keep = []
+  for line in lines:
+    try:
+      if json.loads(line)["step"] > step:
+        continue
+    except (ValueError, KeyError, TypeError):
+      continue  # a line cut short by a kill
+    keep.append(line)
+  if len(keep) != len(lines):
+    tmp = path.with_name(".metrics.jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    tmp.replace(path)
+
+
 class PhaseTimer:
   """Wall time per named phase (data, step, eval, checkpoint) since the last reset."""
 

@@ -18,8 +18,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import pathlib
 import signal
+import sys
 import time
 from typing import Any, Callable
 
@@ -37,7 +39,7 @@ from langflow_jax import objective as objective_lib
 from langflow_jax import parallel, reporting
 from langflow_jax.data import pipeline
 from langflow_jax.data.tokenizer import load_tokenizer
-from langflow_jax.errors import ConfigError, NonFiniteLossError, UserError
+from langflow_jax.errors import CheckpointError, ConfigError, NonFiniteLossError, UserError
 from langflow_jax.model import count_params
 from langflow_jax.objective import create_model
 
@@ -267,36 +269,98 @@ def schedule_summary(model: nnx.Module) -> dict[str, float]:
 
 
 class _Preemption:
-  """SIGTERM sets a flag; the loop saves a checkpoint and exits cleanly."""
+  """SIGTERM (preemption) or a first Ctrl-C sets a flag; the loop saves a checkpoint
+  and exits cleanly. A second Ctrl-C stops at once (the last checkpoint stays)."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
-    self.requested = False
-    self._previous = None
+    self.requested: str | None = None
+    self._previous: dict = {}
 
   def __enter__(self):
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # not the main thread (e.g. a notebook worker)
-      self._previous = None
+    for sig in self.SIGNALS:
+      try:
+        self._previous[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # not the main thread (e.g. a notebook worker): no handler
+        pass
     return self
 
   def _handle(self, signum, frame):
-    self.requested = True
+    if signum == signal.SIGINT and self.requested:
+      raise KeyboardInterrupt
+    self.requested = signal.Signals(signum).name
+    if signum == signal.SIGINT:
+      print("interrupted: saving a checkpoint after this step, then stopping (Ctrl-C again stops at once).",
+            file=sys.stderr, flush=True)
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for sig, previous in self._previous.items():
+      signal.signal(sig, previous)
 
 
 def _check_workdir(workdir: pathlib.Path) -> None:
   try:
     workdir.mkdir(parents=True, exist_ok=True)
-    probe = workdir / ".write_test"
+    probe = workdir / f".write_test.{jax.process_index()}.{os.getpid()}"  # one per process on shared disks
     probe.write_text("ok")
     probe.unlink()
   except OSError as e:
     raise UserError(f"cannot write to workdir {workdir} ({e.strerror}).",
-                    "choose a writable --workdir.") from e
+                    "choose a writable --workdir (a directory you may create files in, on a disk with space).") from e
+
+
+def _write_atomic(path: pathlib.Path, text: str) -> None:
+  tmp = path.with_name(f".{path.name}.tmp")
+  tmp.write_text(text)
+  os.replace(tmp, path)
+
+
+def _start_state(config, workdir, checkpointer, state, state_shardings, tokenizer: dict):
+  """Where a run starts, in order of precedence:
+
+  1. the newest readable checkpoint in ``workdir`` (resume: everything restored,
+     including optimizer, step, RNG and data position);
+  2. else ``train.restore_from``: params and EMA of another run, with a fresh
+     optimizer, step 0 and the data from the start (fine-tuning);
+  3. else a fresh initialisation.
+
+  Returns (state, data_state, extra metadata for the checkpoints).
+  """
+  abstract = ckpt_lib.with_shardings(jax.eval_shape(lambda: state), state_shardings)
+  restore_from = config.train.restore_from
+  if checkpointer.latest_step() is not None:
+    try:
+      state, meta, step = checkpointer.restore(abstract, config=config)
+    except CheckpointError:
+      # a different tokenizer explains a shape mismatch better than the shapes do
+      ckpt_lib.check_tokenizer(checkpointer.read_meta(), tokenizer, str(workdir))
+      raise
+    ckpt_lib.check_tokenizer(meta, tokenizer, str(workdir))
+    log.info("resuming %s from checkpoint step %d", workdir, step)
+    if restore_from:
+      log.info("train.restore_from=%s is ignored: %s already has checkpoints, so the run resumes", restore_from,
+               workdir)
+    changed = config_lib.differences(config_lib.from_json(meta["config"]), config)
+    if changed:
+      log.info("config changes since the checkpoint: %s", ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changed))
+    return state, meta.get("data_state", {"step": int(state.step)}), {"restored_from": meta.get("restored_from")}
+  if restore_from:
+    source, step = ckpt_lib.open_run(restore_from)
+    try:
+      weights, meta, step = source.restore_weights(
+          {"params": abstract.params, "ema_params": abstract.ema_params, "buffers": abstract.buffers}, step,
+          config=config)
+    except CheckpointError:
+      ckpt_lib.check_tokenizer(source.read_meta(step), tokenizer, str(restore_from))
+      raise
+    ckpt_lib.check_tokenizer(meta, tokenizer, str(restore_from))
+    origin = f"{source.directory}/{step}"
+    log.info("starting from the weights of %s (params and EMA; fresh optimizer, step 0)", origin)
+    return state.replace(params=weights["params"], ema_params=weights["ema_params"],
+                         buffers=weights["buffers"]), {"step": 0}, \
+        {"restored_from": origin}
+  return state, {"step": 0}, {}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
@@ -318,16 +382,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   parts, state, state_shardings = init_train_state(config, mesh, tx)
   checkpointer = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(workdir), keep=config.train.keep_checkpoints,
                                        keep_period=config.train.keep_period)
-  data_state = {"step": 0}
-  if checkpointer.latest_step() is not None:
-    abstract = ckpt_lib.with_shardings(jax.eval_shape(lambda: state), state_shardings)
-    state, meta, restored_step = checkpointer.restore(abstract)
-    parts = ModelParts.from_state(parts.graphdef, state)
-    data_state = meta.get("data_state", {"step": int(state.step)})
-    log.info("resumed from %s at step %d", checkpointer.directory, restored_step)
-  (workdir / "config.json").write_text(config_lib.to_json(config))
+  tokenizer_info = ckpt_lib.tokenizer_meta(tokenizer)
+  try:
+    state, data_state, origin = _start_state(config, workdir, checkpointer, state, state_shardings,
+                                             tokenizer_info)
+  except BaseException:
+    checkpointer.close()
+    raise
+  parts = ModelParts.from_state(parts.graphdef, state)  # restored buffers, not the donated ones
+  run_meta = {"tokenizer": tokenizer_info, "mesh": {"shape": dict(mesh.shape), "devices": jax.device_count(),
+                                                    "processes": jax.process_count()}, **origin}
+  if jax.process_index() == 0:
+    _write_atomic(workdir / "config.json", config_lib.to_json(config))
 
   start = int(state.step)
+  reporting.drop_rows_after(workdir, start)  # rows of steps lost with a killed run get rewritten
   it = pipeline.BatchIterator(train_split, config.train.batch_size, config.data.seed,
                               process_index=jax.process_index(), process_count=jax.process_count(),
                               prefetch=config.data.prefetch, threads=config.data.prefetch_threads)
@@ -348,7 +417,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   def save(step: int) -> None:
     nonlocal last_good_step
     with timer.phase("checkpoint"):
-      checkpointer.save(step, state, ckpt_lib.meta_json(config, it.get_state()), force=True)
+      checkpointer.save(step, state, ckpt_lib.meta_json(config, it.get_state(), run_meta), force=True)
     last_good_step = step
 
   def fetch(step: int, metrics: dict) -> dict[str, float]:
@@ -408,13 +477,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
             pending = None
           save(done)
         if preemption.requested:
-          progress.write(f"SIGTERM: saved checkpoint at step {done}; rerun the same command to resume.")
-          summary["preempted"] = True
+          checkpointer.wait()
+          progress.write(f"{preemption.requested}: saved checkpoint at step {done} in {checkpointer.directory}; "
+                         "rerun the same command to resume.")
+          summary["preempted"] = preemption.requested
           break
-    finally:
+    except BaseException:
+      # keep the error that stopped the run; a pending save still completes
       progress.close()
-      checkpointer.close()
       writer.close()
+      try:
+        checkpointer.close()
+      except Exception as e:  # noqa: BLE001 - the first error is the one to report
+        log.warning("the last checkpoint save did not complete either: %s", e)
+      raise
+    progress.close()
+    writer.close()
+    checkpointer.close()
 
   summary.update(final_step=int(state.step), train=last_train, eval=last_eval)
   if config.train.plot and jax.process_index() == 0:
@@ -424,18 +503,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   return summary
 
 
-def load_model(workdir: str | pathlib.Path, use_ema: bool = True,
-               config: ml_collections.ConfigDict | None = None) -> tuple[ml_collections.ConfigDict, nnx.Module]:
-  """The trained model (EMA weights by default) and config of a training run.
-
-  A LangFlow, or the model its objective trains (``ar``: the causal baseline).
-  """
-  config = config or ckpt_lib.saved_config(workdir)
+def load_state(workdir: str | pathlib.Path, config: ml_collections.ConfigDict | None = None
+               ) -> tuple[ml_collections.ConfigDict, ModelParts, TrainState, dict]:
+  """(config, model parts, full train state, metadata) of a run's newest readable
+  checkpoint (or of a step directory), on one device. Clear errors for a missing
+  or empty workdir, a damaged checkpoint, or a ``config`` that does not fit it."""
+  checkpointer, step = ckpt_lib.open_run(workdir)
+  if config is None:
+    config = config_lib.from_json(checkpointer.read_meta(step)["config"])
   tx = make_optimizer(config.optimizer, config.train.steps)
   graphdef, abstract_state = abstract_train_state(config, tx)
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract_state)
-  checkpointer = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(workdir), create=False, async_save=False)
-  state, _, _ = checkpointer.restore(abstract)
-  params = state.ema_params if use_ema else state.params
-  return config, nnx.merge(graphdef, params, state.buffers)
+  state, meta, _ = checkpointer.restore(abstract, step, config=config)
+  return config, ModelParts(graphdef, state.buffers), state, meta
+
+
+def load_model(workdir: str | pathlib.Path, use_ema: bool = True,
+               config: ml_collections.ConfigDict | None = None) -> tuple[ml_collections.ConfigDict, nnx.Module]:
+  """The trained model (EMA weights by default) and config of a training run:
+  a LangFlow, or the model its objective trains (``ar``: the causal baseline).
+
+  ``config`` (default: the one saved with the checkpoint) may change data,
+  eval and sample keys; its tokenizer must be the checkpoint's.
+  """
+  config, parts, state, meta = load_state(workdir, config)
+  ckpt_lib.check_tokenizer(meta, ckpt_lib.tokenizer_meta(load_tokenizer(config.data.tokenizer)), str(workdir))
+  return config, parts.merge(state.ema_params if use_ema else state.params)

@@ -1,4 +1,6 @@
+import errno
 import json
+import os
 import subprocess
 import sys
 
@@ -40,3 +42,115 @@ def test_train_end_to_end_subprocess(tmp_path):
   assert (tmp_path / "run" / "plots" / "loss.png").is_file()
   rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in rows if "train/ce" in r] == [1, 2, 3]
+
+
+# --------------------------------------------------------------------------- the README's Errors table
+
+SMALL_RUN = ["--config.model.hidden_size=32", "--config.model.cond_dim=16", "--config.model.n_blocks=1",
+             "--config.model.n_heads=2", "--config.data.seq_len=32", "--config.train.batch_size=4",
+             "--config.train.steps=4", "--config.train.eval_batches=1", "--config.train.plot=false",
+             "--config.train.progress=false", "--config.data.holdout_every=4"]
+
+
+def corpus_file(tmp_path, content: bytes | None):
+  path = tmp_path / "corpus.txt"
+  if content is not None:
+    path.write_bytes(content)
+  return path
+
+
+TEXT = b"\n\n".join(b"the state of the union is strong and the people are free %d" % i for i in range(80))
+
+
+@pytest.mark.parametrize("content, extra, message", [
+    (None, [], "does not exist"),                                         # missing corpus file
+    (b"", [], "is empty"),                                                 # empty file
+    (b"caf\xe9 au lait " * 50, [], "is not UTF-8"),                        # non-UTF-8 text
+    (b"too short", [], "fewer than one sequence"),                        # shorter than one sequence
+    (TEXT, ["--config.data.seq_len=128"], "longer than model.max_length"),  # sequence > model length
+    (TEXT, ["--config.train.steps=0"], "train.steps=0 must be positive"),
+    (TEXT, ["--config.train.batch_size=-2"], "train.batch_size=-2 must be positive"),
+    (TEXT, ["--config.eval.steps=0"], "eval.steps=0 (ODE steps) must be positive"),
+    (TEXT, ["--config.eval.probes=-1"], "eval.probes=-1 (divergence probes) must be positive"),
+    (TEXT, ["--config.sample.steps=0"], "sample.steps=0 must be positive"),
+    (TEXT, ["--config.sample.sampler=eulr"], "sample.sampler='eulr' is unknown (did you mean euler?)"),
+    (TEXT, ["--config.eval.solver=rk5"], "eval.solver='rk5' is unknown"),
+    (TEXT, ["--config.schedule.name=gumbal"], "unknown schedule 'gumbal'"),
+    (TEXT, ["--config.mesh.data=3"], "needs 3 devices, but 1 are available"),  # mesh vs devices
+    (TEXT, ["--config.train.keep_checkpoints=0"], "train.keep_checkpoints=0 must be positive"),
+])
+def test_errors_table_rows(tmp_path, capsys, content, extra, message):
+  corpus = corpus_file(tmp_path, content)
+  code = cli.main(["train", "--config", "tiny", "--workdir", str(tmp_path / "run"), *SMALL_RUN,
+                   f"--config.data.name=file:{corpus}", *extra])
+  err = [l for l in capsys.readouterr().err.splitlines() if l.startswith("langflow-jax: error:")]
+  assert code == 2 and len(err) == 1 and message in err[0] and " Fix: " in err[0], err
+
+
+def test_unwritable_workdir(tmp_path, capsys):
+  blocker = tmp_path / "a_file"
+  blocker.write_text("not a directory")
+  code = cli.main(["train", "--config", "tiny", "--workdir", str(blocker / "run")])
+  err = capsys.readouterr().err.strip().splitlines()
+  assert code == 2 and len(err) == 1 and "cannot write to workdir" in err[0] and "Fix: choose a writable" in err[0]
+  assert blocker.read_text() == "not a directory"
+
+
+def test_nan_loss_is_one_line_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
+  corpus = corpus_file(tmp_path, TEXT)
+  workdir = tmp_path / "run"
+  code = cli.main(["train", "--config", "tiny", "--workdir", str(workdir), *SMALL_RUN,
+                   f"--config.data.name=file:{corpus}", "--config.train.steps=30", "--config.train.log_every=1",
+                   "--config.train.checkpoint_every=1", "--config.optimizer.lr=1e8",
+                   "--config.optimizer.grad_clip=0", "--config.optimizer.warmup_steps=0"])
+  err = [l for l in capsys.readouterr().err.splitlines() if l.startswith("langflow-jax: error:")]
+  assert code == 2 and len(err) == 1, err
+  assert "training loss became" in err[0] and "Fix: lower --config.optimizer.lr" in err[0]
+  last_good = int(err[0].split("the last good checkpoint is step ")[1].split(".")[0])
+  steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+  assert steps and steps[-1] == last_good
+
+
+def test_batch_not_divisible_by_data_parallel_size(tmp_path):
+  proc = subprocess.run([sys.executable, "-m", "langflow_jax.cli", "train", "--config", "tiny", "--workdir",
+                         str(tmp_path / "run"), "--config.train.batch_size=3"], capture_output=True, text=True,
+                        timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT), "JAX_NUM_CPU_DEVICES": "2"})
+  err = proc.stderr.strip().splitlines()
+  assert proc.returncode == 2 and len(err) == 1, proc.stderr
+  assert "train.batch_size=3 is not divisible by the data-parallel size 2" in err[0] and "multiple of 2" in err[0]
+
+
+# --------------------------------------------------------------------------- failures of the machine
+
+
+def _command_raising(exc):
+  def command(args, overrides):
+    raise exc
+  return command
+
+
+@pytest.mark.parametrize("exc, message", [
+    (OSError(errno.ENOSPC, "No space left on device", "/runs/x/metrics.jsonl"),
+     "no space left on the disk (/runs/x/metrics.jsonl)."),
+    (PermissionError(errno.EACCES, "Permission denied", "/runs/x"), "permission denied (/runs/x)."),
+    (ValueError("OUT_OF_RANGE: Error writing \"a/0\" in OCDBT database: Failed writing: ... [os_error_code='28']"),
+     "no space left on the disk."),
+    (RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.5GiB."),
+     "the accelerator ran out of memory."),
+])
+def test_storage_and_memory_failures_are_one_line(monkeypatch, capsys, exc, message):
+  monkeypatch.setitem(cli.COMMANDS, "config", (_command_raising(exc), "boom"))
+  code = cli.main(["config"])
+  err = capsys.readouterr().err.strip().splitlines()
+  assert code == 2 and len(err) == 1 and message in err[0] and " Fix: " in err[0], err
+
+
+def test_bugs_keep_their_traceback(monkeypatch):
+  monkeypatch.setitem(cli.COMMANDS, "config", (_command_raising(KeyError("a bug")), "boom"))
+  with pytest.raises(KeyError, match="a bug"):
+    cli.main(["config"])
+  # and --debug shows the traceback of a user-fixable failure too
+  monkeypatch.setattr(cli, "_setup_logging", lambda debug: None)  # keep pytest's log capture as it is
+  monkeypatch.setitem(cli.COMMANDS, "config", (_command_raising(OSError(errno.ENOSPC, "full")), "boom"))
+  with pytest.raises(OSError):
+    cli.main(["--debug", "config"])

@@ -46,6 +46,19 @@ def test_unknown_key_suggests_close_match():
     ("--config.train.grad_accum=3", "not divisible by train.grad_accum"),
     ("--config.data.seq_len=128", "longer than model.max_length"),
     ("--config.model.compute_dtype=float16", "not supported"),
+    ("--config.train.keep_period=-1", "keep_period=-1 must be 0"),
+    ("--config.eval.steps=0", "eval.steps=0 .ODE steps. must be positive"),
+    ("--config.eval.probes=0", "eval.probes=0 .divergence probes. must be positive"),
+    ("--config.eval.solver=dopri", "eval.solver='dopri' is unknown"),
+    ("--config.eval.estimator=hutchinson", "eval.estimator='hutchinson' is unknown .did you mean"),
+    ("--config.eval.batch_size=0", "eval.batch_size=0 must be positive"),
+    ("--config.sample.sampler=ddpm", "sample.sampler='ddpm' is unknown"),
+    ("--config.sample.steps=-5", "sample.steps=-5 must be positive"),
+    ("--config.sample.num=0", "sample.num=0 must be positive"),
+    ("--config.sample.best_of=0", "sample.best_of=0 must be positive"),
+    ("--config.sample.temperature=0", "sample.temperature=0.0 must be positive"),
+    ("--config.sample.seq_len=65", "sample.seq_len=65 must lie in"),
+    ("--config.sample.grid=linear", "sample.grid='linear' is unknown"),
 ])
 def test_validation(override, message):
   cfg = C.load_config("tiny", [override])
@@ -62,3 +75,21 @@ def test_json_round_trip_keeps_values():
   cfg = C.load_config("tiny", ["--config.train.steps=7"])
   back = C.from_json(C.to_json(cfg))
   assert back.train.steps == 7 and back.model.hidden_size == cfg.model.hidden_size
+
+
+@pytest.mark.parametrize("text, tokens, message", [
+    ("", 0, "the prompt is empty"),
+    ("   ", 1, "the prompt is empty"),
+    ("a long speech", 64, "the prompt is 64 tokens long, but a sample has only 64 positions"),
+])
+def test_bad_prompts(text, tokens, message):
+  with pytest.raises(ConfigError, match=message):
+    C.check_prompt(text, tokens, 64)
+  C.check_prompt("The Congress shall", 4, 64)
+
+
+def test_differences_name_changed_keys():
+  a = C.load_config("tiny")
+  b = C.load_config("tiny", ["--config.model.hidden_size=64", "--config.train.steps=9"])
+  assert C.differences(a, b) == [("model.hidden_size", 128, 64), ("train.steps", 600, 9)]
+  assert C.differences(a, b, groups=("model",)) == [("model.hidden_size", 128, 64)]

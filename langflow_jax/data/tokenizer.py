@@ -262,6 +262,25 @@ def load_tokenizer(name: str) -> Tokenizer:
                   f"use one of {sorted(TOKENIZERS)}, a tokenizers .json file or a WordPiece vocab.txt.")
 
 
+_PROBE_TEXT = "The Congress shall have Power; 1790, \u201cquoted\u201d -- caf\u00e9 \u00fcber \u65e5\u672c 42.5%"
+
+
+def fingerprint(tokenizer: Tokenizer) -> str:
+  """A short hash of the vocabulary (every id's text) and the special ids.
+
+  Two tokenizers with the same fingerprint map text to the same ids, so a
+  checkpoint records it and refuses a tokenizer with a different one.
+  """
+  import hashlib
+
+  h = hashlib.sha256()
+  h.update(repr((tokenizer.vocab_size, tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)).encode())
+  for i in range(tokenizer.vocab_size):
+    h.update(tokenizer.decode([i]).encode("utf-8", "surrogatepass") + b"\x00")
+  h.update(repr(tokenizer.encode(_PROBE_TEXT)).encode())
+  return h.hexdigest()[:16]
+
+
 def train_bpe(texts: Sequence[str], vocab_size: int, out_path: pathlib.Path) -> HFTokenizer:
   """Trains a byte-level BPE with EOS and PAD specials and saves it as JSON."""
   from tokenizers import ByteLevelBPETokenizer
