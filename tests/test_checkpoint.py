@@ -213,7 +213,7 @@ MESH_SCRIPT = textwrap.dedent("""
     def restore(config):
       mesh = parallel.make_mesh(config.mesh)
       tx = train.make_optimizer(config.optimizer, config.train.steps)
-      _, abstract, _ = train.abstract_train_state(config, tx)
+      _, abstract = train.abstract_train_state(config, tx)
       target = C.with_shardings(abstract, parallel.tree_shardings(abstract, mesh))
       state, _, step = C.Checkpointer(C.checkpoint_dir(workdir), read_only=True).restore(target)
       return state, step
