@@ -3,6 +3,8 @@
     langflow-jax train  --config tiny --workdir runs/demo [--config.train.steps=200 ...]
     langflow-jax config --config tiny [--config.x=y ...]     # print the resolved config
     langflow-jax demo   --workdir runs/demo                    # what `make demo` runs
+    langflow-jax sample --workdir runs/demo --num 8 --steps 128 [--prompt TEXT | --infill TEXT]
+    langflow-jax genppl --samples samples.json                 # Gen. PPL + entropy of a sample file
 
 Every subcommand is a thin wrapper around an importable function. Mistakes a
 user can make end with one line on stderr naming the problem and the fix, and
@@ -83,10 +85,47 @@ def cmd_demo(args, overrides) -> int:
   return 0
 
 
+def cmd_sample(args, overrides) -> int:
+  from langflow_jax import sampling
+
+  sampling.generate_from_workdir(
+      args.workdir, num=args.num, steps=args.steps, prompt=args.prompt, infill=args.infill,
+      best_of=args.best_of, show_steps=args.show_steps, sampler=args.sampler, temperature=args.temperature,
+      seed=args.seed, out=args.out, overrides=overrides)
+  return 0
+
+
+def cmd_genppl(args, overrides) -> int:
+  from langflow_jax import metrics
+
+  if overrides:
+    raise ConfigError("genppl takes no --config overrides.", "pass --samples and --scorer only.")
+  result = metrics.gen_ppl_report(args.samples, args.scorer, reference=not args.no_reference)
+  if args.json:
+    print(json.dumps(result, indent=2))
+  return 0
+
+
+def _add_sample_args(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--num", type=int, help="number of samples (default: config sample.num)")
+  p.add_argument("--steps", type=int, help="sampler steps = network evaluations (default: sample.steps)")
+  p.add_argument("--prompt", help="keep this text fixed as a prefix")
+  p.add_argument("--infill", help="fill the gaps of a template: ___ is sample.gap_tokens tokens, ___5 five")
+  p.add_argument("--best-of", type=int, dest="best_of", help="candidates per sample; the best by sample.score wins")
+  p.add_argument("--show-steps", action="store_true", dest="show_steps",
+                 help="print the draft, refined and final passes")
+  p.add_argument("--sampler", help="euler (official) | heun | stochastic | multistep")
+  p.add_argument("--temperature", type=float, help="temperature on the predicted probabilities")
+  p.add_argument("--seed", type=int, help="random seed (default: sample.seed)")
+  p.add_argument("--out", help="write the samples (ids, text, scores, settings) to this JSON file")
+
+
 COMMANDS: dict[str, tuple[Callable, str]] = {
     "train": (cmd_train, "train a model (resumes from --workdir when it has checkpoints)"),
     "config": (cmd_config, "print the resolved config"),
     "demo": (cmd_demo, "train the tiny config, evaluate it and print samples"),
+    "sample": (cmd_sample, "generate text from a trained run (prompts, infill, best-of-n)"),
+    "genppl": (cmd_genppl, "generative perplexity and entropy of a sample file"),
 }
 
 
@@ -103,6 +142,15 @@ def build_parser() -> argparse.ArgumentParser:
     if name in ("train", "demo"):
       p.add_argument("--workdir", required=(name == "train"), default="runs/demo",
                      help="run directory (checkpoints, metrics, plots)")
+    if name == "sample":
+      p.add_argument("--workdir", default="runs/demo", help="run directory of a trained model")
+      _add_sample_args(p)
+    if name == "genppl":
+      p.add_argument("--samples", required=True, help="a file written by `langflow-jax sample --out`")
+      p.add_argument("--scorer", default="bigram", help="autoregressive scorer: bigram (default)")
+      p.add_argument("--no-reference", action="store_true", dest="no_reference",
+                     help="skip scoring held-out data for scale")
+      p.add_argument("--json", action="store_true", help="also print the result as JSON")
   return parser
 
 

@@ -161,13 +161,17 @@ def step_grid(schedule: NoiseSchedule, steps: int, grid: str = "official") -> np
 
 def sample_loop(model: LangFlow, z0_BxLxD: Array, gammas_N: Array, options: SamplerOptions, *,
                 cond: Conditioning | None = None, cond_eps_BxLxD: Array | None = None,
-                key: Array | None = None, update_dtype=jnp.float32,
-                return_logits: bool = False) -> SampleOutput:
+                key: Array | None = None, update_dtype=jnp.float32, return_logits: bool = False,
+                temperature: float | Array | None = None, churn: float | Array | None = None) -> SampleOutput:
   """The sampler as one traceable function (call it under ``jax.jit``).
 
   ``key`` is used by the stochastic sampler only; ``cond_eps`` is the fixed
-  noise of the given tokens (required with ``cond``).
+  noise of the given tokens (required with ``cond``). ``temperature`` and
+  ``churn`` override the options' values and may be traced (one compilation
+  for all values).
   """
+  temperature = options.temperature if temperature is None else temperature
+  churn = options.churn if churn is None else churn
   b = z0_BxLxD.shape[0]
   n = gammas_N.shape[0]
   gammas_N = gammas_N.astype(jnp.float32)
@@ -185,7 +189,7 @@ def sample_loop(model: LangFlow, z0_BxLxD: Array, gammas_N: Array, options: Samp
 
   def predict(z, g, s):
     logits = model(z, jnp.full((b,), g, jnp.float32), s if options.self_condition else None)
-    p = jax.nn.softmax(logits.astype(jnp.float32) / options.temperature, axis=-1)
+    p = jax.nn.softmax(logits.astype(jnp.float32) / temperature, axis=-1)
     x_hat = diffusion.denoised_embedding(p, emb_VxD)
     if cond is not None:
       x_hat = jnp.where(fixed, e_fixed, x_hat)
@@ -200,18 +204,20 @@ def sample_loop(model: LangFlow, z0_BxLxD: Array, gammas_N: Array, options: Samp
     tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     return tokens if cond is None else jnp.where(cond.fixed_BxL, cond.ids_BxL, tokens)
 
-  churn_c = min(options.churn / max(n - 1, 1), math.sqrt(2.0) - 1.0)
+  churn_c = jnp.minimum(jnp.asarray(churn, jnp.float32) / max(n - 1, 1), math.sqrt(2.0) - 1.0)
 
   def step(carry, xs):
     z, s, x_prev, h_prev = carry
     g_t, g_s, i, k = xs
     if options.sampler == "stochastic":
-      # Raise the noise from g_t to g_hat with fresh noise, then step from g_hat.
-      g_hat = jnp.minimum(g_t + 2.0 * math.log1p(churn_c), gammas_N[0])
-      a_t, s_t = diffusion.alpha_sigma(g_t)
-      a_h, s_h = diffusion.alpha_sigma(g_hat)
-      ratio = a_h / a_t
-      extra = jnp.sqrt(jnp.maximum(s_h * s_h - ratio * ratio * s_t * s_t, 0.0))
+      # Raise the noise from g_t to g_hat with fresh noise, then step from g_hat:
+      # z_hat = (alpha_hat / alpha_t) z + sqrt(sigma_hat^2 - (alpha_hat sigma_t / alpha_t)^2) xi,
+      # the variance written as alpha_hat^2 e^g_t expm1(g_hat - g_t): no cancellation,
+      # and churn = 0 is exactly euler.
+      g_hat = jnp.minimum(g_t + 2.0 * jnp.log1p(churn_c), gammas_N[0])
+      ratio = jnp.exp((jax.nn.softplus(g_t) - jax.nn.softplus(g_hat)) / 2)
+      a_h, _ = diffusion.alpha_sigma(g_hat)
+      extra = a_h * jnp.sqrt(jnp.exp(g_t) * jnp.expm1(g_hat - g_t))
       z = ratio * z + extra * jax.random.normal(k, z.shape, jnp.float32)
       g_t = g_hat
     z = pin(z, g_t)
@@ -252,11 +258,17 @@ def sample_loop(model: LangFlow, z0_BxLxD: Array, gammas_N: Array, options: Samp
 
 @functools.lru_cache(maxsize=16)
 def _compiled_loop(graphdef, options: SamplerOptions, update_dtype: str, return_logits: bool):
-  def run(state, z0, gammas, cond, cond_eps, key):
+  """One jitted loop per static choice; the grid, temperature and churn are data."""
+  def run(state, z0, gammas, cond, cond_eps, key, temperature, churn):
     model = nnx.merge(graphdef, state)
     return sample_loop(model, z0, gammas, options, cond=cond, cond_eps_BxLxD=cond_eps, key=key,
-                       update_dtype=jnp.dtype(update_dtype), return_logits=return_logits)
+                       update_dtype=jnp.dtype(update_dtype), return_logits=return_logits,
+                       temperature=temperature, churn=churn)
   return jax.jit(run)
+
+
+def _static_part(options: SamplerOptions) -> SamplerOptions:
+  return dataclasses.replace(options, steps=1, grid="official", temperature=1.0, churn=0.0)
 
 
 def sample(model: LangFlow, key: Array, options: SamplerOptions = SamplerOptions(), *,
@@ -290,11 +302,12 @@ def sample(model: LangFlow, key: Array, options: SamplerOptions = SamplerOptions
   gammas = jnp.asarray(step_grid(model.schedule, options.steps, options.grid))
   graphdef, state = nnx.split(model)
   dtype = options.resolved_update_dtype()
-  run = _compiled_loop(graphdef, options, dtype, return_logits)
+  run = _compiled_loop(graphdef, _static_part(options), dtype, return_logits)
+  args = (state, z0, gammas, cond, cond_eps, k_loop, jnp.float32(options.temperature), jnp.float32(options.churn))
   if dtype == "float64":
     with jax.enable_x64(True):
-      return run(state, z0, gammas, cond, cond_eps, k_loop)
-  return run(state, z0, gammas, cond, cond_eps, k_loop)
+      return run(*args)
+  return run(*args)
 
 
 # --------------------------------------------------------------------------- scores
@@ -468,3 +481,138 @@ def infill_conditioning(tokenizer, template: str, seq_len: int, num: int = 1, ga
     raise UserError(f"the infill template needs {len(slots)} positions; samples have {seq_len}.",
                     "shorten the template or its gaps, or raise --config.sample.seq_len.")
   return positions_conditioning(seq_len, slots, num)
+
+
+# --------------------------------------------------------------------------- from a run directory
+
+SAMPLES_FORMAT = "langflow-jax-samples/1"
+
+
+def _check_sample_overrides(overrides: Sequence[str]) -> None:
+  for item in overrides:
+    if not item.lstrip("-").startswith("config.sample."):
+      raise ConfigError(f"`sample` takes only --config.sample.* overrides, got '{item}'.",
+                        "the model is fixed by the checkpoint; change sampling keys only.")
+
+
+def _marked_text(tokenizer, ids: np.ndarray, fixed: np.ndarray | None) -> str:
+  """Decoded text with the generated spans of a conditioned sample in [[...]]."""
+  if fixed is None or not fixed.any():
+    return tokenizer.decode(ids)
+  parts, start = [], 0
+  for i in range(1, len(ids) + 1):
+    if i == len(ids) or fixed[i] != fixed[start]:
+      text = tokenizer.decode(ids[start:i])
+      parts.append(text if fixed[start] else f"[[{text}]]")
+      start = i
+  return "".join(parts)
+
+
+def _display(text: str) -> str:
+  return " ".join(text.replace("<|endoftext|>", " ¶ ").split())
+
+
+def snapshot_steps(nfe_rows: int) -> list[tuple[str, int]]:
+  """(label, row) pairs of the trace shown by --show-steps: draft, refined, final."""
+  n = nfe_rows
+  rows = sorted({max(n // 4, 1) - 1, max(n // 2, 1) - 1, max(3 * n // 4, 1) - 1, n - 1})
+  labels = ["draft"] + ["refined"] * (len(rows) - 2) + ["final"] if len(rows) > 1 else ["final"]
+  return list(zip(labels, rows))
+
+
+def generate_from_workdir(workdir: str, *, num: int | None = None, steps: int | None = None,
+                          prompt: str | None = None, infill: str | None = None, best_of: int | None = None,
+                          show_steps: bool = False, sampler: str | None = None, temperature: float | None = None,
+                          seed: int | None = None, out: str | None = None, overrides: Sequence[str] = (),
+                          print_fn: Callable[[str], None] | None = print) -> dict:
+  """What ``langflow-jax sample`` runs: load the run, sample, print, optionally save.
+
+  Returns ``{"meta": ..., "samples": [{"ids", "text", "score", "request"}...]}``,
+  the content of the ``--out`` file.
+  """
+  from langflow_jax import checkpoint as ckpt_lib
+  from langflow_jax import config as config_lib
+  from langflow_jax import train
+  from langflow_jax.data.tokenizer import load_tokenizer
+
+  if prompt is not None and infill is not None:
+    raise UserError("--prompt and --infill cannot be combined.", "use one of them.")
+  _check_sample_overrides(overrides)
+  config = ckpt_lib.saved_config(workdir)
+  config_lib.apply_overrides(config, overrides)
+  sc = config.sample
+  num = int(num if num is not None else sc.num)
+  best_of = int(best_of if best_of is not None else sc.best_of)
+  seed = int(seed if seed is not None else sc.seed)
+  if num < 1 or best_of < 1:
+    raise ConfigError(f"--num {num} and --best-of {best_of} must be at least 1.", "use e.g. --num 8 --best-of 4.")
+  options = SamplerOptions.from_config(sc, sampler=sampler, steps=steps, temperature=temperature,
+                                       trace=show_steps or None)
+  get_scorer(sc.score)
+  tokenizer = load_tokenizer(config.data.tokenizer)
+  seq_len = int(sc.seq_len or config.data.seq_len)
+  if seq_len > config.model.max_length:
+    raise ConfigError(f"sample.seq_len={seq_len} is longer than the model's max_length {config.model.max_length}.",
+                      "lower --config.sample.seq_len.")
+  cond_one = None
+  if prompt is not None:
+    cond_one = prompt_conditioning(tokenizer, prompt, seq_len)
+  elif infill is not None:
+    cond_one = infill_conditioning(tokenizer, infill, seq_len, gap_tokens=int(sc.gap_tokens))
+  _, model = train.load_model(workdir, use_ema=sc.use_ema, config=config)
+  per_call = max(1, int(sc.batch_size) // best_of)
+  root = jax.random.PRNGKey(seed)
+  records, traces = [], []
+  for chunk, start in enumerate(range(0, num, per_call)):
+    r = min(per_call, num - start)
+    cond = None if cond_one is None else Conditioning(jnp.repeat(cond_one.ids_BxL, r, 0),
+                                                      jnp.repeat(cond_one.fixed_BxL, r, 0))
+    key = jax.random.fold_in(root, chunk)
+    if best_of > 1:
+      res = best_of_n(model, key, best_of, options, num=r, seq_len=seq_len, cond=cond, score=sc.score)
+      tokens, scores = np.asarray(res.tokens_RxL), np.asarray(res.score_R)
+      rows = np.arange(r) * best_of + np.asarray(res.best_R)
+      trace = res.candidates.trace_NxBxL
+      trace = None if trace is None else np.asarray(trace)[:, rows]
+    else:
+      k_sample, k_score = jax.random.split(key)
+      out_ = sample(model, k_sample, options, num=r, seq_len=seq_len, cond=cond)
+      tokens = np.asarray(out_.tokens_BxL)
+      scores = np.asarray(score_samples(model, out_, sc.score, cond=cond, key=k_score))
+      trace = None if out_.trace_NxBxL is None else np.asarray(out_.trace_NxBxL)
+    for i in range(r):
+      records.append({"request": start + i, "ids": tokens[i].tolist(), "text": tokenizer.decode(tokens[i]),
+                      "score": float(scores[i])})
+      if trace is not None:
+        traces.append(trace[:, i])
+
+  fixed = None if cond_one is None else np.asarray(cond_one.fixed_BxL[0])
+  meta = {"format": SAMPLES_FORMAT, "workdir": str(workdir), "num": num, "seq_len": seq_len,
+          "best_of": best_of, "score": sc.score, "seed": seed, "prompt": prompt, "infill": infill,
+          "options": dataclasses.asdict(options), "nfe": options.nfe, "tokenizer": config.data.tokenizer,
+          "config": config_lib.to_json(config)}
+  if print_fn is not None:
+    print_fn(f"[sample] {num} x {seq_len} tokens, sampler {options.sampler}, {options.steps} steps "
+             f"({options.nfe} network evaluations per candidate), grid {options.grid}, "
+             f"temperature {options.temperature:g}, best of {best_of} by score '{sc.score}' "
+             f"(nats/generated token, lower is better), seed {seed}")
+    for rec, i in zip(records, range(len(records))):
+      text = _marked_text(tokenizer, np.asarray(rec["ids"]), fixed)
+      print_fn(f"--- sample {i}  score {rec['score']:.3f}")
+      if traces:
+        for label, row in snapshot_steps(traces[i].shape[0]):
+          step_text = _marked_text(tokenizer, traces[i][row], fixed)
+          print_fn(f"  [{label:7s} step {row + 1:>4d}/{traces[i].shape[0]}] {_display(step_text)}")
+      else:
+        print_fn(_display(text))
+  result = {"meta": meta, "samples": records}
+  if out:
+    import json
+    import pathlib
+
+    path = pathlib.Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+    if print_fn is not None:
+      print_fn(f"[sample] wrote {path}")
+  return result
