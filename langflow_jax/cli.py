@@ -147,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
       _add_sample_args(p)
     if name == "genppl":
       p.add_argument("--samples", required=True, help="a file written by `langflow-jax sample --out`")
-      p.add_argument("--scorer", default="bigram", help="autoregressive scorer: bigram (default)")
+      p.add_argument("--scorer", default="bigram", help="autoregressive scorer: bigram (default, the run's training split) | gpt2:DIR "
+                          "(a local Hugging Face GPT-2 directory)")
       p.add_argument("--no-reference", action="store_true", dest="no_reference",
                      help="skip scoring held-out data for scale")
       p.add_argument("--json", action="store_true", help="also print the result as JSON")

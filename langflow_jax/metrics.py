@@ -126,9 +126,12 @@ class BigramLM:
     return nll, count
 
 
-def causal_lm_scorer(logits_fn: Callable, *, max_len: int, batch_size: int = 32,
+def causal_lm_scorer(logits_fn: Callable, params=None, *, max_len: int, batch_size: int = 32,
                      bucket: int = 64) -> SequenceScorer:
-  """A :class:`SequenceScorer` from a causal LM ``logits_fn(ids_BxL) -> logits_BxLxV``.
+  """A :class:`SequenceScorer` from a causal LM ``logits_fn(params, ids_BxL) -> logits_BxLxV``.
+
+  ``params`` (any pytree, e.g. an NNX state) is passed to the jitted function
+  as an argument, so weights are never baked into the compiled program.
 
   Sequences are truncated to ``max_len`` (as the official protocol truncates
   at 1024), right-padded to a multiple of ``bucket`` and batched to a fixed
@@ -140,8 +143,8 @@ def causal_lm_scorer(logits_fn: Callable, *, max_len: int, batch_size: int = 32,
   import jax.numpy as jnp
 
   @jax.jit
-  def batch_nll(ids_BxL, mask_BxL):
-    logits = logits_fn(ids_BxL).astype(jnp.float32)
+  def batch_nll(params, ids_BxL, mask_BxL):
+    logits = logits_fn(params, ids_BxL).astype(jnp.float32)
     logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
     tok = jnp.take_along_axis(logp, ids_BxL[:, 1:, None], axis=-1)[..., 0]
     m = mask_BxL[:, 1:].astype(jnp.float32)
@@ -157,7 +160,7 @@ def causal_lm_scorer(logits_fn: Callable, *, max_len: int, batch_size: int = 32,
       mask = np.zeros((batch_size, width), bool)
       for r, s in enumerate(chunk):
         ids[r, :len(s)], mask[r, :len(s)] = s, True
-      n, c = jax.device_get(batch_nll(ids, mask))
+      n, c = jax.device_get(batch_nll(params, ids, mask))
       nll[start:start + len(chunk)], count[start:start + len(chunk)] = n[:len(chunk)], c[:len(chunk)]
     return nll, count
 
@@ -177,10 +180,29 @@ def _bigram_scorer(arg: str, config) -> tuple[SequenceScorer, str]:
       f"Kneser-Ney bigram on the '{config.data.name}' train split"
 
 
+def _gpt2_scorer(arg: str, config) -> tuple[SequenceScorer, str]:
+  """GPT-2 from a local Hugging Face directory; samples are decoded and re-tokenized."""
+  from flax import nnx
+
+  from langflow_jax import gpt2
+  from langflow_jax.data.tokenizer import load_tokenizer
+  from langflow_jax.errors import ConfigError
+
+  if not arg:
+    raise ConfigError("--scorer gpt2 needs a directory.", "write --scorer gpt2:/path/to/gpt2-large.")
+  model, gpt2_tok = gpt2.load_gpt2(arg)
+  graphdef, state = nnx.split(model)
+  max_len = model.config.n_positions
+  scorer = causal_lm_scorer(lambda st, ids: nnx.merge(graphdef, st)(ids), state, max_len=max_len)
+  generator_tok = load_tokenizer(config.data.tokenizer)
+  scorer.retokenize = lambda ids: gpt2_tok.encode(generator_tok.decode(ids)).ids[:max_len]
+  return scorer, f"GPT-2 from {arg} ({model.config.n_layer} layers, width {model.config.n_embd})"
+
+
 # name -> loader(arg after ':', generating config) -> (scorer, description). A
-# scorer in another vocabulary also returns a ``retokenize`` via
-# ``scorer.retokenize`` (ids of the generator -> its ids).
-SCORER_LOADERS: dict[str, Callable] = {"bigram": _bigram_scorer}
+# scorer in another vocabulary carries ``scorer.retokenize`` (generator ids ->
+# its ids: decode, then its tokenizer).
+SCORER_LOADERS: dict[str, Callable] = {"bigram": _bigram_scorer, "gpt2": _gpt2_scorer}
 
 
 def gen_ppl_report(samples_path: str, scorer: str = "bigram", *, reference: bool = True,
