@@ -135,7 +135,7 @@ def base_config() -> ml_collections.ConfigDict:
       grid="official",            # official (CDF quantiles, 1e-5 margins) | cdf | gamma (uniform in gamma)
       churn=0.0,                  # stochastic sampler: EDM churn (0 = euler)
       best_of=1,                  # candidates per request; the lowest score wins
-      score="ce",                 # ce (final denoiser CE, free) | denoise (8 extra passes) | bound
+      score="denoise",            # denoise (own CE at 8 noise levels; 8 passes) | ce (final pass, free) | bound
       use_ema=True,
       seed=42,
       update_dtype="auto",        # DDIM update: float64 as official (auto: float32 on TPU) | float32

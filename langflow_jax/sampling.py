@@ -69,6 +69,11 @@ SAMPLERS = {"euler": 1, "heun": 2, "stochastic": 1, "multistep": 1}
 GRIDS = ("official", "cdf", "gamma")
 UPDATE_DTYPES = ("auto", "float64", "float32")
 GAP = re.compile(r"_{3,}(\d*)")  # an infill gap: ___ (default length) or ___5 (5 tokens)
+# Sampling keys are salted. nnx.Rngs(params=s) draws its i-th init key as
+# fold_in(PRNGKey(s), i) == split(PRNGKey(s), n)[i], so unsalted, PRNGKey(0)'s
+# initial noise would be the same random bits as a seed-0 model's embedding
+# init (seen: a lightly trained model then "samples" token ids 0, 1, 2, ...).
+KEY_SALT = 0x73616D70
 
 
 @dataclasses.dataclass(frozen=True)
@@ -279,7 +284,7 @@ def sample(model: LangFlow, key: Array, options: SamplerOptions = SamplerOptions
   The batch size and length come from ``init_noise``, else ``cond``, else
   ``num`` and ``seq_len`` (default: the model's max length).
   """
-  k_noise, k_cond, k_loop = jax.random.split(key, 3)
+  k_noise, k_cond, k_loop = jax.random.split(jax.random.fold_in(key, KEY_SALT), 3)
   if init_noise is not None:
     z0 = jnp.asarray(init_noise, jnp.float32)
   else:
@@ -389,12 +394,12 @@ def _compiled_score(graphdef, name: str):
   return jax.jit(run)
 
 
-def score_samples(model: LangFlow, out: SampleOutput, name: str = "ce", *, cond: Conditioning | None = None,
+def score_samples(model: LangFlow, out: SampleOutput, name: str = "denoise", *, cond: Conditioning | None = None,
                   key: Array | None = None) -> Array:
   """Nats per generated token of each sample under the scorer ``name`` (lower is better)."""
   generated = jnp.ones_like(out.tokens_BxL, bool) if cond is None else ~jnp.asarray(cond.fixed_BxL, bool)
   graphdef, state = nnx.split(model)
-  key = key if key is not None else jax.random.PRNGKey(0)
+  key = jax.random.fold_in(key if key is not None else jax.random.PRNGKey(0), KEY_SALT + 1)
   return _compiled_score(graphdef, name)(state, out, generated, key)
 
 
@@ -409,7 +414,7 @@ class BestOfN:
 
 def best_of_n(model: LangFlow, key: Array, n: int, options: SamplerOptions = SamplerOptions(), *,
               num: int | None = None, seq_len: int | None = None, cond: Conditioning | None = None,
-              score: str = "ce") -> BestOfN:
+              score: str = "denoise") -> BestOfN:
   """n candidates per request in one batch; each request gets its lowest-score candidate."""
   if n < 1:
     raise ConfigError(f"best-of n={n} must be at least 1.", "use e.g. --best-of 4.")
