@@ -58,14 +58,14 @@ def step_cost(quick: bool) -> None:
   s = jax.random.normal(jax.random.PRNGKey(1), z.shape)
   gamma = jnp.full((batch,), 5.0)
   forward = jax.jit(lambda st, z, g, s: nnx.merge(graphdef, st)(z, g, s))
-  repeats = 3 if quick else 10
+  repeats = 3 if quick else 5
   t_fwd = timed(lambda: forward(state, z, gamma, s), repeats)
   print(f"## Step cost (bench config: D={model.hidden_size}, {config.model.n_blocks} blocks, V={model.vocab_size}, "
         f"batch {batch} x {length} tokens, {jax.devices()[0].platform})\n")
   print(f"one forward pass: {t_fwd * 1e3:.2f} ms\n")
   print("| sampler | NFE/step | ms per step | step / forward |")
   print("|---|---|---|---|")
-  n1, n2 = (4, 12) if quick else (16, 64)
+  n1, n2 = (4, 12) if quick else (8, 32)
   variants = [("euler (float64 update, official)", dict(update_dtype="float64")),
               ("euler (float32 update)", dict(update_dtype="float32")),
               ("heun", dict(sampler="heun")), ("multistep", dict(sampler="multistep"))]
@@ -73,8 +73,7 @@ def step_cost(quick: bool) -> None:
     times = {}
     for n in (n1, n2):
       options = sampling.SamplerOptions(steps=n, **kw)
-      times[n] = timed(lambda: sampling.sample(model, key, options, num=batch, seq_len=length).tokens_BxL,
-                       max(repeats // 2, 2))
+      times[n] = timed(lambda: sampling.sample(model, key, options, num=batch, seq_len=length).tokens_BxL, 3)
     per_step = (times[n2] - times[n1]) / (n2 - n1)
     print(f"| {label} | {sampling.SAMPLERS[options.sampler]} | {per_step * 1e3:.2f} | {per_step / t_fwd:.2f}x |")
   print()
@@ -83,16 +82,15 @@ def step_cost(quick: bool) -> None:
   print("|---|---|---|")
   for n in ((8, 16) if quick else (8, 16, 32, 64, 128)):
     options = sampling.SamplerOptions(steps=n)
-    t = timed(lambda: sampling.sample(model, key, options, num=batch, seq_len=length).tokens_BxL,
-              max(repeats // 3, 2))
+    t = timed(lambda: sampling.sample(model, key, options, num=batch, seq_len=length).tokens_BxL, 2)
     print(f"| {n} | {t:.3f} | {batch * length / t:.0f} |")
   print()
 
 
-def quality(workdir: str, quick: bool) -> None:
+def quality(workdir: str, quick: bool, num: int) -> None:
   config, model = train.load_model(workdir)
   seq_len = int(config.sample.seq_len or config.data.seq_len)
-  num = 8 if quick else 64
+  num = 8 if quick else num
   train_split = pipeline.load_split(config.data, "train")
   lm = metrics.BigramLM(train_split.ids, config.model.vocab_size, mask=train_split.mask)
   held = pipeline.load_split(config.data, "heldout")
@@ -130,14 +128,17 @@ def main() -> None:
   parser.add_argument("--workdir", default="runs/demo", help="a trained run for the quality tables")
   parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
   parser.add_argument("--skip-quality", action="store_true", help="timings only")
+  parser.add_argument("--skip-timing", action="store_true", help="quality tables only")
+  parser.add_argument("--num", type=int, default=64, help="samples per quality row")
   args = parser.parse_args()
   print(f"# bench_sampling ({'quick, ' if args.quick else ''}jax {jax.__version__}, {jax.devices()[0]})\n")
-  step_cost(args.quick)
+  if not args.skip_timing:
+    step_cost(args.quick)
   if not args.skip_quality:
     if not (pathlib.Path(args.workdir) / "checkpoints").is_dir():
       print(f"(no trained run at {args.workdir}: train one with `make demo` for the quality tables)")
       return
-    quality(args.workdir, args.quick)
+    quality(args.workdir, args.quick, args.num)
 
 
 if __name__ == "__main__":

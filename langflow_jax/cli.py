@@ -91,7 +91,7 @@ def cmd_sample(args, overrides) -> int:
   sampling.generate_from_workdir(
       args.workdir, num=args.num, steps=args.steps, prompt=args.prompt, infill=args.infill,
       best_of=args.best_of, show_steps=args.show_steps, sampler=args.sampler, temperature=args.temperature,
-      seed=args.seed, out=args.out, overrides=overrides)
+      seed=args.seed, out=args.out, score=args.score, overrides=overrides)
   return 0
 
 
@@ -116,6 +116,7 @@ def _add_sample_args(p: argparse.ArgumentParser) -> None:
                  help="print the draft, refined and final passes")
   p.add_argument("--sampler", help="euler (official) | heun | stochastic | multistep")
   p.add_argument("--temperature", type=float, help="temperature on the predicted probabilities")
+  p.add_argument("--score", help="best-of score: denoise | ce (default: sample.score)")
   p.add_argument("--seed", type=int, help="random seed (default: sample.seed)")
   p.add_argument("--out", help="write the samples (ids, text, scores, settings) to this JSON file")
 

@@ -528,7 +528,8 @@ def snapshot_steps(nfe_rows: int) -> list[tuple[str, int]]:
 def generate_from_workdir(workdir: str, *, num: int | None = None, steps: int | None = None,
                           prompt: str | None = None, infill: str | None = None, best_of: int | None = None,
                           show_steps: bool = False, sampler: str | None = None, temperature: float | None = None,
-                          seed: int | None = None, out: str | None = None, overrides: Sequence[str] = (),
+                          seed: int | None = None, out: str | None = None, score: str | None = None,
+                          overrides: Sequence[str] = (),
                           print_fn: Callable[[str], None] | None = print) -> dict:
   """What ``langflow-jax sample`` runs: load the run, sample, print, optionally save.
 
@@ -549,6 +550,8 @@ def generate_from_workdir(workdir: str, *, num: int | None = None, steps: int | 
   num = int(num if num is not None else sc.num)
   best_of = int(best_of if best_of is not None else sc.best_of)
   seed = int(seed if seed is not None else sc.seed)
+  if score is not None:
+    sc.score = score
   if num < 1 or best_of < 1:
     raise ConfigError(f"--num {num} and --best-of {best_of} must be at least 1.", "use e.g. --num 8 --best-of 4.")
   options = SamplerOptions.from_config(sc, sampler=sampler, steps=steps, temperature=temperature,
