@@ -652,10 +652,10 @@ def demo_samples(model: LangFlow, config: ml_collections.ConfigDict, tokenizer, 
     print_fn(f"[demo]   {_display(tokenizer.decode(row))}")
   first = np.asarray(best.candidates.tokens_BxL[0])
   scores = np.asarray(best.scores_RxN[0])
-  print_fn(f"[demo] prompted ({prompt!r}, generated part in [[...]], score {scores[0]:.3f}):")
+  print_fn(f"[demo] prompted ({prompt!r}, generated part in [[...]]; candidate 1, score {scores[0]:.3f}):")
   print_fn(f"[demo]   {_display(_marked_text(tokenizer, first, fixed))}")
-  print_fn(f"[demo] best of 4 by '{sc.score}' score (candidates {', '.join(f'{s:.3f}' for s in scores)}; "
-           f"lower is better):")
+  print_fn(f"[demo] best of 4 by '{sc.score}' score: candidate {int(best.best_R[0]) + 1} (scores "
+           f"{', '.join(f'{s:.3f}' for s in scores)}; lower is better):")
   print_fn(f"[demo]   {_display(_marked_text(tokenizer, np.asarray(best.tokens_RxL[0]), fixed))}")
   train_split = pipeline.load_split(config.data, "train", tokenizer)
   lm = metrics.BigramLM(train_split.ids, config.model.vocab_size, mask=train_split.mask)
