@@ -7,6 +7,8 @@
     langflow-jax export --workdir RUN --out DIR                # write the official layout
     langflow-jax prepare owt --out DATA                        # tokenize a corpus once to local shards
     langflow-jax sample-ar --workdir runs/ar [--prompt TEXT]   # samples of the AR baseline
+    langflow-jax sample --workdir runs/demo --num 8 --steps 128 [--prompt TEXT | --infill TEXT]
+    langflow-jax genppl --samples samples.json                 # Gen. PPL + entropy of a sample file
 
 Every subcommand is a thin wrapper around an importable function. Mistakes a
 user can make (and a full disk, missing permissions or device memory) end with
@@ -109,6 +111,8 @@ def cmd_export(args, overrides) -> int:
   out = convert.export_official(args.workdir, args.out, use_ema=not args.raw)
   print(f"wrote {out}/config.json and {out}/model.safetensors")
   return 0
+
+
 def cmd_prepare(args, overrides) -> int:
   from langflow_jax.data import prepare
 
@@ -158,6 +162,42 @@ def cmd_sample_ar(args, overrides) -> int:
   return 0
 
 
+def cmd_sample(args, overrides) -> int:
+  from langflow_jax import sampling
+
+  sampling.generate_from_workdir(
+      args.workdir, num=args.num, steps=args.steps, prompt=args.prompt, infill=args.infill,
+      best_of=args.best_of, show_steps=args.show_steps, sampler=args.sampler, temperature=args.temperature,
+      seed=args.seed, out=args.out, score=args.score, overrides=overrides)
+  return 0
+
+
+def cmd_genppl(args, overrides) -> int:
+  from langflow_jax import metrics
+
+  if overrides:
+    raise ConfigError("genppl takes no --config overrides.", "pass --samples and --scorer only.")
+  result = metrics.gen_ppl_report(args.samples, args.scorer, reference=not args.no_reference)
+  if args.json:
+    print(json.dumps(result, indent=2))
+  return 0
+
+
+def _add_sample_args(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--num", type=int, help="number of samples (default: config sample.num)")
+  p.add_argument("--steps", type=int, help="sampler steps = network evaluations (default: sample.steps)")
+  p.add_argument("--prompt", help="keep this text fixed as a prefix")
+  p.add_argument("--infill", help="fill the gaps of a template: ___ is sample.gap_tokens tokens, ___5 five")
+  p.add_argument("--best-of", type=int, dest="best_of", help="candidates per sample; the best by sample.score wins")
+  p.add_argument("--show-steps", action="store_true", dest="show_steps",
+                 help="print the draft, refined and final passes")
+  p.add_argument("--sampler", help="euler (official) | heun | stochastic | multistep")
+  p.add_argument("--temperature", type=float, help="temperature on the predicted probabilities")
+  p.add_argument("--score", help="best-of score: denoise | ce (default: sample.score)")
+  p.add_argument("--seed", type=int, help="random seed (default: sample.seed)")
+  p.add_argument("--out", help="write the samples (ids, text, scores, settings) to this JSON file")
+
+
 COMMANDS: dict[str, tuple[Callable, str]] = {
     "train": (cmd_train, "train a model (resumes from --workdir when it has checkpoints)"),
     "config": (cmd_config, "print the resolved config"),
@@ -166,6 +206,8 @@ COMMANDS: dict[str, tuple[Callable, str]] = {
     "export": (cmd_export, "write a run's weights in the official layout"),
     "prepare": (cmd_prepare, "tokenize and pack a corpus once into local shards (prepared:DIR)"),
     "sample-ar": (cmd_sample_ar, "sample from a trained autoregressive baseline (--config.sample.x=y)"),
+    "sample": (cmd_sample, "generate text from a trained run (prompts, infill, best-of-n)"),
+    "genppl": (cmd_genppl, "generative perplexity and entropy of a sample file"),
 }
 
 
@@ -197,6 +239,16 @@ def build_parser() -> argparse.ArgumentParser:
       p.add_argument("--restore_from", default="", metavar="RUN_DIR",
                      help="start from another run's weights (fresh optimizer, step 0) unless --workdir "
                           "already has checkpoints; same as --config.train.restore_from")
+    if name == "sample":
+      p.add_argument("--workdir", default="runs/demo", help="run directory of a trained model")
+      _add_sample_args(p)
+    if name == "genppl":
+      p.add_argument("--samples", required=True, help="a file written by `langflow-jax sample --out`")
+      p.add_argument("--scorer", default="bigram", help="autoregressive scorer: bigram (default, the run's training split) | gpt2:DIR "
+                          "(a local Hugging Face GPT-2 directory)")
+      p.add_argument("--no-reference", action="store_true", dest="no_reference",
+                     help="skip scoring held-out data for scale")
+      p.add_argument("--json", action="store_true", help="also print the result as JSON")
   return parser
 
 

@@ -135,18 +135,21 @@ def base_config() -> ml_collections.ConfigDict:
 
   # Sampling (spec 6; see langflow_jax/sampling.py).
   c.sample = ml_collections.ConfigDict(dict(
-      sampler="euler",            # euler (official Euler-EDM) | heun | stochastic
-      steps=128,
+      sampler="euler",            # euler (official Euler-EDM) | heun | stochastic | multistep (few-step)
+      steps=128,                  # network evaluations: steps (heun: 2 steps - 1)
       num=8,
       seq_len=0,                  # 0: data.seq_len
-      temperature=1.0,
+      temperature=1.0,            # on the predicted probabilities inside x_hat (official: 1)
       top_p=1.0,                  # nucleus mass for the AR baseline's sampler (1: off)
-      grid="official",
-      churn=0.0,
-      best_of=1,
-      score="ce",
+      grid="official",            # official (CDF quantiles, 1e-5 margins) | cdf | gamma (uniform in gamma)
+      churn=0.0,                  # stochastic sampler: EDM churn (0 = euler)
+      best_of=1,                  # candidates per request; the lowest score wins
+      score="denoise",            # denoise (own CE at 8 noise levels; 8 passes) | ce (final pass, free) | bound
       use_ema=True,
       seed=42,
+      update_dtype="auto",        # DDIM update: float64 as official (auto: float32 on TPU) | float32
+      gap_tokens=8,               # infill: free tokens per ___ gap
+      batch_size=64,              # sequences per sampler call (best-of candidates included)
   ))
   return c
 
@@ -327,7 +330,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
 EVAL_SOLVERS = ("euler", "heun", "rk4", "adaptive")
 EVAL_ESTIMATORS = ("hutchinson_gaussian", "hutchinson_rademacher", "exact")
 STEP_GRIDS = ("official", "cdf", "gamma")
-SAMPLERS = ("euler", "heun", "stochastic")
+SAMPLERS = ("euler", "heun", "stochastic", "multistep")
 EVAL_SPLITS = ("train", "heldout", "all")
 
 

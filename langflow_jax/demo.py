@@ -7,8 +7,9 @@ import time
 from typing import Sequence
 
 from langflow_jax import config as config_lib
-from langflow_jax import metrics, train
+from langflow_jax import metrics, sampling, train
 from langflow_jax.data import pipeline
+from langflow_jax.data.tokenizer import load_tokenizer
 
 
 def run_demo(workdir: str | pathlib.Path, overrides: Sequence[str] = ()) -> dict:
@@ -36,4 +37,9 @@ def run_demo(workdir: str | pathlib.Path, overrides: Sequence[str] = ()) -> dict
   print(f"[demo] held-out CE, EMA weights:         {report['heldout_ce']:.3f} nats/token")
   for p in report["plots"]:
     print(f"[demo] wrote {p}")
+
+  start = time.perf_counter()
+  _, model = train.load_model(workdir, use_ema=config.sample.use_ema, config=config)
+  report["sampling"] = sampling.demo_samples(model, config, load_tokenizer(config.data.tokenizer))
+  print(f"[demo] sampling took {time.perf_counter() - start:.0f} s (compilation included)")
   return report

@@ -1,0 +1,145 @@
+"""Sampling benchmark: step cost, latency to a full batch, quality against steps and best-of-n.
+
+  python experiments/bench_sampling.py [--workdir runs/demo] [--quick]
+
+1. Cost of one sampler step relative to one denoiser forward pass, on the
+   ``bench`` config (random weights; cost does not depend on them). The step
+   cost is the slope (T(N2) - T(N1)) / (N2 - N1) of whole jitted runs, so the
+   fixed costs (initial noise, final pass) cancel. Target: at most 1.1x.
+2. Latency to a full batch of samples for steps in {8, 16, 32, 64, 128}.
+3. On a trained run (``--workdir``, default runs/demo): Gen. PPL under an
+   autoregressive scorer (the Kneser-Ney bigram of the run's training split)
+   and the mean per-sample unigram entropy, against steps and against
+   best-of-n (n = 1, 2, 4, 8); held-out text scored the same way for scale.
+
+Compilation is excluded from every time (one warm-up call each); times are
+medians of repeated runs. Figures on a shared CPU are contended.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+
+from langflow_jax import config as config_lib  # noqa: E402
+from langflow_jax import metrics, sampling, train  # noqa: E402
+from langflow_jax.data import pipeline  # noqa: E402
+from langflow_jax.model import create_model  # noqa: E402
+
+
+def timed(fn, repeats: int) -> float:
+  """Median seconds of fn() after one warm-up (compilation) call."""
+  jax.block_until_ready(fn())
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def step_cost(quick: bool) -> None:
+  config = config_lib.load_config("bench")
+  batch, length = (4, 64) if quick else (config.train.batch_size, config.data.seq_len)
+  model = create_model(config)
+  graphdef, state = nnx.split(model)
+  key = jax.random.PRNGKey(0)
+  z = jax.random.normal(key, (batch, length, model.hidden_size))
+  s = jax.random.normal(jax.random.PRNGKey(1), z.shape)
+  gamma = jnp.full((batch,), 5.0)
+  forward = jax.jit(lambda st, z, g, s: nnx.merge(graphdef, st)(z, g, s))
+  repeats = 3 if quick else 5
+  t_fwd = timed(lambda: forward(state, z, gamma, s), repeats)
+  print(f"## Step cost (bench config: D={model.hidden_size}, {config.model.n_blocks} blocks, V={model.vocab_size}, "
+        f"batch {batch} x {length} tokens, {jax.devices()[0].platform})\n")
+  print(f"one forward pass: {t_fwd * 1e3:.2f} ms\n")
+  print("| sampler | NFE/step | ms per step | step / forward |")
+  print("|---|---|---|---|")
+  n1, n2 = (4, 12) if quick else (8, 32)
+  variants = [("euler (float64 update, official)", dict(update_dtype="float64")),
+              ("euler (float32 update)", dict(update_dtype="float32")),
+              ("heun", dict(sampler="heun")), ("multistep", dict(sampler="multistep"))]
+  for label, kw in variants:
+    times = {}
+    for n in (n1, n2):
+      options = sampling.SamplerOptions(steps=n, **kw)
+      times[n] = timed(lambda: sampling.sample(model, key, options, num=batch, seq_len=length).tokens_BxL, 3)
+    per_step = (times[n2] - times[n1]) / (n2 - n1)
+    print(f"| {label} | {sampling.SAMPLERS[options.sampler]} | {per_step * 1e3:.2f} | {per_step / t_fwd:.2f}x |")
+  print()
+  print(f"## Latency to a full batch ({batch} x {length} tokens, euler)\n")
+  print("| steps | seconds | tokens/s |")
+  print("|---|---|---|")
+  for n in ((8, 16) if quick else (8, 16, 32, 64, 128)):
+    options = sampling.SamplerOptions(steps=n)
+    t = timed(lambda: sampling.sample(model, key, options, num=batch, seq_len=length).tokens_BxL, 2)
+    print(f"| {n} | {t:.3f} | {batch * length / t:.0f} |")
+  print()
+
+
+def quality(workdir: str, quick: bool, num: int) -> None:
+  config, model = train.load_model(workdir)
+  seq_len = int(config.sample.seq_len or config.data.seq_len)
+  num = 8 if quick else num
+  train_split = pipeline.load_split(config.data, "train")
+  lm = metrics.BigramLM(train_split.ids, config.model.vocab_size, mask=train_split.mask)
+  held = pipeline.load_split(config.data, "heldout")
+  ref = metrics.generative_perplexity(held.ids[:num, :seq_len], lm)
+  key = jax.random.PRNGKey(0)
+  print(f"## Quality on {workdir} ({num} samples of {seq_len} tokens; scorer: Kneser-Ney bigram of the train "
+        f"split)\n")
+  print(f"held-out text: Gen PPL {ref['gen_ppl']:.1f}, entropy {ref['entropy']:.3f}\n")
+  print("| sampler | steps | NFE | Gen PPL | entropy |")
+  print("|---|---|---|---|---|")
+  steps_list = (8, 32) if quick else (8, 16, 32, 64, 128)
+  samplers = ("euler", "multistep") if quick else ("euler", "heun", "multistep")
+  for name in samplers:
+    for n in steps_list:
+      options = sampling.SamplerOptions(sampler=name, steps=n)
+      out = sampling.sample(model, key, options, num=num, seq_len=seq_len)
+      r = metrics.generative_perplexity(np.asarray(out.tokens_BxL), lm)
+      print(f"| {name} | {n} | {options.nfe} | {r['gen_ppl']:.1f} | {r['entropy']:.3f} |")
+  print()
+  steps = 32
+  print(f"### Best-of-n (euler, {steps} steps)\n")
+  print("| score | n | Gen PPL | entropy | mean score of the chosen |")
+  print("|---|---|---|---|---|")
+  for score in ("ce", "denoise"):
+    for n in ((1, 2) if quick else (1, 2, 4, 8)):
+      res = sampling.best_of_n(model, key, n, sampling.SamplerOptions(steps=steps), num=num, seq_len=seq_len,
+                               score=score)
+      r = metrics.generative_perplexity(np.asarray(res.tokens_RxL), lm)
+      print(f"| {score} | {n} | {r['gen_ppl']:.1f} | {r['entropy']:.3f} | {float(res.score_R.mean()):.3f} |")
+  print()
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--workdir", default="runs/demo", help="a trained run for the quality tables")
+  parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
+  parser.add_argument("--skip-quality", action="store_true", help="timings only")
+  parser.add_argument("--skip-timing", action="store_true", help="quality tables only")
+  parser.add_argument("--num", type=int, default=64, help="samples per quality row")
+  args = parser.parse_args()
+  print(f"# bench_sampling ({'quick, ' if args.quick else ''}jax {jax.__version__}, {jax.devices()[0]})\n")
+  if not args.skip_timing:
+    step_cost(args.quick)
+  if not args.skip_quality:
+    if not (pathlib.Path(args.workdir) / "checkpoints").is_dir():
+      print(f"(no trained run at {args.workdir}: train one with `make demo` for the quality tables)")
+      return
+    quality(args.workdir, args.quick, args.num)
+
+
+if __name__ == "__main__":
+  main()

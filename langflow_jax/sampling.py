@@ -1,0 +1,667 @@
+"""Sampling: the official Euler-EDM sampler, its variants, prompts, infill, best-of-n.
+
+The official sampler (spec 6.1) starts from z ~ N(0, I), walks a decreasing
+grid of gamma values and at every step predicts the clean embedding
+x_hat = E^T softmax(f(z, gamma_t, s)), feeds that prediction back as the
+NEXT step's self-conditioning input s, and moves z with the exact DDIM step
+(the flow solved with x_hat held fixed). A last pass at the final gamma gives
+the tokens by argmax. Total network evaluations: N (N-1 updates + 1 final).
+
+Variants (``SamplerOptions.sampler``):
+
+* ``euler``: the official sampler above.
+* ``heun``: second order; the DDIM step is taken with the mean of the
+  predictions at both ends of the step (an exponential trapezoid rule),
+  2 evaluations per update.
+* ``stochastic``: EDM-style churn; before each step z is pushed to a noisier
+  level gamma_hat = gamma_t + 2 log(1 + c), c = min(churn / (N-1), sqrt 2 - 1),
+  with fresh Gaussian noise, then stepped from gamma_hat. ``churn=0`` is
+  exactly ``euler``.
+* ``multistep``: the few-step mode, a second-order multistep update
+  (DPM-Solver++(2M)) that extrapolates x_hat from the last two predictions at
+  no extra evaluation; meant for 8-32 steps.
+
+Step grids (``grid``): ``official`` (the schedule's inverse CDF at torch's
+float32 linspace(1 - 1e-5, 1e-5, N), uniform in the schedule's CDF),
+``cdf`` (the same without the 1e-5 margins: endpoints exactly gamma_max and
+gamma_min) and ``gamma`` (uniform in gamma between the schedule's endpoints).
+
+Conditioning: fixed tokens at any positions (a prefix prompt, infill gaps).
+Before every network evaluation, z at those positions is replaced by the
+noised clean embedding alpha_t E[x] + sigma_t eps at the current level, and
+their prediction x_hat (update and self-conditioning) is E[x] itself. ``eps``
+is drawn ONCE per run and per position: then the fixed positions follow
+exactly the path that the deterministic sampler itself takes for a token it
+predicts perfectly (a DDIM step with x_hat = E[x] maps alpha_t E[x] + sigma_t eps
+to alpha_s E[x] + sigma_s eps), and the run stays a deterministic function
+of its key. Fixed tokens are returned unchanged.
+
+Numerics: the network, softmax and E^T p are float32. The official update
+runs in float64; ``update_dtype="auto"`` does the same under
+``jax.enable_x64`` except on TPU (float32 there; about 1e-7 relative drift
+per step, tokens unaffected on the parity fixture).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import re
+from typing import Callable, Sequence
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from langflow_jax import diffusion
+from langflow_jax.errors import ConfigError, UserError
+from langflow_jax.model import LangFlow
+from langflow_jax.schedule import NoiseSchedule, linspace_f32, sampler_u_grid
+
+Array = jax.Array
+
+# Network evaluations per update step.
+SAMPLERS = {"euler": 1, "heun": 2, "stochastic": 1, "multistep": 1}
+GRIDS = ("official", "cdf", "gamma")
+UPDATE_DTYPES = ("auto", "float64", "float32")
+GAP = re.compile(r"_{3,}(\d*)")  # an infill gap: ___ (default length) or ___5 (5 tokens)
+# Sampling keys are salted. nnx.Rngs(params=s) draws its i-th init key as
+# fold_in(PRNGKey(s), i) == split(PRNGKey(s), n)[i], so unsalted, PRNGKey(0)'s
+# initial noise would be the same random bits as a seed-0 model's embedding
+# init (seen: a lightly trained model then "samples" token ids 0, 1, 2, ...).
+KEY_SALT = 0x73616D70
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerOptions:
+  """How to sample; hashable, so it keys the compiled loop."""
+
+  sampler: str = "euler"
+  steps: int = 128
+  grid: str = "official"
+  temperature: float = 1.0      # on the predicted probabilities inside x_hat; argmax is unaffected
+  churn: float = 0.0            # stochastic sampler only
+  self_condition: bool = True   # feed the previous prediction back (official); False for ablations
+  update_dtype: str = "auto"    # dtype of the DDIM update: auto | float64 | float32
+  trace: bool = False           # also return the argmax tokens at every step (--show-steps)
+
+  def __post_init__(self):
+    if self.sampler not in SAMPLERS:
+      raise ConfigError(f"unknown sampler '{self.sampler}'.", f"use one of {sorted(SAMPLERS)}.")
+    if self.grid not in GRIDS:
+      raise ConfigError(f"unknown step grid '{self.grid}'.", f"use one of {list(GRIDS)}.")
+    if self.update_dtype not in UPDATE_DTYPES:
+      raise ConfigError(f"unknown update dtype '{self.update_dtype}'.", f"use one of {list(UPDATE_DTYPES)}.")
+    if self.steps < 1:
+      raise ConfigError(f"steps={self.steps} must be at least 1.", "use e.g. --steps 128.")
+    if not self.temperature > 0:
+      raise ConfigError(f"temperature={self.temperature} must be positive.", "use e.g. --temperature 1.0.")
+    if self.churn < 0:
+      raise ConfigError(f"churn={self.churn} must be non-negative.", "use e.g. --config.sample.churn=10.")
+
+  @classmethod
+  def from_config(cls, cfg: ml_collections.ConfigDict, **changes) -> "SamplerOptions":
+    """Options from the ``sample`` config group, with keyword changes on top."""
+    values = dict(sampler=cfg.sampler, steps=int(cfg.steps), grid=cfg.grid, temperature=float(cfg.temperature),
+                  churn=float(cfg.churn), update_dtype=cfg.get("update_dtype", "auto"))
+    values.update({k: v for k, v in changes.items() if v is not None})
+    return cls(**values)
+
+  @property
+  def nfe(self) -> int:
+    """Network evaluations per sample."""
+    return SAMPLERS[self.sampler] * (self.steps - 1) + 1
+
+  def resolved_update_dtype(self) -> str:
+    if self.update_dtype != "auto":
+      return self.update_dtype
+    return "float32" if jax.default_backend() == "tpu" else "float64"
+
+
+@flax.struct.dataclass
+class Conditioning:
+  """Given tokens: ``ids`` at the positions where ``fixed`` is True (others ignored)."""
+
+  ids_BxL: Array    # int32
+  fixed_BxL: Array  # bool
+
+  def tile(self, n: int) -> "Conditioning":
+    """Each row repeated n times in a row (candidates of one request are adjacent)."""
+    return Conditioning(jnp.repeat(self.ids_BxL, n, axis=0), jnp.repeat(self.fixed_BxL, n, axis=0))
+
+
+@flax.struct.dataclass
+class SampleOutput:
+  tokens_BxL: Array          # int32, argmax of the final pass (given tokens kept)
+  token_logprob_BxL: Array   # log softmax of the final logits at the chosen tokens, float32
+  final_z_BxLxD: Array       # the input of the final pass
+  gammas_N: Array            # the step grid, noisy to clean
+  logits_BxLxV: Array | None = None  # final logits (return_logits=True)
+  trace_NxBxL: Array | None = None   # argmax tokens at each step, the last row is the final pass
+
+
+# --------------------------------------------------------------------------- grid
+
+
+def step_grid(schedule: NoiseSchedule, steps: int, grid: str = "official") -> np.ndarray:
+  """The N gamma values the sampler visits, noisy to clean, float32."""
+  if grid == "official":
+    gammas = schedule.gamma(sampler_u_grid(steps))
+  elif grid == "cdf":
+    gammas = schedule.gamma(linspace_f32(1.0, 0.0, steps))
+  elif grid == "gamma":
+    lo, hi = (float(g) for g in schedule.endpoints())
+    gammas = linspace_f32(hi, lo, steps)
+  else:
+    raise ConfigError(f"unknown step grid '{grid}'.", f"use one of {list(GRIDS)}.")
+  return np.asarray(gammas, np.float32)
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def sample_loop(model: LangFlow, z0_BxLxD: Array, gammas_N: Array, options: SamplerOptions, *,
+                cond: Conditioning | None = None, cond_eps_BxLxD: Array | None = None,
+                key: Array | None = None, update_dtype=jnp.float32, return_logits: bool = False,
+                temperature: float | Array | None = None, churn: float | Array | None = None) -> SampleOutput:
+  """The sampler as one traceable function (call it under ``jax.jit``).
+
+  ``key`` is used by the stochastic sampler only; ``cond_eps`` is the fixed
+  noise of the given tokens (required with ``cond``). ``temperature`` and
+  ``churn`` override the options' values and may be traced (one compilation
+  for all values).
+  """
+  temperature = options.temperature if temperature is None else temperature
+  churn = options.churn if churn is None else churn
+  b = z0_BxLxD.shape[0]
+  n = gammas_N.shape[0]
+  gammas_N = gammas_N.astype(jnp.float32)
+  emb_VxD = model.embedding_matrix()
+  if cond is not None:
+    fixed = cond.fixed_BxL[..., None]
+    e_fixed = jnp.take(emb_VxD, cond.ids_BxL, axis=0)
+
+  def pin(z, g):
+    """Given positions get their clean embedding noised to level g."""
+    if cond is None:
+      return z
+    noised = diffusion.add_noise(e_fixed, jnp.full((b,), g, jnp.float32), cond_eps_BxLxD)
+    return jnp.where(fixed, noised, z)
+
+  def predict(z, g, s):
+    logits = model(z, jnp.full((b,), g, jnp.float32), s if options.self_condition else None)
+    p = jax.nn.softmax(logits.astype(jnp.float32) / temperature, axis=-1)
+    x_hat = diffusion.denoised_embedding(p, emb_VxD)
+    if cond is not None:
+      x_hat = jnp.where(fixed, e_fixed, x_hat)
+    return logits, x_hat
+
+  def ddim(z, x_hat, g_t, g_s):
+    out = diffusion.ddim_step(z.astype(update_dtype), x_hat.astype(update_dtype),
+                              g_t.astype(update_dtype), g_s.astype(update_dtype))
+    return out.astype(jnp.float32)
+
+  def argmax_tokens(logits):
+    tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return tokens if cond is None else jnp.where(cond.fixed_BxL, cond.ids_BxL, tokens)
+
+  churn_c = jnp.minimum(jnp.asarray(churn, jnp.float32) / max(n - 1, 1), math.sqrt(2.0) - 1.0)
+
+  def step(carry, xs):
+    z, s, x_prev, h_prev = carry
+    g_t, g_s, i, k = xs
+    if options.sampler == "stochastic":
+      # Raise the noise from g_t to g_hat with fresh noise, then step from g_hat:
+      # z_hat = (alpha_hat / alpha_t) z + sqrt(sigma_hat^2 - (alpha_hat sigma_t / alpha_t)^2) xi,
+      # the variance written as alpha_hat^2 e^g_t expm1(g_hat - g_t): no cancellation,
+      # and churn = 0 is exactly euler.
+      g_hat = jnp.minimum(g_t + 2.0 * jnp.log1p(churn_c), gammas_N[0])
+      ratio = jnp.exp((jax.nn.softplus(g_t) - jax.nn.softplus(g_hat)) / 2)
+      a_h, _ = diffusion.alpha_sigma(g_hat)
+      extra = a_h * jnp.sqrt(jnp.exp(g_t) * jnp.expm1(g_hat - g_t))
+      z = ratio * z + extra * jax.random.normal(k, z.shape, jnp.float32)
+      g_t = g_hat
+    z = pin(z, g_t)
+    logits, x_hat = predict(z, g_t, s)
+    s_new = x_hat
+    h = (g_t - g_s) / 2  # step length in lambda = log(alpha / sigma)
+    if options.sampler == "heun":
+      z_pred = pin(ddim(z, x_hat, g_t, g_s), g_s)
+      _, x_end = predict(z_pred, g_s, x_hat)
+      z_new = ddim(z, 0.5 * (x_hat + x_end), g_t, g_s)
+      s_new = x_end
+    elif options.sampler == "multistep":
+      r = h_prev / jnp.maximum(h, 1e-12)
+      extrapolated = (1 + 0.5 / r) * x_hat - (0.5 / r) * x_prev
+      z_new = ddim(z, jnp.where(i > 0, extrapolated, x_hat), g_t, g_s)
+    else:
+      z_new = ddim(z, x_hat, g_t, g_s)
+    out = argmax_tokens(logits) if options.trace else None
+    return (z_new, s_new, x_hat, h), out
+
+  zeros = jnp.zeros_like(z0_BxLxD, jnp.float32)
+  keys = jax.random.split(key if key is not None else jax.random.PRNGKey(0), max(n - 1, 1))[: n - 1]
+  carry = (z0_BxLxD.astype(jnp.float32), zeros, zeros, jnp.float32(1.0))
+  xs = (gammas_N[:-1], gammas_N[1:], jnp.arange(n - 1), keys)
+  (z, s, _, _), trace = jax.lax.scan(step, carry, xs)
+
+  z = pin(z, gammas_N[-1])
+  logits = model(z, jnp.full((b,), gammas_N[-1]), s if options.self_condition else None)
+  tokens = argmax_tokens(logits)
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  token_logprob = jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]
+  if options.trace:
+    trace = jnp.concatenate([trace, tokens[None]], axis=0)
+  return SampleOutput(tokens_BxL=tokens, token_logprob_BxL=token_logprob, final_z_BxLxD=z,
+                      gammas_N=gammas_N, logits_BxLxV=logits if return_logits else None,
+                      trace_NxBxL=trace if options.trace else None)
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled_loop(graphdef, options: SamplerOptions, update_dtype: str, return_logits: bool):
+  """One jitted loop per static choice; the grid, temperature and churn are data."""
+  def run(state, z0, gammas, cond, cond_eps, key, temperature, churn):
+    model = nnx.merge(graphdef, state)
+    return sample_loop(model, z0, gammas, options, cond=cond, cond_eps_BxLxD=cond_eps, key=key,
+                       update_dtype=jnp.dtype(update_dtype), return_logits=return_logits,
+                       temperature=temperature, churn=churn)
+  return jax.jit(run)
+
+
+def _static_part(options: SamplerOptions) -> SamplerOptions:
+  return dataclasses.replace(options, steps=1, grid="official", temperature=1.0, churn=0.0)
+
+
+def sample(model: LangFlow, key: Array, options: SamplerOptions = SamplerOptions(), *,
+           num: int | None = None, seq_len: int | None = None, cond: Conditioning | None = None,
+           init_noise: Array | None = None, return_logits: bool = False) -> SampleOutput:
+  """Draws a batch of samples; the same key (or init noise) gives the same result.
+
+  The batch size and length come from ``init_noise``, else ``cond``, else
+  ``num`` and ``seq_len`` (default: the model's max length).
+  """
+  k_noise, k_cond, k_loop = jax.random.split(jax.random.fold_in(key, KEY_SALT), 3)
+  if init_noise is not None:
+    z0 = jnp.asarray(init_noise, jnp.float32)
+  else:
+    if cond is not None:
+      num, seq_len = cond.ids_BxL.shape
+    seq_len = seq_len or model.max_length
+    if not num or num < 1:
+      raise ConfigError(f"number of samples {num} must be positive.", "use e.g. --num 8.")
+    z0 = jax.random.normal(k_noise, (num, seq_len, model.hidden_size), jnp.float32)
+  if z0.shape[1] > model.max_length:
+    raise ConfigError(f"sequence length {z0.shape[1]} is longer than the model's max_length "
+                      f"{model.max_length}.", "sample shorter sequences (--config.sample.seq_len).")
+  cond_eps = None
+  if cond is not None:
+    if cond.ids_BxL.shape != z0.shape[:2]:
+      raise ConfigError(f"conditioning of shape {cond.ids_BxL.shape} does not match the batch {z0.shape[:2]}.",
+                        "build the conditioning for the same number and length of samples.")
+    cond = Conditioning(jnp.asarray(cond.ids_BxL, jnp.int32), jnp.asarray(cond.fixed_BxL, bool))
+    cond_eps = jax.random.normal(k_cond, z0.shape, jnp.float32)
+  gammas = jnp.asarray(step_grid(model.schedule, options.steps, options.grid))
+  graphdef, state = nnx.split(model)
+  dtype = options.resolved_update_dtype()
+  run = _compiled_loop(graphdef, _static_part(options), dtype, return_logits)
+  args = (state, z0, gammas, cond, cond_eps, k_loop, jnp.float32(options.temperature), jnp.float32(options.churn))
+  if dtype == "float64":
+    with jax.enable_x64(True):
+      return run(*args)
+  return run(*args)
+
+
+# --------------------------------------------------------------------------- scores
+
+# A scorer ranks finished samples: (model, output, generated_BxL, key) -> nats
+# per generated token, float32 [B]; LOWER IS BETTER. ``generated`` marks the
+# positions the sampler chose (not given by a prompt).
+Scorer = Callable[[LangFlow, SampleOutput, Array, Array], Array]
+
+
+def _mean_over(values_BxL: Array, mask_BxL: Array) -> Array:
+  mask = mask_BxL.astype(jnp.float32)
+  return jnp.sum(values_BxL * mask, axis=-1) / jnp.maximum(jnp.sum(mask, axis=-1), 1.0)
+
+
+def ce_score(model: LangFlow, out: SampleOutput, generated_BxL: Array, key: Array) -> Array:
+  """The final denoiser's cross-entropy of the chosen tokens (free: no extra pass)."""
+  del model, key
+  return _mean_over(-out.token_logprob_BxL, generated_BxL)
+
+
+def denoise_score(model: LangFlow, out: SampleOutput, generated_BxL: Array, key: Array,
+                  levels: int = 8) -> Array:
+  """The training loss of the sample itself: denoiser CE of its tokens, averaged
+  over ``levels`` stratified noise levels of the schedule (``levels`` extra passes).
+
+  A Monte-Carlo proxy of the likelihood bound at a fraction of its cost.
+  """
+  tokens = out.tokens_BxL
+  b = tokens.shape[0]
+  e = model.embed(tokens)
+  u = (jnp.arange(levels, dtype=jnp.float32) + 0.5) / levels
+  gammas = model.schedule.gamma(u)
+  keys = jax.random.split(key, levels)
+
+  def one(total, xs):
+    g, k = xs
+    z = diffusion.add_noise(e, jnp.full((b,), g), jax.random.normal(k, e.shape, jnp.float32))
+    logits = model(z, jnp.full((b,), g))
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    ce = -jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]
+    return total + _mean_over(ce, generated_BxL), None
+
+  total, _ = jax.lax.scan(one, jnp.zeros((b,), jnp.float32), (gammas, keys))
+  return total / levels
+
+
+def bound_scorer(bound_fn: Callable[[LangFlow, Array, Array, Array], Array]) -> Scorer:
+  """A scorer from a likelihood bound ``bound_fn(model, ids_BxL, mask_BxL, key) -> nats [B]``.
+
+  The bound is of the whole sequence (given tokens included), divided by its
+  length: for candidates of one request it ranks exactly like the bound of the
+  completion given the prompt.
+  """
+  def score(model, out, generated_BxL, key):
+    del generated_BxL
+    ids = out.tokens_BxL
+    return bound_fn(model, ids, jnp.ones_like(ids, bool), key) / ids.shape[1]
+  return score
+
+
+SCORERS: dict[str, Scorer] = {"ce": ce_score, "denoise": denoise_score}
+
+
+def get_scorer(name: str) -> Scorer:
+  if name in SCORERS:
+    return SCORERS[name]
+  hint = (" The likelihood-bound scorer registers itself as SCORERS['bound'] once langflow_jax/likelihood.py "
+          "is present." if name == "bound" else "")
+  raise ConfigError(f"unknown sample score '{name}'.{hint}", f"use one of {sorted(SCORERS)}.")
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled_score(graphdef, name: str):
+  scorer = get_scorer(name)
+
+  def run(state, out, generated, key):
+    return scorer(nnx.merge(graphdef, state), out, generated, key)
+  return jax.jit(run)
+
+
+def score_samples(model: LangFlow, out: SampleOutput, name: str = "denoise", *, cond: Conditioning | None = None,
+                  key: Array | None = None) -> Array:
+  """Nats per generated token of each sample under the scorer ``name`` (lower is better)."""
+  generated = jnp.ones_like(out.tokens_BxL, bool) if cond is None else ~jnp.asarray(cond.fixed_BxL, bool)
+  graphdef, state = nnx.split(model)
+  key = jax.random.fold_in(key if key is not None else jax.random.PRNGKey(0), KEY_SALT + 1)
+  return _compiled_score(graphdef, name)(state, out, generated, key)
+
+
+@flax.struct.dataclass
+class BestOfN:
+  tokens_RxL: Array       # the best candidate of each request
+  score_R: Array          # its score (nats per generated token)
+  scores_RxN: Array       # every candidate's score
+  best_R: Array           # index of the chosen candidate
+  candidates: SampleOutput  # all R*N candidates (request-major)
+
+
+def best_of_n(model: LangFlow, key: Array, n: int, options: SamplerOptions = SamplerOptions(), *,
+              num: int | None = None, seq_len: int | None = None, cond: Conditioning | None = None,
+              score: str = "denoise") -> BestOfN:
+  """n candidates per request in one batch; each request gets its lowest-score candidate."""
+  if n < 1:
+    raise ConfigError(f"best-of n={n} must be at least 1.", "use e.g. --best-of 4.")
+  k_sample, k_score = jax.random.split(key)
+  tiled = cond.tile(n) if cond is not None else None
+  requests = cond.ids_BxL.shape[0] if cond is not None else num
+  out = sample(model, k_sample, options, num=None if cond is not None else requests * n, seq_len=seq_len,
+               cond=tiled)
+  scores = score_samples(model, out, score, cond=tiled, key=k_score).reshape(requests, n)
+  best = jnp.argmin(scores, axis=1)
+  tokens = out.tokens_BxL.reshape(requests, n, -1)[jnp.arange(requests), best]
+  return BestOfN(tokens_RxL=tokens, score_R=scores[jnp.arange(requests), best], scores_RxN=scores,
+                 best_R=best, candidates=out)
+
+
+# --------------------------------------------------------------------------- prompts and infill
+
+
+def positions_conditioning(seq_len: int, given: dict[int, int] | Sequence[int | None],
+                           num: int = 1) -> Conditioning:
+  """Fixed tokens at explicit positions: {position: id} or a list with None for free slots."""
+  items = given.items() if isinstance(given, dict) else ((i, t) for i, t in enumerate(given) if t is not None)
+  ids = np.zeros((seq_len,), np.int32)
+  fixed = np.zeros((seq_len,), bool)
+  for pos, tok in items:
+    if not 0 <= pos < seq_len:
+      raise UserError(f"fixed token position {pos} is outside the sequence of length {seq_len}.",
+                      f"use positions 0..{seq_len - 1}.")
+    ids[pos], fixed[pos] = tok, True
+  if fixed.all():
+    raise UserError("every position is given; there is nothing to sample.",
+                    "leave some positions free or use a longer --config.sample.seq_len.")
+  return Conditioning(jnp.asarray(np.tile(ids, (num, 1))), jnp.asarray(np.tile(fixed, (num, 1))))
+
+
+def prompt_conditioning(tokenizer, prompt: str, seq_len: int, num: int = 1) -> Conditioning:
+  """A prefix prompt after the separator token, as a document start in training data."""
+  if not prompt.strip():
+    raise UserError("the prompt is empty.", "give some text, e.g. --prompt \"The Congress shall\".")
+  ids = [tokenizer.bos_id, *tokenizer.encode(prompt)]
+  if len(ids) >= seq_len:
+    raise UserError(f"the prompt is {len(ids) - 1} tokens long; samples have {seq_len} positions "
+                    f"(one is the separator).",
+                    f"shorten the prompt below {seq_len - 1} tokens or raise --config.sample.seq_len.")
+  return positions_conditioning(seq_len, list(ids), num)
+
+
+def infill_conditioning(tokenizer, template: str, seq_len: int, num: int = 1, gap_tokens: int = 8) -> Conditioning:
+  """Text with gaps: ``___`` is ``gap_tokens`` free tokens, ``___5`` is five.
+
+  Positions after the template's end are free too (the model continues).
+  Whitespace before a gap is dropped, since the filled words bring their own.
+  """
+  pieces = GAP.split(template)  # text, gap length, text, gap length, ..., text
+  if len(pieces) < 3:
+    raise UserError(f"the infill template {template!r} has no gap.",
+                    "mark each gap with ___ (or ___N for N tokens), e.g. \"The ___ of the ___ .\"")
+  slots: list[int | None] = [tokenizer.bos_id]
+  for j, piece in enumerate(pieces):
+    if j % 2:  # a gap
+      length = int(piece) if piece else gap_tokens
+      if length < 1:
+        raise UserError(f"an infill gap of {length} tokens is empty.", "use ___ or ___N with N >= 1.")
+      slots += [None] * length
+    else:
+      text = piece.rstrip() if j + 1 < len(pieces) else piece
+      slots += tokenizer.encode(text) if text else []
+  if len(slots) > seq_len:
+    raise UserError(f"the infill template needs {len(slots)} positions; samples have {seq_len}.",
+                    "shorten the template or its gaps, or raise --config.sample.seq_len.")
+  return positions_conditioning(seq_len, slots, num)
+
+
+# --------------------------------------------------------------------------- from a run directory
+
+SAMPLES_FORMAT = "langflow-jax-samples/1"
+
+
+def _check_sample_overrides(overrides: Sequence[str]) -> None:
+  for item in overrides:
+    if not item.lstrip("-").startswith("config.sample."):
+      raise ConfigError(f"`sample` takes only --config.sample.* overrides, got '{item}'.",
+                        "the model is fixed by the checkpoint; change sampling keys only.")
+
+
+def _marked_text(tokenizer, ids: np.ndarray, fixed: np.ndarray | None) -> str:
+  """Decoded text with the generated spans of a conditioned sample in [[...]]."""
+  if fixed is None or not fixed.any():
+    return tokenizer.decode(ids)
+  parts, start = [], 0
+  for i in range(1, len(ids) + 1):
+    if i == len(ids) or fixed[i] != fixed[start]:
+      text = tokenizer.decode(ids[start:i])
+      parts.append(text if fixed[start] else f"[[{text}]]")
+      start = i
+  return "".join(parts)
+
+
+def _display(text: str) -> str:
+  return " ".join(text.replace("<|endoftext|>", " ¶ ").split())
+
+
+def snapshot_steps(nfe_rows: int) -> list[tuple[str, int]]:
+  """(label, row) pairs of the trace shown by --show-steps: draft, refined, final."""
+  n = nfe_rows
+  rows = sorted({max(n // 4, 1) - 1, max(n // 2, 1) - 1, max(3 * n // 4, 1) - 1, n - 1})
+  labels = ["draft"] + ["refined"] * (len(rows) - 2) + ["final"] if len(rows) > 1 else ["final"]
+  return list(zip(labels, rows))
+
+
+def generate_from_workdir(workdir: str, *, num: int | None = None, steps: int | None = None,
+                          prompt: str | None = None, infill: str | None = None, best_of: int | None = None,
+                          show_steps: bool = False, sampler: str | None = None, temperature: float | None = None,
+                          seed: int | None = None, out: str | None = None, score: str | None = None,
+                          overrides: Sequence[str] = (),
+                          print_fn: Callable[[str], None] | None = print) -> dict:
+  """What ``langflow-jax sample`` runs: load the run, sample, print, optionally save.
+
+  Returns ``{"meta": ..., "samples": [{"ids", "text", "score", "request"}...]}``,
+  the content of the ``--out`` file.
+  """
+  from langflow_jax import checkpoint as ckpt_lib
+  from langflow_jax import config as config_lib
+  from langflow_jax import train
+  from langflow_jax.data.tokenizer import load_tokenizer
+
+  if prompt is not None and infill is not None:
+    raise UserError("--prompt and --infill cannot be combined.", "use one of them.")
+  _check_sample_overrides(overrides)
+  config = ckpt_lib.saved_config(workdir)
+  config_lib.apply_overrides(config, overrides)
+  sc = config.sample
+  num = int(num if num is not None else sc.num)
+  best_of = int(best_of if best_of is not None else sc.best_of)
+  seed = int(seed if seed is not None else sc.seed)
+  if score is not None:
+    sc.score = score
+  if num < 1 or best_of < 1:
+    raise ConfigError(f"--num {num} and --best-of {best_of} must be at least 1.", "use e.g. --num 8 --best-of 4.")
+  options = SamplerOptions.from_config(sc, sampler=sampler, steps=steps, temperature=temperature,
+                                       trace=show_steps or None)
+  get_scorer(sc.score)
+  tokenizer = load_tokenizer(config.data.tokenizer)
+  seq_len = int(sc.seq_len or config.data.seq_len)
+  if seq_len > config.model.max_length:
+    raise ConfigError(f"sample.seq_len={seq_len} is longer than the model's max_length {config.model.max_length}.",
+                      "lower --config.sample.seq_len.")
+  cond_one = None
+  if prompt is not None:
+    cond_one = prompt_conditioning(tokenizer, prompt, seq_len)
+  elif infill is not None:
+    cond_one = infill_conditioning(tokenizer, infill, seq_len, gap_tokens=int(sc.gap_tokens))
+  _, model = train.load_model(workdir, use_ema=sc.use_ema, config=config)
+  per_call = max(1, int(sc.batch_size) // best_of)
+  root = jax.random.PRNGKey(seed)
+  records, traces = [], []
+  for chunk, start in enumerate(range(0, num, per_call)):
+    r = min(per_call, num - start)
+    cond = None if cond_one is None else Conditioning(jnp.repeat(cond_one.ids_BxL, r, 0),
+                                                      jnp.repeat(cond_one.fixed_BxL, r, 0))
+    key = jax.random.fold_in(root, chunk)
+    if best_of > 1:
+      res = best_of_n(model, key, best_of, options, num=r, seq_len=seq_len, cond=cond, score=sc.score)
+      tokens, scores = np.asarray(res.tokens_RxL), np.asarray(res.score_R)
+      rows = np.arange(r) * best_of + np.asarray(res.best_R)
+      trace = res.candidates.trace_NxBxL
+      trace = None if trace is None else np.asarray(trace)[:, rows]
+    else:
+      k_sample, k_score = jax.random.split(key)
+      out_ = sample(model, k_sample, options, num=r, seq_len=seq_len, cond=cond)
+      tokens = np.asarray(out_.tokens_BxL)
+      scores = np.asarray(score_samples(model, out_, sc.score, cond=cond, key=k_score))
+      trace = None if out_.trace_NxBxL is None else np.asarray(out_.trace_NxBxL)
+    for i in range(r):
+      records.append({"request": start + i, "ids": tokens[i].tolist(), "text": tokenizer.decode(tokens[i]),
+                      "score": float(scores[i])})
+      if trace is not None:
+        traces.append(trace[:, i])
+
+  fixed = None if cond_one is None else np.asarray(cond_one.fixed_BxL[0])
+  meta = {"format": SAMPLES_FORMAT, "workdir": str(workdir), "num": num, "seq_len": seq_len,
+          "best_of": best_of, "score": sc.score, "seed": seed, "prompt": prompt, "infill": infill,
+          "options": dataclasses.asdict(options), "nfe": options.nfe, "tokenizer": config.data.tokenizer,
+          "config": config_lib.to_json(config)}
+  if print_fn is not None:
+    print_fn(f"[sample] {num} x {seq_len} tokens, sampler {options.sampler}, {options.steps} steps "
+             f"({options.nfe} network evaluations per candidate), grid {options.grid}, "
+             f"temperature {options.temperature:g}, best of {best_of} by score '{sc.score}' "
+             f"(nats/generated token, lower is better), seed {seed}")
+    for rec, i in zip(records, range(len(records))):
+      text = _marked_text(tokenizer, np.asarray(rec["ids"]), fixed)
+      print_fn(f"--- sample {i}  score {rec['score']:.3f}")
+      if traces:
+        for label, row in snapshot_steps(traces[i].shape[0]):
+          step_text = _marked_text(tokenizer, traces[i][row], fixed)
+          print_fn(f"  [{label:7s} step {row + 1:>4d}/{traces[i].shape[0]}] {_display(step_text)}")
+      else:
+        print_fn(_display(text))
+  result = {"meta": meta, "samples": records}
+  if out:
+    import json
+    import pathlib
+
+    path = pathlib.Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+    if print_fn is not None:
+      print_fn(f"[sample] wrote {path}")
+  return result
+
+
+def demo_samples(model: LangFlow, config: ml_collections.ConfigDict, tokenizer, *,
+                 prompt: str = "The Congress shall", print_fn: Callable[[str], None] = print) -> dict:
+  """The demo's sampling report: a few samples, a prompted one and a best-of-4 one.
+
+  Two compiled calls: the unconditional batch, and the four candidates of the
+  prompt (the first printed as "a prompted sample", the best by score as
+  "best of 4"). Gen. PPL under the bigram scorer of the training split is
+  printed next to the entropy, with held-out data for scale.
+  """
+  from langflow_jax import metrics
+  from langflow_jax.data import pipeline
+
+  sc = config.sample
+  seq_len = int(sc.seq_len or config.data.seq_len)
+  options = SamplerOptions.from_config(sc)
+  root = jax.random.PRNGKey(int(sc.seed))
+  out = sample(model, jax.random.fold_in(root, 0), options, num=int(sc.num), seq_len=seq_len)
+  cond = prompt_conditioning(tokenizer, prompt, seq_len)
+  best = best_of_n(model, jax.random.fold_in(root, 1), 4, options, cond=cond, score=sc.score)
+  tokens = np.asarray(out.tokens_BxL)
+  fixed = np.asarray(cond.fixed_BxL[0])
+  print_fn(f"[demo] {len(tokens)} samples ({options.sampler}, {options.steps} steps, {seq_len} tokens):")
+  for row in tokens:
+    print_fn(f"[demo]   {_display(tokenizer.decode(row))}")
+  first = np.asarray(best.candidates.tokens_BxL[0])
+  scores = np.asarray(best.scores_RxN[0])
+  print_fn(f"[demo] prompted ({prompt!r}, generated part in [[...]]; candidate 1, score {scores[0]:.3f}):")
+  print_fn(f"[demo]   {_display(_marked_text(tokenizer, first, fixed))}")
+  print_fn(f"[demo] best of 4 by '{sc.score}' score: candidate {int(best.best_R[0]) + 1} (scores "
+           f"{', '.join(f'{s:.3f}' for s in scores)}; lower is better):")
+  print_fn(f"[demo]   {_display(_marked_text(tokenizer, np.asarray(best.tokens_RxL[0]), fixed))}")
+  train_split = pipeline.load_split(config.data, "train", tokenizer)
+  lm = metrics.BigramLM(train_split.ids, config.model.vocab_size, mask=train_split.mask)
+  gen = metrics.generative_perplexity(tokens, lm)
+  held = pipeline.load_split(config.data, "heldout", tokenizer)
+  ref = metrics.generative_perplexity(held.ids[: max(len(tokens), 64), :seq_len], lm)
+  print_fn(f"[demo] Gen PPL under a bigram scorer: samples {gen['gen_ppl']:.1f} (entropy {gen['entropy']:.2f} "
+           f"nats), held-out text {ref['gen_ppl']:.1f} (entropy {ref['entropy']:.2f})")
+  return {"samples": gen, "heldout": ref, "best_of_4_scores": scores.tolist()}
