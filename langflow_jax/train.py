@@ -137,7 +137,16 @@ def state_from_model(model: nnx.Module, tx: optax.GradientTransformation, seed: 
   """Step 0 with ``model``'s weights as both raw and EMA parameters."""
   parts, params = split_model(model)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
-                    opt_state=tx.init(params), rng=jax.random.PRNGKey(seed), buffers=parts.rest)
+                    opt_state=tx.init(params), rng=training_root_key(seed), buffers=parts.rest)
+
+
+# nnx.Rngs(params=seed) draws its i-th init key as fold_in(PRNGKey(seed), i); the
+# per-step keys fold_in(root, step) must not repeat those, so the root is salted.
+TRAIN_KEY_SALT = 0x74726E  # "trn"
+
+
+def training_root_key(seed: int) -> Array:
+  return jax.random.fold_in(jax.random.PRNGKey(seed), TRAIN_KEY_SALT)
 
 
 def abstract_train_state(config: ml_collections.ConfigDict, tx: optax.GradientTransformation):

@@ -92,3 +92,11 @@ def test_nan_loss_aborts_with_clear_error_and_keeps_checkpoint(tmp_path):
   with pytest.raises(NonFiniteLossError, match="training loss became") as err:
     train.train_and_evaluate(cfg, tmp_path / "nan")
   assert "last good checkpoint" in str(err.value)
+
+
+def test_training_keys_never_repeat_parameter_init_keys():
+  # nnx.Rngs(params=seed) uses fold_in(PRNGKey(seed), i) for its i-th init key
+  root = train.training_root_key(0)
+  init_keys = {tuple(np.asarray(jax.random.fold_in(jax.random.PRNGKey(0), i))) for i in range(256)}
+  step_keys = {tuple(np.asarray(jax.random.fold_in(root, s))) for s in range(256)}
+  assert not init_keys & step_keys
