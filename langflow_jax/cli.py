@@ -3,6 +3,7 @@
     langflow-jax train  --config tiny --workdir runs/demo [--config.train.steps=200 ...]
     langflow-jax config --config tiny [--config.x=y ...]     # print the resolved config
     langflow-jax demo   --workdir runs/demo                    # what `make demo` runs
+    langflow-jax eval   --workdir runs/demo [--data file:my.txt] [--plot]   # likelihood bound
 
 Every subcommand is a thin wrapper around an importable function. Mistakes a
 user can make end with one line on stderr naming the problem and the fix, and
@@ -83,10 +84,20 @@ def cmd_demo(args, overrides) -> int:
   return 0
 
 
+def cmd_eval(args, overrides) -> int:
+  from langflow_jax import evaluate
+
+  result = evaluate.evaluate_workdir(args.workdir, overrides, checkpoint=args.checkpoint, data=args.data,
+                                     split=args.split, name=args.name, plot=args.plot)
+  print(result.report())
+  return 0
+
+
 COMMANDS: dict[str, tuple[Callable, str]] = {
     "train": (cmd_train, "train a model (resumes from --workdir when it has checkpoints)"),
     "config": (cmd_config, "print the resolved config"),
     "demo": (cmd_demo, "train the tiny config, evaluate it and print samples"),
+    "eval": (cmd_eval, "the ODE likelihood bound (nats/token, terms, protocol card) of a run or checkpoint"),
 }
 
 
@@ -103,6 +114,14 @@ def build_parser() -> argparse.ArgumentParser:
     if name in ("train", "demo"):
       p.add_argument("--workdir", required=(name == "train"), default="runs/demo",
                      help="run directory (checkpoints, metrics, plots)")
+    if name == "eval":
+      p.add_argument("--workdir", default=None, help="run directory to evaluate (newest checkpoint)")
+      p.add_argument("--checkpoint", default=None,
+                     help="RUN/checkpoints/<step>, or an official release directory")
+      p.add_argument("--data", default=None, help="dataset instead of the run's, e.g. file:my.txt (whole file)")
+      p.add_argument("--split", default=None, help="train | heldout | all (default eval.split; all with --data)")
+      p.add_argument("--name", default=None, help="name of the JSON/PNG written under eval/")
+      p.add_argument("--plot", action="store_true", help="also write the bound-vs-steps and integrand PNG")
   return parser
 
 

@@ -411,14 +411,18 @@ def model_buffers(config: ml_collections.ConfigDict) -> nnx.State:
 
 
 def load_model(workdir: str | pathlib.Path, use_ema: bool = True,
-               config: ml_collections.ConfigDict | None = None) -> tuple[ml_collections.ConfigDict, LangFlow]:
-  """The trained model (EMA weights by default) and config of a training run."""
+               config: ml_collections.ConfigDict | None = None,
+               step: int | None = None) -> tuple[ml_collections.ConfigDict, LangFlow]:
+  """The trained model (EMA weights by default) and config of a training run.
+
+  ``step`` picks a checkpoint; the default is the newest readable one.
+  """
   config = config or ckpt_lib.saved_config(workdir)
   tx = make_optimizer(config.optimizer, config.train.steps)
   graphdef, abstract_state, _ = abstract_train_state(config, tx)
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract_state)
   checkpointer = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(workdir), create=False, async_save=False)
-  state, _, _ = checkpointer.restore(abstract)
+  state, _, _ = checkpointer.restore(abstract, step)
   params = state.ema_params if use_ema else state.params
   return config, nnx.merge(graphdef, params, model_buffers(config))
