@@ -7,7 +7,7 @@ import time
 from typing import Sequence
 
 from langflow_jax import config as config_lib
-from langflow_jax import metrics, train
+from langflow_jax import evaluate, metrics, train
 from langflow_jax.data import pipeline
 
 
@@ -36,4 +36,10 @@ def run_demo(workdir: str | pathlib.Path, overrides: Sequence[str] = ()) -> dict
   print(f"[demo] held-out CE, EMA weights:         {report['heldout_ce']:.3f} nats/token")
   for p in report["plots"]:
     print(f"[demo] wrote {p}")
+
+  print("[demo] likelihood bound on the held-out split (probability-flow ODE) ...", flush=True)
+  bound = evaluate.evaluate_workdir(workdir)
+  report.update(bound_nats_per_token=bound.nats_per_token, bound_card=bound.card)
+  for line in bound.report().splitlines():
+    print(f"[demo] {line}")
   return report
