@@ -190,19 +190,18 @@ def markov_model():
   from langflow_jax import train
 
   c = base_config()
-  c.model.update(vocab_size=4, hidden_size=16, cond_dim=16, n_blocks=1, n_heads=2, max_length=16, dropout=0.0)
-  c.schedule.update(loc=1.0, scale=1.0, entropy=1.2)
+  c.model.update(vocab_size=4, hidden_size=16, cond_dim=16, n_blocks=1, n_heads=2, max_length=16, dropout=0.0,
+                 self_conditioning=False)  # halves what the trainer and the bound compile
+  c.schedule.update(loc=2.0, scale=1.0, entropy=1.2)
   c.objective.skip_warmup_steps = 0
-  c.train.update(steps=150, batch_size=32)
-  c.optimizer.update(lr=3e-3, warmup_steps=10, ema_decay=0.9)
-  rng = np.random.default_rng(0)
-  data, entropy = markov_chains(rng, 150 * 32, 16)
+  c.train.update(steps=300, batch_size=64)
+  c.optimizer.update(lr=1e-2, warmup_steps=10, ema_decay=0.9)
+  data, entropy = markov_chains(np.random.default_rng(0), 300 * 64, 16)
   tx = train.make_optimizer(c.optimizer, c.train.steps)
   state, rest = jax.jit(lambda: train.fresh_train_state(c, tx))()
   parts = train.ModelParts(nnx.graphdef(create_model(c)), rest)
   step = jax.jit(train.make_train_step(c, parts, tx))
-  for i in range(c.train.steps):
-    rows = data[i * 32:(i + 1) * 32]
+  for rows in data.reshape(c.train.steps, 64, 16):
     state, _ = step(state, {"ids": rows, "mask": np.ones_like(rows, bool)})
   heldout, _ = markov_chains(np.random.default_rng(1), 64, 16)
   return parts.merge(state.params), heldout, entropy
@@ -218,8 +217,7 @@ def test_bound_is_above_true_entropy(markov_model):
   bound = float(jnp.sum(terms.total_B) / jnp.sum(terms.num_tokens_B))
   print(f"Markov chain: true entropy {entropy:.4f} nats/token, bound {bound:.4f} nats/token "
         f"(uniform {np.log(4):.4f})")
-  assert bound >= entropy
-  assert bound < 2 * np.log(4)  # a finite, sane number: the terms are all there
+  assert entropy <= bound < np.log(4)  # valid, and the model learned more than the uniform code
 
 
 def test_deterministic_shapes_and_padding(markov_model):
