@@ -88,7 +88,7 @@ def cmd_eval(args, overrides) -> int:
   from langflow_jax import evaluate
 
   result = evaluate.evaluate_workdir(args.workdir, overrides, checkpoint=args.checkpoint, data=args.data,
-                                     split=args.split, name=args.name, plot=args.plot)
+                                     split=args.split, name=args.name, plot=args.plot, progress=True)
   print(result.report())
   return 0
 

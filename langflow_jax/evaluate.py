@@ -33,6 +33,7 @@ from langflow_jax import checkpoint as ckpt_lib
 from langflow_jax import config as config_lib
 from langflow_jax import convert, train
 from langflow_jax import likelihood as lk
+from langflow_jax import reporting
 from langflow_jax.data import pipeline
 from langflow_jax.data.tokenizer import load_tokenizer
 from langflow_jax.errors import CheckpointError, ConfigError
@@ -136,7 +137,7 @@ def _num_batches(split: pipeline.PackedSplit, batch_size: int, num_batches: int)
 
 
 def run_bound(model: LangFlow, split: pipeline.PackedSplit, opts: lk.BoundOptions, *, batch_size: int,
-              num_batches: int, seed: int, s_N: np.ndarray | None = None) -> _Totals:
+              num_batches: int, seed: int, s_N: np.ndarray | None = None, progress: bool = False) -> _Totals:
   """Sums of the bound's terms over the first ``num_batches`` batches of ``split``.
 
   Batch i uses key fold_in(PRNGKey(seed), i): the same seed and batching give
@@ -146,31 +147,38 @@ def run_bound(model: LangFlow, split: pipeline.PackedSplit, opts: lk.BoundOption
   key = jax.random.PRNGKey(seed)
   totals = _Totals()
   n = _num_batches(split, batch_size, num_batches)
-  for i, batch in enumerate(pipeline.eval_batches(split, batch_size, n)):
-    terms, info = fn(batch["ids"], batch["mask"], jax.random.fold_in(key, i), s_N=s_N)
-    if not bool(info.ok):
-      raise ConfigError(
-          f"the adaptive solver reached eval.max_steps={opts.max_steps} before the noisy end.",
-          "raise --config.eval.max_steps or loosen --config.eval.rtol/atol.")
-    totals.add(terms, info)
+  bar = reporting.Progress(n, 0, progress)
+  try:
+    for i, batch in enumerate(pipeline.eval_batches(split, batch_size, n)):
+      terms, info = fn(batch["ids"], batch["mask"], jax.random.fold_in(key, i), s_N=s_N)
+      if not bool(info.ok):
+        raise ConfigError(
+            f"the adaptive solver reached eval.max_steps={opts.max_steps} before the noisy end.",
+            "raise --config.eval.max_steps or loosen --config.eval.rtol/atol.")
+      totals.add(terms, info)
+      bar.update(1, nats_per_token=f"{sum(totals.per_token().values()):.4f}")
+  finally:
+    bar.close()
   return totals
 
 
-def steps_sweep(model: LangFlow, split: pipeline.PackedSplit, opts: lk.BoundOptions,
-                steps: Sequence[int], *, batch_size: int, num_batches: int, seed: int) -> list[dict[str, float]]:
-  """The bound and its terms for several step counts, same data and seed.
+def steps_sweep(model: LangFlow, split: pipeline.PackedSplit, opts: lk.BoundOptions, steps: Sequence[int], *,
+                batch_size: int, num_batches: int, seed: int) -> tuple[list[dict[str, float]], dict | None]:
+  """The bound and its terms for several step counts (same data and seed), and
+  the flow integrand of the longest run.
 
   All grids are padded to the longest, so one compilation serves the sweep.
   The adaptive solver is swept as Heun.
   """
   fixed = opts if opts.solver != "adaptive" else dataclasses.replace(opts, solver="heun")
+  steps = sorted(steps)
   grids = lk.padded_s_grids(model, fixed, steps)
   rows = []
   for n, s_N in zip(steps, grids):
     totals = run_bound(model, split, fixed, batch_size=batch_size, num_batches=num_batches, seed=seed, s_N=s_N)
     per = totals.per_token()
     rows.append({"steps": int(n), "solver": fixed.solver, "total": sum(per.values()), **per})
-  return rows
+  return rows, totals.integrand()
 
 
 # --------------------------------------------------------------------------- the protocol card
@@ -258,7 +266,8 @@ def write_plot(path: pathlib.Path, result: EvalResult) -> str:
 
 
 def evaluate_model(config: ml_collections.ConfigDict, model: LangFlow, *, split: str | None = None,
-                   source: dict[str, Any] | None = None, plot: bool = False) -> EvalResult:
+                   source: dict[str, Any] | None = None, plot: bool = False,
+                   progress: bool = False) -> EvalResult:
   """The bound of ``model`` on ``config.data`` (split ``split`` or ``config.eval.split``)."""
   e = config.eval
   split = split or e.split
@@ -270,7 +279,8 @@ def evaluate_model(config: ml_collections.ConfigDict, model: LangFlow, *, split:
   start = time.perf_counter()
   # The grid is passed in, so a sweep padded to the same length reuses the compilation.
   s_N = None if opts.solver == "adaptive" else np.asarray(lk.s_grid(model, opts))
-  totals = run_bound(model, data, opts, batch_size=e.batch_size, num_batches=n, seed=e.seed, s_N=s_N)
+  totals = run_bound(model, data, opts, batch_size=e.batch_size, num_batches=n, seed=e.seed, s_N=s_N,
+                     progress=progress)
   seconds = time.perf_counter() - start
   per = totals.per_token()
   source = source or {"weights": "as given", "checkpoint": "(in memory)"}
@@ -281,8 +291,9 @@ def evaluate_model(config: ml_collections.ConfigDict, model: LangFlow, *, split:
       seconds=seconds, integrand=totals.integrand())
   if plot:
     steps = sorted(set(int(s) for s in e.plot_steps) | ({opts.steps} if opts.solver != "adaptive" else set()))
-    result.sweep = steps_sweep(model, data, opts, steps, batch_size=e.batch_size,
-                               num_batches=min(e.plot_batches, n), seed=e.seed)
+    result.sweep, integrand = steps_sweep(model, data, opts, steps, batch_size=e.batch_size,
+                                          num_batches=min(e.plot_batches, n), seed=e.seed)
+    result.integrand = result.integrand or integrand  # the adaptive solver keeps no trace
   return result
 
 
@@ -328,7 +339,7 @@ def default_name(config: ml_collections.ConfigDict, split: str) -> str:
 def evaluate_workdir(workdir: str | pathlib.Path | None = None, overrides: Sequence[str] = (), *,
                      checkpoint: str | pathlib.Path | None = None, data: str | None = None,
                      split: str | None = None, name: str | None = None, plot: bool = False,
-                     write: bool = True) -> EvalResult:
+                     write: bool = True, progress: bool = False) -> EvalResult:
   """Loads a run (or checkpoint), computes the bound, writes JSON (and a PNG).
 
   ``data`` replaces ``data.name`` (e.g. ``file:my.txt``); a user's own data
@@ -338,7 +349,7 @@ def evaluate_workdir(workdir: str | pathlib.Path | None = None, overrides: Seque
     overrides = [*overrides, f"config.data.name={data}"]
   config, model, source, out_dir = load_for_eval(workdir, checkpoint, overrides)
   split = split or ("all" if data is not None else config.eval.split)
-  result = evaluate_model(config, model, split=split, source=source, plot=plot)
+  result = evaluate_model(config, model, split=split, source=source, plot=plot, progress=progress)
   if write:
     name = name or default_name(config, split)
     out_dir.mkdir(parents=True, exist_ok=True)

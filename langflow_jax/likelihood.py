@@ -324,8 +324,11 @@ def nll_bound(model: LangFlow, ids_BxL: Array, mask_BxL: Array | None, key: Arra
   """The bound's terms for a batch of sequences (trace under ``jax.jit``).
 
   ``key`` draws eps (one per sequence) and the probes; ``eps_BxLxD`` and
-  ``probes`` ([calls, (P,) B, L, D], one per vector-field evaluation in call
-  order) replace them for parity tests. ``s_N`` replaces the fixed grid.
+  ``probes`` replace them for parity tests: [calls, (P,) B, L, D], one set per
+  vector-field evaluation in call order, for the fixed-grid solvers; [(P,) B,
+  L, D] for the adaptive one, which keeps one probe set for the whole solve
+  (a smooth field its step-size control can trust). ``s_N`` replaces the
+  fixed grid (the adaptive solver uses its two ends).
   """
   ids_BxL = jnp.asarray(ids_BxL)
   b, l = ids_BxL.shape
@@ -370,7 +373,6 @@ def nll_bound(model: LangFlow, ids_BxL: Array, mask_BxL: Array | None, key: Arra
     elif probes is not None:
       fixed = jnp.asarray(probes, jnp.float32).reshape(shape)
     else:
-      # One probe set for the whole solve: a smooth field the step control can trust.
       fixed = draw_probes(k_probe, opts.estimator, shape)
     state, attempted, accepted, ok = _integrate_adaptive(field, state0, s_N[0], s_N[-1], fixed, opts)
     # Tsit5 is first-same-as-last: 6 new evaluations per attempted step, plus

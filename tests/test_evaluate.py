@@ -82,3 +82,16 @@ def test_eval_mistakes_are_one_line(capsys, args, message):
   assert cli.main(args) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and message in err[0]
+
+
+def test_card_and_name_for_the_adaptive_solver(run):
+  workdir, _ = run
+  config, model, source, out_dir = evaluate.load_for_eval(workdir, None, ["config.eval.solver=adaptive"])
+  opts = evaluate.lk.BoundOptions.from_config(config.eval)
+  totals = evaluate._Totals(tokens=64.0, sequences=2, evals=45, steps=7)
+  card = evaluate.protocol_card(config, model, opts, split="heldout", totals=totals, num_batches=1, source=source)
+  assert card["solver"].startswith("adaptive (diffrax Tsit5, rtol 0.001")
+  assert card["steps"] == "7 accepted (largest batch), 45 evaluations"
+  assert card["weights"] == "EMA" and card["checkpoint"].endswith("checkpoints/2")
+  assert evaluate.default_name(config, "heldout") == "sotu_heldout_adaptive-rtol0.001"
+  assert out_dir == workdir / "eval"
