@@ -272,6 +272,8 @@ def evaluate_model(config: ml_collections.ConfigDict, model: LangFlow, *, split:
   e = config.eval
   split = split or e.split
   opts = lk.BoundOptions.from_config(e)
+  if e.batch_size <= 0:
+    raise ConfigError(f"eval.batch_size={e.batch_size} must be positive.", "use e.g. --config.eval.batch_size=32.")
   tokenizer = load_tokenizer(config.data.tokenizer)
   train.check_data_matches_model(config, tokenizer)
   data = pipeline.load_split(config.data, split, tokenizer)

@@ -95,3 +95,9 @@ def test_card_and_name_for_the_adaptive_solver(run):
   assert card["weights"] == "EMA" and card["checkpoint"].endswith("checkpoints/2")
   assert evaluate.default_name(config, "heldout") == "sotu_heldout_adaptive-rtol0.001"
   assert out_dir == workdir / "eval"
+
+
+def test_official_release_directory_loads(fixture_dir):
+  config, model, source, out_dir = evaluate.load_for_eval(None, fixture_dir, ["config.eval.steps=8"])
+  assert source["weights"] == "official release, as stored" and out_dir == fixture_dir / "eval"
+  assert config.model.vocab_size == 307 and config.eval.steps == 8 and model.hidden_size == 96
