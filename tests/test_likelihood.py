@@ -30,7 +30,7 @@ def _official_run(model, reference, solver):
 
 
 @pytest.mark.parametrize("solver, tag", [("euler", "euler"), ("heun", "heun2")])
-def test_matches_official(official, reference, solver, tag):
+def test_matches_official_nll(official, reference, solver, tag):
   """eval_ppl.compute_flow_nll with the fixture's eps and probes (one probe per call)."""
   terms, info = _official_run(official, reference, solver)
   ref = lambda k: reference[f"nll_{tag}_{k}"]
