@@ -47,6 +47,7 @@ class EvalResult:
   """The bound on one dataset split, its terms and its protocol card."""
 
   nats_per_token: float
+  stderr: float                    # standard error of nats_per_token over the sequences
   terms: dict[str, float]          # reconst, flow, prior in nats per token (they sum to the bound)
   num_tokens: int
   num_sequences: int
@@ -67,6 +68,7 @@ class EvalResult:
   def to_json(self) -> dict[str, Any]:
     return {
         "nats_per_token": self.nats_per_token,
+        "nats_per_token_stderr": self.stderr,
         "bits_per_token": self.bits_per_token,
         "perplexity": self.perplexity,
         "terms_nats_per_token": self.terms,
@@ -83,6 +85,8 @@ class EvalResult:
     lines = [
         f"bound on {c['data']} ({c['split']}): {self.nats_per_token:.4f} nats/token = "
         f"{self.bits_per_token:.4f} bits/token, perplexity <= {self.perplexity:.2f}",
+        f"  standard error {self.stderr:9.4f} nats/token  (over the {self.num_sequences} sequences: text, eps "
+        "and probes)",
         f"  reconstruction {self.terms['reconst']:9.4f} nats/token  (cross-entropy at gamma_min)",
         f"  flow           {self.terms['flow']:9.4f} nats/token  (divergence integral along the ODE)",
         f"  prior          {self.terms['prior']:9.4f} nats/token  (Gaussian prior at the noisy end)",
@@ -107,6 +111,8 @@ class _Totals:
   steps: int = 0
   gamma_C: np.ndarray | None = None
   div_sum_C: np.ndarray | None = None
+  seq_totals: list[float] = dataclasses.field(default_factory=list)
+  seq_tokens: list[float] = dataclasses.field(default_factory=list)
 
   def add(self, terms: lk.BoundTerms, info: lk.SolveInfo) -> None:
     terms, info = jax.device_get((terms, info))
@@ -114,6 +120,9 @@ class _Totals:
       self.sums[t] += float(np.sum(np.asarray(getattr(terms, f"{t}_B"), np.float64)))
     self.tokens += float(np.sum(terms.num_tokens_B))
     self.sequences += int(np.sum(terms.num_tokens_B > 0))
+    valid = np.asarray(terms.num_tokens_B) > 0
+    self.seq_totals += np.asarray(terms.total_B, np.float64)[valid].tolist()
+    self.seq_tokens += np.asarray(terms.num_tokens_B, np.float64)[valid].tolist()
     self.evals = max(self.evals, int(info.num_evals))
     self.steps = max(self.steps, int(info.num_steps))
     if info.gamma_C.size:
@@ -123,6 +132,18 @@ class _Totals:
 
   def per_token(self) -> dict[str, float]:
     return {t: v / max(self.tokens, 1.0) for t, v in self.sums.items()}
+
+  def stderr(self) -> float:
+    """Standard error of sum(total) / sum(tokens) over sequences (delta method).
+
+    It covers the text, eps and probe draws together; with one eps draw per
+    sequence the bound of a single sequence scatters by ~sqrt(L D / 2) nats.
+    """
+    t, n = np.asarray(self.seq_totals), np.asarray(self.seq_tokens)
+    if len(t) < 2:
+      return math.nan
+    residual = t - n * (t.sum() / n.sum())
+    return float(math.sqrt(len(t) / (len(t) - 1) * np.sum(residual**2)) / n.sum())
 
   def integrand(self) -> dict[str, list[float]] | None:
     if self.gamma_C is None:
@@ -287,7 +308,7 @@ def evaluate_model(config: ml_collections.ConfigDict, model: LangFlow, *, split:
   per = totals.per_token()
   source = source or {"weights": "as given", "checkpoint": "(in memory)"}
   result = EvalResult(
-      nats_per_token=sum(per.values()), terms=per, num_tokens=int(totals.tokens),
+      nats_per_token=sum(per.values()), stderr=totals.stderr(), terms=per, num_tokens=int(totals.tokens),
       num_sequences=totals.sequences,
       card=protocol_card(config, model, opts, split=split, totals=totals, num_batches=n, source=source),
       seconds=seconds, integrand=totals.integrand())

@@ -40,7 +40,8 @@ def test_user_text_file_through_the_cli(run, capsys):
   code = cli.main(["eval", "--workdir", str(workdir), "--data", f"file:{mine}", "--plot", *EVAL_ARGS])
   out = capsys.readouterr().out
   assert code == 0
-  for text in ("nats/token", "bits/token", "perplexity", "reconstruction", "flow", "prior", "protocol card",
+  for text in ("nats/token", "bits/token", "perplexity", "standard error", "reconstruction", "flow", "prior",
+               "protocol card",
                "solver", "estimator", "weights", "EMA", "seed"):
     assert text in out, text
   path = workdir / "eval" / "my-notes-txt_all_heun4.json"
@@ -49,6 +50,7 @@ def test_user_text_file_through_the_cli(run, capsys):
   assert saved["nats_per_token"] == pytest.approx(sum(terms.values()), rel=1e-9)
   assert saved["bits_per_token"] == pytest.approx(saved["nats_per_token"] / np.log(2))
   assert saved["perplexity"] == pytest.approx(np.exp(saved["nats_per_token"]))
+  assert 0 < saved["nats_per_token_stderr"] < 0.5 * saved["nats_per_token"]
   card = saved["card"]
   assert card["data"] == f"file:{mine}" and card["split"] == "all" and card["seq_len"] == 32
   assert card["tokens"] == saved["num_tokens"] == 32 * saved["num_sequences"]  # wrapped: every position
