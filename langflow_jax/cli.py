@@ -9,6 +9,7 @@
     langflow-jax sample-ar --workdir runs/ar [--prompt TEXT]   # samples of the AR baseline
     langflow-jax sample --workdir runs/demo --num 8 --steps 128 [--prompt TEXT | --infill TEXT]
     langflow-jax genppl --samples samples.json                 # Gen. PPL + entropy of a sample file
+    langflow-jax eval   --workdir runs/demo [--data file:my.txt] [--plot]   # likelihood bound
 
 Every subcommand is a thin wrapper around an importable function. Mistakes a
 user can make (and a full disk, missing permissions or device memory) end with
@@ -198,6 +199,15 @@ def _add_sample_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--out", help="write the samples (ids, text, scores, settings) to this JSON file")
 
 
+def cmd_eval(args, overrides) -> int:
+  from langflow_jax import evaluate
+
+  result = evaluate.evaluate_workdir(args.workdir, overrides, checkpoint=args.checkpoint, data=args.data,
+                                     split=args.split, name=args.name, plot=args.plot, progress=True)
+  print(result.report())
+  return 0
+
+
 COMMANDS: dict[str, tuple[Callable, str]] = {
     "train": (cmd_train, "train a model (resumes from --workdir when it has checkpoints)"),
     "config": (cmd_config, "print the resolved config"),
@@ -208,6 +218,7 @@ COMMANDS: dict[str, tuple[Callable, str]] = {
     "sample-ar": (cmd_sample_ar, "sample from a trained autoregressive baseline (--config.sample.x=y)"),
     "sample": (cmd_sample, "generate text from a trained run (prompts, infill, best-of-n)"),
     "genppl": (cmd_genppl, "generative perplexity and entropy of a sample file"),
+    "eval": (cmd_eval, "the ODE likelihood bound (nats/token, terms, protocol card) of a run or checkpoint"),
 }
 
 
@@ -249,6 +260,14 @@ def build_parser() -> argparse.ArgumentParser:
       p.add_argument("--no-reference", action="store_true", dest="no_reference",
                      help="skip scoring held-out data for scale")
       p.add_argument("--json", action="store_true", help="also print the result as JSON")
+    if name == "eval":
+      p.add_argument("--workdir", default=None, help="run directory to evaluate (newest checkpoint)")
+      p.add_argument("--checkpoint", default=None,
+                     help="RUN/checkpoints/<step>, or an official release directory")
+      p.add_argument("--data", default=None, help="dataset instead of the run's, e.g. file:my.txt (whole file)")
+      p.add_argument("--split", default=None, help="train | heldout | all (default eval.split; all with --data)")
+      p.add_argument("--name", default=None, help="name of the JSON/PNG written under eval/")
+      p.add_argument("--plot", action="store_true", help="also write the bound-vs-steps and integrand PNG")
   return parser
 
 

@@ -117,20 +117,24 @@ def base_config() -> ml_collections.ConfigDict:
   # Device mesh; -1 takes all remaining devices (see langflow_jax/parallel.py).
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
 
-  # Likelihood bound (spec 5; see langflow_jax/likelihood.py).
+  # Likelihood bound (spec 5; see langflow_jax/likelihood.py and evaluate.py).
   c.eval = ml_collections.ConfigDict(dict(
-      solver="heun",              # euler | heun | rk4 | adaptive
-      steps=128,
-      grid="official",            # official (Gumbel quantiles) | cdf | gamma (uniform)
+      solver="heun",              # euler | heun (official heun2) | rk4 | adaptive (diffrax Tsit5)
+      steps=128,                  # fixed-grid steps; heun makes 2 evaluations per step
+      grid="official",            # official: schedule quantiles (uniform in its CDF) | gamma: uniform in gamma
       estimator="hutchinson_gaussian",  # hutchinson_gaussian | hutchinson_rademacher | exact
-      probes=1,
+      probes=1,                   # Hutchinson probes per evaluation (variance falls as 1/probes)
+      self_cond=True,             # the official self-conditioning pre-pass at every evaluation
       batch_size=128,
       num_batches=0,              # 0: the whole split
       split="heldout",
       use_ema=True,
-      seed=1,
-      rtol=1e-3,
+      seed=1,                     # eps and probes; the official evaluator also uses seed 1
+      rtol=1e-3,                  # adaptive solver tolerances
       atol=1e-3,
+      max_steps=4096,             # adaptive solver step cap
+      plot_steps=(8, 16, 32, 64, 128),  # `eval --plot`: step counts of the bound-vs-steps figure
+      plot_batches=1,             # `eval --plot`: batches that figure averages over
   ))
 
   # Sampling (spec 6; see langflow_jax/sampling.py).

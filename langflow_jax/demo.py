@@ -7,7 +7,7 @@ import time
 from typing import Sequence
 
 from langflow_jax import config as config_lib
-from langflow_jax import metrics, sampling, train
+from langflow_jax import evaluate, metrics, sampling, train
 from langflow_jax.data import pipeline
 from langflow_jax.data.tokenizer import load_tokenizer
 
@@ -38,6 +38,11 @@ def run_demo(workdir: str | pathlib.Path, overrides: Sequence[str] = ()) -> dict
   for p in report["plots"]:
     print(f"[demo] wrote {p}")
 
+  print("[demo] likelihood bound on the held-out split (probability-flow ODE) ...", flush=True)
+  bound = evaluate.evaluate_workdir(workdir)
+  report.update(bound_nats_per_token=bound.nats_per_token, bound_card=bound.card)
+  for line in bound.report().splitlines():
+    print(f"[demo] {line}")
   start = time.perf_counter()
   _, model = train.load_model(workdir, use_ema=config.sample.use_ema, config=config)
   report["sampling"] = sampling.demo_samples(model, config, load_tokenizer(config.data.tokenizer))

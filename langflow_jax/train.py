@@ -512,12 +512,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   return summary
 
 
-def load_state(workdir: str | pathlib.Path, config: ml_collections.ConfigDict | None = None
-               ) -> tuple[ml_collections.ConfigDict, ModelParts, TrainState, dict]:
+def load_state(workdir: str | pathlib.Path, config: ml_collections.ConfigDict | None = None,
+               step: int | None = None) -> tuple[ml_collections.ConfigDict, ModelParts, TrainState, dict]:
   """(config, model parts, full train state, metadata) of a run's newest readable
   checkpoint (or of a step directory), on one device. Clear errors for a missing
   or empty workdir, a damaged checkpoint, or a ``config`` that does not fit it."""
-  checkpointer, step = ckpt_lib.open_run(workdir)
+  checkpointer, newest = ckpt_lib.open_run(workdir)
+  step = newest if step is None else step
   if config is None:
     config = config_lib.from_json(checkpointer.read_meta(step)["config"])
   tx = make_optimizer(config.optimizer, config.train.steps)
@@ -529,13 +530,15 @@ def load_state(workdir: str | pathlib.Path, config: ml_collections.ConfigDict | 
 
 
 def load_model(workdir: str | pathlib.Path, use_ema: bool = True,
-               config: ml_collections.ConfigDict | None = None) -> tuple[ml_collections.ConfigDict, nnx.Module]:
+               config: ml_collections.ConfigDict | None = None,
+               step: int | None = None) -> tuple[ml_collections.ConfigDict, nnx.Module]:
   """The trained model (EMA weights by default) and config of a training run:
   a LangFlow, or the model its objective trains (``ar``: the causal baseline).
 
   ``config`` (default: the one saved with the checkpoint) may change data,
-  eval and sample keys; its tokenizer must be the checkpoint's.
+  eval and sample keys; its tokenizer must be the checkpoint's. ``step`` picks
+  a checkpoint; the default is the newest readable one.
   """
-  config, parts, state, meta = load_state(workdir, config)
+  config, parts, state, meta = load_state(workdir, config, step)
   ckpt_lib.check_tokenizer(meta, ckpt_lib.tokenizer_meta(load_tokenizer(config.data.tokenizer)), str(workdir))
   return config, parts.merge(state.ema_params if use_ema else state.params)

@@ -1,0 +1,436 @@
+"""LangFlow's ODE bound on the negative log-likelihood of a sequence (spec 5).
+
+For token ids x (L positions, width D) the bound, in nats per sequence, is
+
+    reconst = -sum_i log p_theta(z_a, a)[i, x_i]            z_a = alpha_a E[x] + sigma_a eps
+    flow    = int_a^b (alpha/2) div_z x_hat(z, gamma) dgamma  along the probability-flow ODE
+    prior   = ||z_b||^2 / (2 sigma_b^2) - (#valid tokens) D/2
+
+with a = gamma_min (clean end) and b ~ gamma_max (noisy end). Its expectation
+over eps bounds -log p(x); for the Bayes-optimal denoiser it is exact up to
+the prior mismatch at b and the integration error.
+
+As in the official evaluator, the ODE runs in the rescaled state y = z/sigma
+over s = exp(-gamma/2) (square-root SNR), where it reads dy/ds = x_hat(sigma y,
+gamma(s)) with gamma recomputed from s. The state also carries the
+log-density change A with dA/ds = sigma div; since ds = -(s/2) dgamma and
+sigma s = alpha, flow = -A(s_b). Everything here is float32.
+
+Divergence estimators (one forward-mode ``jax.jvp`` per probe, so memory stays
+that of a forward pass): Hutchinson u^T J u with Gaussian or Rademacher probes,
+averaged over ``probes`` probes, or the exact trace (L*D JVPs; small models).
+u^T J u is the same number whether J u comes from a JVP (here) or u^T J from a
+VJP (the official code). The self-conditioning input is recomputed at the same
+(z, gamma) from a zero-input pass and held constant, so the divergence ignores
+its dependence on z (spec 9.5).
+
+Solvers: explicit Runge-Kutta (Euler, Heun = torchdiffeq ``heun2``, RK4 = the
+3/8 rule of torchdiffeq ``rk4``) on a fixed grid under ``lax.scan``, or
+diffrax's Tsit5 with PID step-size control (``adaptive``), which runs under
+``jax.jit`` with the NNX model merged inside. Grids: ``official`` (the
+schedule's quantiles clamp(linspace(0, 1, n+1), 1e-5, 1-1e-5), uniform in its
+CDF, i.e. information-uniform; the official evaluator's grid) or ``gamma``
+(uniform in gamma between the schedule's endpoints).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Callable, Sequence
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from langflow_jax import diffusion
+from langflow_jax.errors import ConfigError
+from langflow_jax.model import LangFlow
+from langflow_jax.objective import token_cross_entropy
+from langflow_jax.schedule import likelihood_u_grid
+
+Array = jax.Array
+
+SOLVERS = ("euler", "heun", "rk4", "adaptive")
+GRIDS = ("official", "gamma")
+ESTIMATORS = ("hutchinson_gaussian", "hutchinson_rademacher", "exact")
+# Above this many coordinates per sequence the exact trace (one JVP each, at
+# every vector-field evaluation) is refused: use a Hutchinson estimator.
+MAX_EXACT_DIM = 16384
+
+
+@dataclasses.dataclass(frozen=True)
+class Tableau:
+  """An explicit Runge-Kutta method: stage abscissae c, stage weights a, weights b."""
+
+  c: tuple[float, ...]
+  a: tuple[tuple[float, ...], ...]  # a[i]: weights of k_0..k_{i-1} for stage i
+  b: tuple[float, ...]
+
+  @property
+  def stages(self) -> int:
+    return len(self.c)
+
+
+TABLEAUS = {
+    "euler": Tableau(c=(0.0,), a=((),), b=(1.0,)),
+    # Explicit trapezoid, torchdiffeq's heun2: K2 at (s_k + ds, y + ds K1).
+    "heun": Tableau(c=(0.0, 1.0), a=((), (1.0,)), b=(0.5, 0.5)),
+    # The 3/8 rule, torchdiffeq's rk4 ("rk4_alt").
+    "rk4": Tableau(c=(0.0, 1 / 3, 2 / 3, 1.0), a=((), (1 / 3,), (-1 / 3, 1.0), (1.0, -1.0, 1.0)),
+                   b=(1 / 8, 3 / 8, 3 / 8, 1 / 8)),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class BoundOptions:
+  """How the bound is computed; every field changes the number (see README)."""
+
+  solver: str = "heun"
+  steps: int = 128                 # fixed-grid steps (the adaptive solver ignores it)
+  grid: str = "official"
+  estimator: str = "hutchinson_gaussian"
+  probes: int = 1                  # Hutchinson probes per vector-field evaluation
+  self_cond: bool = True           # the official evaluator's self-conditioning pre-pass
+  rtol: float = 1e-3               # adaptive solver tolerances
+  atol: float = 1e-3
+  max_steps: int = 4096            # adaptive solver step cap
+
+  def __post_init__(self):
+    checks = [
+        (self.solver in SOLVERS, f"eval.solver='{self.solver}' is unknown.", f"use one of {list(SOLVERS)}."),
+        (self.grid in GRIDS, f"eval.grid='{self.grid}' is unknown.", f"use one of {list(GRIDS)}."),
+        (self.estimator in ESTIMATORS, f"eval.estimator='{self.estimator}' is unknown.",
+         f"use one of {list(ESTIMATORS)}."),
+        (self.steps >= 1, f"eval.steps={self.steps} must be at least 1.", "use e.g. 128."),
+        (self.probes >= 1, f"eval.probes={self.probes} must be at least 1.", "use e.g. 1."),
+        (self.rtol > 0 and self.atol > 0, f"eval.rtol={self.rtol}, eval.atol={self.atol} must be positive.",
+         "use e.g. 1e-3."),
+        (self.max_steps >= 1, f"eval.max_steps={self.max_steps} must be positive.", "use e.g. 4096."),
+    ]
+    for ok, problem, fix in checks:
+      if not ok:
+        raise ConfigError(problem, fix)
+
+  @classmethod
+  def from_config(cls, eval_cfg: ml_collections.ConfigDict) -> "BoundOptions":
+    names = [f.name for f in dataclasses.fields(cls)]
+    return cls(**{k: eval_cfg[k] for k in names if k in eval_cfg})
+
+  @property
+  def evals_per_step(self) -> int:
+    return TABLEAUS[self.solver].stages if self.solver in TABLEAUS else 0
+
+
+@flax.struct.dataclass
+class BoundTerms:
+  """Per-sequence terms of the bound, in nats; padding rows give zeros."""
+
+  reconst_B: Array
+  flow_B: Array
+  prior_B: Array
+  num_tokens_B: Array  # valid tokens (float32)
+
+  @property
+  def total_B(self) -> Array:
+    return self.reconst_B + self.flow_B + self.prior_B
+
+
+@flax.struct.dataclass
+class SolveInfo:
+  """What the integrator did. The per-evaluation arrays are empty for ``adaptive``."""
+
+  gamma_C: Array     # gamma at each vector-field evaluation, in call order
+  div_CxB: Array     # the divergence estimate (u^T J u, or the trace) at each evaluation
+  num_evals: Array   # vector-field evaluations
+  num_steps: Array   # accepted steps
+  ok: Array          # False when the adaptive solver hit max_steps
+
+
+# --------------------------------------------------------------------------- divergence
+
+
+def draw_probes(key: Array, estimator: str, shape: tuple[int, ...]) -> Array:
+  """Hutchinson probes with E[u u^T] = I."""
+  if estimator == "hutchinson_rademacher":
+    return jax.random.rademacher(key, shape, jnp.float32)
+  return jax.random.normal(key, shape, jnp.float32)
+
+
+def hutchinson_divergence(f: Callable[[Array], Array], z_BxLxD: Array,
+                          probes_PxBxLxD: Array) -> tuple[Array, Array]:
+  """f(z) and the mean over probes of u^T (df/dz) u, one JVP per probe."""
+  jvp = lambda u: jax.jvp(f, (z_BxLxD,), (u,))
+  out, ju = jax.vmap(jvp, out_axes=(None, 0))(probes_PxBxLxD)
+  div_PxB = jnp.sum(probes_PxBxLxD * ju, axis=(2, 3))
+  return out, jnp.mean(div_PxB, axis=0)
+
+
+def exact_divergence(f: Callable[[Array], Array], z_BxLxD: Array,
+                     chunk: int = 64) -> tuple[Array, Array]:
+  """f(z) and the exact trace of df/dz per sequence: one JVP per coordinate."""
+  b, l, d = z_BxLxD.shape
+  n = l * d
+  out, lin = jax.linearize(f, z_BxLxD)
+
+  def diagonal_entry(i):
+    e = jnp.zeros((n,), jnp.float32).at[i].set(1.0).reshape(l, d)
+    return lin(jnp.broadcast_to(e, z_BxLxD.shape)).reshape(b, n)[:, i]
+
+  diag_NxB = jax.lax.map(diagonal_entry, jnp.arange(n), batch_size=min(n, chunk))
+  return out, jnp.sum(diag_NxB, axis=0)
+
+
+def denoiser_and_divergence(model: LangFlow, z_BxLxD: Array, gamma_B: Array, mask_BxL: Array,
+                            probes_PxBxLxD: Array | None, opts: BoundOptions) -> tuple[Array, Array]:
+  """x_hat(z, gamma) (zero at padding) and its divergence estimate per sequence."""
+  m = mask_BxL.astype(jnp.float32)[:, :, None]
+  x_sc = None
+  if opts.self_cond and model.self_conditioning:
+    # Recomputed at this (z, gamma) and held constant: excluded from the divergence.
+    x_sc = jax.lax.stop_gradient(model.denoise(model(z_BxLxD, gamma_B, None)))
+  f = lambda z: model.denoise(model(z, gamma_B, x_sc)) * m
+  if opts.estimator == "exact":
+    return exact_divergence(f, z_BxLxD)
+  return hutchinson_divergence(f, z_BxLxD, probes_PxBxLxD * m[None])
+
+
+# --------------------------------------------------------------------------- grids
+
+
+def gamma_grid(model: LangFlow, opts: BoundOptions) -> Array:
+  """gamma_0 < ... < gamma_n, the fixed grid (or the adaptive solver's interval ends)."""
+  n = opts.steps
+  if opts.grid == "official":
+    return model.schedule.gamma(likelihood_u_grid(n)).astype(jnp.float32)
+  lo, hi = model.schedule.endpoints()
+  u = jnp.asarray(np.linspace(0.0, 1.0, n + 1, dtype=np.float32))
+  return (lo + (hi - lo) * u).astype(jnp.float32)
+
+
+def s_grid(model: LangFlow, opts: BoundOptions) -> Array:
+  """The grid in s = exp(-gamma/2), decreasing (clean to noisy)."""
+  return jnp.exp(-0.5 * gamma_grid(model, opts))
+
+
+# --------------------------------------------------------------------------- the bound
+
+
+def _integrate_fixed(field, state0, s_N: Array, tableau: Tableau, probes_source: dict):
+  """Explicit RK on the grid ``s_N``; returns (state_n, gamma_C, div_CxB).
+
+  One ``lax.scan`` iteration per vector-field evaluation (steps x stages), so
+  the compiled body holds a single evaluation whatever the method. The carry
+  is the state and the stage derivatives of the current step. Stage i sits at
+  s_k + c_i ds with ds = s_{k+1} - s_k in float32 and takes y_k + ds sum_j
+  a_ij k_j; the step ends with y_k + ds sum_j b_j k_j. This is torchdiffeq's
+  arithmetic on its negated time axis, to the last bit for Euler and Heun.
+  ``probes_source`` holds per-evaluation ``probes`` or ``keys`` (or nothing).
+  """
+  n, stages = s_N.shape[0] - 1, tableau.stages
+  a_SxS = np.zeros((stages, stages), np.float32)
+  for i, row in enumerate(tableau.a):
+    a_SxS[i, : len(row)] = row
+  step_of = np.repeat(np.arange(n), stages)
+  xs = {
+      "s0": s_N[:-1][step_of],
+      "ds": (s_N[1:] - s_N[:-1])[step_of],
+      "c": jnp.asarray(np.tile(np.asarray(tableau.c, np.float32), n)),
+      "a": jnp.asarray(np.tile(a_SxS, (n, 1))),
+      "stage": jnp.asarray(np.tile(np.arange(stages), n)),
+      **probes_source,
+  }
+
+  def weighted(weights, ks):
+    total = None
+    for j, w in enumerate(weights):
+      term = jax.tree.map(lambda k: w * k[j], ks)
+      total = term if total is None else jax.tree.map(jnp.add, total, term)
+    return total
+
+  def axpy(a, x, y):
+    return jax.tree.map(lambda xi, yi: yi + a * xi, x, y)
+
+  def call(carry, x):
+    state, ks = carry
+    s_i = x["s0"] + x["c"] * x["ds"]
+    y_i = axpy(x["ds"], weighted([x["a"][j] for j in range(stages)], ks), state)
+    # A zero-length step (a grid padded to a common length) costs no evaluation.
+    skip = lambda: (jax.tree.map(jnp.zeros_like, state), -2.0 * jnp.log(s_i), jnp.zeros_like(state[0]))
+    k, gamma, div = jax.lax.cond(x["ds"] == 0, skip, lambda: field(s_i, y_i, x))
+    ks = jax.tree.map(lambda buf, v: buf.at[x["stage"]].set(v), ks, k)
+    stepped = axpy(x["ds"], weighted([w for w in tableau.b], ks), state)
+    last = x["stage"] == stages - 1
+    state = jax.tree.map(lambda new, old: jnp.where(last, new, old), stepped, state)
+    return (state, ks), (gamma, div)
+
+  ks0 = jax.tree.map(lambda v: jnp.zeros((stages,) + v.shape, v.dtype), state0)
+  (state, _), (gamma_C, div_CxB) = jax.lax.scan(call, (state0, ks0), xs)
+  return state, gamma_C, div_CxB
+
+
+def _probe_source(opts: BoundOptions, shape_BxLxD: tuple[int, ...], calls: int, key: Array,
+                  injected: Array | None) -> dict:
+  """Per-evaluation probes, injected (consumed in call order) or keys to draw them."""
+  if opts.estimator == "exact":
+    return {}
+  if injected is None:
+    return {"keys": jax.random.split(key, calls)}
+  probes = jnp.asarray(injected, jnp.float32)
+  if probes.ndim == 4:
+    probes = probes[:, None]  # one probe per evaluation
+  if probes.shape[0] < calls or probes.shape[2:] != tuple(shape_BxLxD):
+    raise ConfigError(
+        f"injected probes have shape {probes.shape}; {calls} evaluations of {tuple(shape_BxLxD)} "
+        f"need [{calls}, (P,) {', '.join(map(str, shape_BxLxD))}].",
+        "pass one probe per vector-field evaluation.")
+  return {"probes": probes[:calls]}
+
+
+def _call_probes(x: dict, opts: BoundOptions, shape_BxLxD: tuple[int, ...]) -> Array | None:
+  if "probes" in x:
+    return x["probes"]
+  if "keys" in x:
+    return draw_probes(x["keys"], opts.estimator, (opts.probes,) + tuple(shape_BxLxD))
+  return x.get("fixed")
+
+
+def _max_rms_norm(tree) -> Array:
+  """Error norm for step-size control: the worst RMS over the state's parts, so the
+  log-density accumulator (B numbers) is not drowned by the B*L*D of y."""
+  return jnp.max(jnp.stack([jnp.sqrt(jnp.mean(jnp.square(x))) for x in jax.tree.leaves(tree)]))
+
+
+def _integrate_adaptive(field, state0, s_start: Array, s_end: Array, probes, opts: BoundOptions):
+  import diffrax  # optional dependency (the ``ode`` extra)
+
+  term = diffrax.ODETerm(lambda s, state, args: field(s, state, {"fixed": probes})[0])
+  controller = diffrax.PIDController(rtol=opts.rtol, atol=opts.atol, norm=_max_rms_norm)
+  sol = diffrax.diffeqsolve(term, diffrax.Tsit5(), s_start, s_end, None, state0,
+                            stepsize_controller=controller, max_steps=opts.max_steps, throw=False,
+                            saveat=diffrax.SaveAt(t1=True))
+  state = jax.tree.map(lambda x: x[-1], sol.ys)
+  ok = sol.result == diffrax.RESULTS.successful
+  return state, sol.stats["num_steps"], sol.stats["num_accepted_steps"], ok
+
+
+def nll_bound(model: LangFlow, ids_BxL: Array, mask_BxL: Array | None, key: Array,
+              opts: BoundOptions, *, eps_BxLxD: Array | None = None, probes: Array | None = None,
+              s_N: Array | None = None) -> tuple[BoundTerms, SolveInfo]:
+  """The bound's terms for a batch of sequences (trace under ``jax.jit``).
+
+  ``key`` draws eps (one per sequence) and the probes; ``eps_BxLxD`` and
+  ``probes`` replace them for parity tests: [calls, (P,) B, L, D], one set per
+  vector-field evaluation in call order, for the fixed-grid solvers; [(P,) B,
+  L, D] for the adaptive one, which keeps one probe set for the whole solve
+  (a smooth field its step-size control can trust). ``s_N`` replaces the
+  fixed grid (the adaptive solver uses its two ends).
+  """
+  ids_BxL = jnp.asarray(ids_BxL)
+  b, l = ids_BxL.shape
+  d = model.hidden_size
+  mask_BxL = jnp.ones((b, l), bool) if mask_BxL is None else jnp.asarray(mask_BxL)
+  m_BxL = mask_BxL.astype(jnp.float32)
+  if opts.estimator == "exact" and l * d > MAX_EXACT_DIM:
+    raise ConfigError(f"eval.estimator=exact needs {l * d} JVPs per evaluation (L*D); at most "
+                      f"{MAX_EXACT_DIM} are allowed.", "use eval.estimator=hutchinson_gaussian.")
+  k_eps, k_probe = jax.random.split(key)
+
+  # z_0 at gamma_min exactly (the grid may start a hair later, as upstream).
+  gamma_min, _ = model.schedule.endpoints()
+  gamma0_B = jnp.full((b,), gamma_min, jnp.float32)
+  _, sigma0 = diffusion.alpha_sigma(gamma_min)
+  e_BxLxD = model.embed(ids_BxL)
+  eps = (jax.random.normal(k_eps, e_BxLxD.shape, jnp.float32) if eps_BxLxD is None
+         else jnp.asarray(eps_BxLxD, jnp.float32))
+  z0 = diffusion.add_noise(e_BxLxD, gamma0_B, eps)
+
+  # Reconstruction at gamma_min, with the self-conditioning pre-pass.
+  x_sc = None
+  if opts.self_cond and model.self_conditioning:
+    x_sc = jax.lax.stop_gradient(model.denoise(model(z0, gamma0_B, None)))
+  logits = model(z0, gamma0_B, x_sc)
+  reconst_B = jnp.sum(token_cross_entropy(logits, ids_BxL) * m_BxL, axis=-1)
+
+  def field(s, state, x):
+    gamma = -2.0 * jnp.log(s)
+    _, sigma = diffusion.alpha_sigma(gamma)
+    gamma_B = jnp.full((b,), gamma, jnp.float32)
+    probe = _call_probes(x, opts, (b, l, d))
+    x_hat, div_B = denoiser_and_divergence(model, sigma * state[1], gamma_B, mask_BxL, probe, opts)
+    return (sigma * div_B, x_hat), gamma, div_B
+
+  state0 = (jnp.zeros((b,), jnp.float32), z0 / sigma0)
+  s_N = s_grid(model, opts) if s_N is None else jnp.asarray(s_N, jnp.float32)
+  if opts.solver == "adaptive":
+    shape = (opts.probes, b, l, d)
+    if opts.estimator == "exact":
+      fixed = None
+    elif probes is not None:
+      fixed = jnp.asarray(probes, jnp.float32).reshape(shape)
+    else:
+      fixed = draw_probes(k_probe, opts.estimator, shape)
+    state, attempted, accepted, ok = _integrate_adaptive(field, state0, s_N[0], s_N[-1], fixed, opts)
+    # Tsit5 is first-same-as-last: 6 new evaluations per attempted step, plus
+    # one at the start and two for the automatic initial step size.
+    info = SolveInfo(gamma_C=jnp.zeros((0,)), div_CxB=jnp.zeros((0, b)),
+                     num_evals=6 * attempted + 3, num_steps=accepted, ok=ok)
+  else:
+    tableau = TABLEAUS[opts.solver]
+    n = s_N.shape[0] - 1
+    source = _probe_source(opts, (b, l, d), n * tableau.stages, k_probe, probes)
+    state, gamma_C, div_CxB = _integrate_fixed(field, state0, s_N, tableau, source)
+    steps = jnp.sum(s_N[1:] != s_N[:-1])  # zero-length padding steps do not count
+    info = SolveInfo(gamma_C=gamma_C, div_CxB=div_CxB, num_evals=steps * tableau.stages,
+                     num_steps=steps, ok=jnp.asarray(True))
+
+  a_B, y_BxLxD = state
+  flow_B = -a_B
+  tokens_B = jnp.sum(m_BxL, axis=-1)
+  prior_B = 0.5 * jnp.sum(jnp.square(y_BxLxD) * m_BxL[:, :, None], axis=(1, 2)) - tokens_B * (d / 2)
+  return BoundTerms(reconst_B, flow_B, prior_B, tokens_B), info
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _bound_jit(graphdef, opts, state, ids, mask, key, eps, probes, s_N):
+  model = nnx.merge(graphdef, state)
+  return nll_bound(model, ids, mask, key, opts, eps_BxLxD=eps, probes=probes, s_N=s_N)
+
+
+def make_bound_fn(model: LangFlow, opts: BoundOptions) -> Callable[..., tuple[BoundTerms, SolveInfo]]:
+  """A jitted ``fn(ids, mask, key, eps=None, probes=None, s_N=None)`` for ``model``.
+
+  The weights are an argument of the compiled function, not constants baked
+  into it, and the compilation is cached by (model structure, options,
+  shapes): every batch of the same shape, and every model of the same
+  structure, reuses it. Grids passed as ``s_N`` are traced, so grids of
+  different step counts padded to one length (repeating the last point: a
+  zero-length step changes nothing) share one compilation.
+  """
+  graphdef, state = nnx.split(model)
+  return lambda ids, mask, key, eps=None, probes=None, s_N=None: _bound_jit(
+      graphdef, opts, state, ids, mask, key, eps, probes, s_N)
+
+
+def padded_s_grids(model: LangFlow, opts: BoundOptions, steps: Sequence[int]) -> np.ndarray:
+  """Fixed grids for several step counts, each padded to the longest with its last point."""
+  n_max = max(steps)
+  rows = []
+  for n in steps:
+    s = np.asarray(s_grid(model, dataclasses.replace(opts, steps=int(n))))
+    rows.append(np.concatenate([s, np.full((n_max - n,), s[-1], np.float32)]))
+  return np.stack(rows)
+
+
+def flow_integrand(gamma_C: Array, div_sum_C: Array, num_tokens: float) -> Array:
+  """d(flow)/dgamma per token at each evaluation: (alpha/2) * div, summed over sequences."""
+  alpha_C, _ = diffusion.alpha_sigma(gamma_C)
+  return 0.5 * alpha_C * div_sum_C / max(float(num_tokens), 1.0)
+
+
+def nats_to_bits(nats: float) -> float:
+  return nats / math.log(2.0)

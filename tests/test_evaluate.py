@@ -1,0 +1,105 @@
+"""`langflow-jax eval`: a user's own text file end to end, the card, JSON and plot."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from langflow_jax import checkpoint as ckpt_lib
+from langflow_jax import cli, evaluate, train
+from tests.conftest import small_config
+
+EVAL_ARGS = ["--config.eval.steps=4", "--config.eval.batch_size=4", "--config.eval.num_batches=2",
+             "--config.eval.plot_steps=(2, 4)", "--config.eval.plot_batches=2"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+  """A run directory as the trainer writes it, and a user's text file to measure.
+
+  The checkpoint (step 2) holds a fresh state whose raw weights are nudged away
+  from the EMA ones; training itself is tested elsewhere and is not needed to
+  exercise the evaluation path.
+  """
+  root = tmp_path_factory.mktemp("eval")
+  mine = root / "my_notes.txt"
+  mine.write_text("Notes on the harbour: ships, tides, cargo and the price of grain.\n\n" * 30)
+  c = small_config()
+  tx = train.make_optimizer(c.optimizer, c.train.steps)
+  state = jax.jit(lambda: train.fresh_train_state(c, tx))()
+  state = state.replace(params=jax.tree.map(lambda p: p * 1.01 + 0.01, state.params))
+  checkpointer = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(root / "run"), async_save=False)
+  checkpointer.save(2, state, ckpt_lib.meta_json(c, {"step": 2}), force=True)
+  checkpointer.close()
+  return root / "run", mine
+
+
+def test_user_text_file_through_the_cli(run, capsys):
+  workdir, mine = run
+  code = cli.main(["eval", "--workdir", str(workdir), "--data", f"file:{mine}", "--plot", *EVAL_ARGS])
+  out = capsys.readouterr().out
+  assert code == 0
+  for text in ("nats/token", "bits/token", "perplexity", "standard error", "reconstruction", "flow", "prior",
+               "protocol card",
+               "solver", "estimator", "weights", "EMA", "seed"):
+    assert text in out, text
+  path = workdir / "eval" / "my-notes-txt_all_heun4.json"
+  saved = json.loads(path.read_text())
+  terms = saved["terms_nats_per_token"]
+  assert saved["nats_per_token"] == pytest.approx(sum(terms.values()), rel=1e-9)
+  assert saved["bits_per_token"] == pytest.approx(saved["nats_per_token"] / np.log(2))
+  assert saved["perplexity"] == pytest.approx(np.exp(saved["nats_per_token"]))
+  assert 0 < saved["nats_per_token_stderr"] < 0.5 * saved["nats_per_token"]
+  card = saved["card"]
+  assert card["data"] == f"file:{mine}" and card["split"] == "all" and card["seq_len"] == 32
+  assert card["tokens"] == saved["num_tokens"] == 32 * saved["num_sequences"]  # wrapped: every position
+  assert card["batches"] == "2 x 4 sequences" and card["estimator"].startswith("hutchinson_gaussian")
+  assert [r["steps"] for r in saved["sweep"]] == [2, 4]
+  assert saved["sweep"][-1]["total"] == pytest.approx(saved["nats_per_token"], rel=1e-6)  # same data, seed, grid
+  assert len(saved["integrand"]["gamma"]) == 8  # 4 Heun steps, 2 evaluations each
+  assert (workdir / "eval" / "my-notes-txt_all_heun4.png").stat().st_size > 10_000
+
+
+def test_checkpoint_path_and_seed_reproduce_the_number(run):
+  workdir, mine = run
+  overrides = [a[2:] for a in EVAL_ARGS]
+  a = evaluate.evaluate_workdir(workdir, overrides, data=f"file:{mine}", write=False)
+  b = evaluate.evaluate_workdir(None, overrides, checkpoint=workdir / "checkpoints" / "2",
+                                data=f"file:{mine}", write=False)
+  c = evaluate.evaluate_workdir(workdir, [*overrides, "config.eval.seed=2"], data=f"file:{mine}", write=False)
+  assert a.nats_per_token == b.nats_per_token and a.card["checkpoint"] == b.card["checkpoint"]
+  assert c.nats_per_token != a.nats_per_token  # another eps/probe draw
+  raw = evaluate.evaluate_workdir(workdir, [*overrides, "config.eval.use_ema=false"], data=f"file:{mine}",
+                                  write=False)
+  assert raw.card["weights"].startswith("raw") and raw.nats_per_token != a.nats_per_token
+
+
+@pytest.mark.parametrize("args, message", [
+    (["eval"], "nothing to evaluate"),
+    (["eval", "--checkpoint", "/nonexistent/dir"], "neither a run's checkpoint step"),
+    (["eval", "--workdir", "/nonexistent/run"], "has no checkpoints/ directory"),
+])
+def test_eval_mistakes_are_one_line(capsys, args, message):
+  assert cli.main(args) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and message in err[0]
+
+
+def test_card_and_name_for_the_adaptive_solver(run):
+  workdir, _ = run
+  config, model, source, out_dir = evaluate.load_for_eval(workdir, None, ["config.eval.solver=adaptive"])
+  opts = evaluate.lk.BoundOptions.from_config(config.eval)
+  totals = evaluate._Totals(tokens=64.0, sequences=2, evals=45, steps=7)
+  card = evaluate.protocol_card(config, model, opts, split="heldout", totals=totals, num_batches=1, source=source)
+  assert card["solver"].startswith("adaptive (diffrax Tsit5, rtol 0.001")
+  assert card["steps"] == "7 accepted (largest batch), 45 evaluations"
+  assert card["weights"] == "EMA" and card["checkpoint"].endswith("checkpoints/2")
+  assert evaluate.default_name(config, "heldout") == "sotu_heldout_adaptive-rtol0.001"
+  assert out_dir == workdir / "eval"
+
+
+def test_official_release_directory_loads(fixture_dir):
+  config, model, source, out_dir = evaluate.load_for_eval(None, fixture_dir, ["config.eval.steps=8"])
+  assert source["weights"] == "official release, as stored" and out_dir == fixture_dir / "eval"
+  assert config.model.vocab_size == 307 and config.eval.steps == 8 and model.hidden_size == 96
