@@ -231,3 +231,14 @@ def test_unknown_dataset_and_tokenizer():
     sources.load_documents(cfg, "train")
   with pytest.raises(DataError, match="unknown tokenizer 'spm32k'"):
     load_tokenizer("spm32k")
+
+
+def test_row_mask_indexes_like_the_array_it_stands_for():
+  from langflow_jax.data.prepare import RowMask
+
+  for lengths in (None, np.array([1, 2, 3, 4, 0])):
+    lazy = RowMask(lengths, 5, 4)
+    dense = np.asarray(lazy)
+    assert dense.shape == (5, 4)
+    for index in (2, [1, 3], slice(1, 4), np.array([0, 4])):
+      np.testing.assert_array_equal(lazy[index], dense[index])

@@ -69,8 +69,11 @@ class RowMask:
 
   def __getitem__(self, rows) -> np.ndarray:
     if self.lengths is None:
-      n = len(range(*rows.indices(self.shape[0]))) if isinstance(rows, slice) else np.asarray(rows).shape[0]
-      return np.ones((n, self.shape[1]), bool)
+      if isinstance(rows, slice):
+        lead = (len(range(*rows.indices(self.shape[0]))),)
+      else:
+        lead = np.shape(rows)  # () for one row, (n,) for an index array
+      return np.ones(lead + (self.shape[1],), bool)
     return np.arange(self.shape[1]) < np.asarray(self.lengths[rows])[..., None]
 
   def __array__(self, dtype=None, copy=None) -> np.ndarray:
