@@ -3,6 +3,7 @@
     langflow-jax train  --config tiny --workdir runs/demo [--config.train.steps=200 ...]
     langflow-jax config --config tiny [--config.x=y ...]     # print the resolved config
     langflow-jax demo   --workdir runs/demo                    # what `make demo` runs
+    langflow-jax aot    --config owt --devices 64 [--memory-gb 80]  # memory per device, no hardware
 
 Every subcommand is a thin wrapper around an importable function. Mistakes a
 user can make end with one line on stderr naming the problem and the fix, and
@@ -83,10 +84,19 @@ def cmd_demo(args, overrides) -> int:
   return 0
 
 
+def cmd_aot(args, overrides) -> int:
+  from langflow_jax import aot
+
+  report = aot.run(args.config, overrides, args.devices)
+  print(json.dumps(report.to_json()) if args.json else report.format(args.memory_gb))
+  return 0
+
+
 COMMANDS: dict[str, tuple[Callable, str]] = {
     "train": (cmd_train, "train a model (resumes from --workdir when it has checkpoints)"),
     "config": (cmd_config, "print the resolved config"),
     "demo": (cmd_demo, "train the tiny config, evaluate it and print samples"),
+    "aot": (cmd_aot, "compile the train step for N simulated devices and report memory per device"),
 }
 
 
@@ -98,11 +108,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(name, help=help_text)
     p.set_defaults(func=func)
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
-    if name in ("train", "config"):
+    if name in ("train", "config", "aot"):
       p.add_argument("--config", default="tiny", help="config name in configs/ or path to a .py file")
     if name in ("train", "demo"):
       p.add_argument("--workdir", required=(name == "train"), default="runs/demo",
                      help="run directory (checkpoints, metrics, plots)")
+    if name == "aot":
+      p.add_argument("--devices", type=int, required=True, help="number of devices of the target mesh")
+      p.add_argument("--memory-gb", type=float, default=None, help="memory per device, to say whether it fits")
+      p.add_argument("--json", action="store_true", help="print the report as one JSON line")
   return parser
 
 
