@@ -146,7 +146,13 @@ class DDiTBlock(nnx.Module):
   def attention(self, a_BxLxD: Array, cos: Array, sin: Array) -> Array:
     b, l, d = a_BxLxD.shape
     h = self.n_heads
-    qkv = self.attn_qkv(a_BxLxD).reshape(b, l, 3, h, d // h)
+    # The fused [D, 3D] kernel seen as [D, 3, H, K]: each tensor-parallel device
+    # computes its own heads of q, k and v (contiguous column shards of the
+    # fused kernel would split them across devices).
+    dtype = self.attn_qkv.dtype or jnp.float32
+    kernel = self.attn_qkv.kernel[...].reshape(d, 3, h, d // h)
+    kernel = parallel.constrain(kernel, (None, None, "act_heads", None))
+    qkv = jnp.einsum("bld,dthk->blthk", a_BxLxD.astype(dtype), kernel.astype(dtype))
     q, k, v = (parallel.constrain(qkv[:, :, i], BLHK) for i in range(3))
     q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
     scores_BxHxLxL = jnp.einsum("bqhk,bshk->bhqs", q, k, preferred_element_type=jnp.float32)

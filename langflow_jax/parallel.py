@@ -240,6 +240,7 @@ def check_batch(global_batch: int, mesh: Mesh, what: str = "train.batch_size", g
                       f"(mesh data x fsdp).", f"use a multiple of {dp * grad_accum}.")
 
 
+@functools.lru_cache(maxsize=16)
 def data_shard(mesh: Mesh) -> tuple[int, int]:
   """``(index, count)``: this process feeds row block ``index`` of ``count`` of every batch.
 
@@ -338,7 +339,9 @@ def distributed_init_args(env: Mapping[str, str] | None = None) -> dict[str, Any
   if forced == "1":
     return {}
   several = lambda key: env.get(key, "1").isdigit() and int(env.get(key, "1")) > 1
-  if (("SLURM_JOB_ID" in env and several("SLURM_NTASKS")) or several("OMPI_COMM_WORLD_SIZE")
+  # inside an srun step with several tasks (not a batch script that merely asked for them)
+  slurm_tasks = "SLURM_STEP_NUM_TASKS" if "SLURM_STEP_NUM_TASKS" in env else "SLURM_NTASKS"
+  if (("SLURM_STEP_NODELIST" in env and several(slurm_tasks)) or several("OMPI_COMM_WORLD_SIZE")
       or "," in env.get("TPU_WORKER_HOSTNAMES", "") or "MEGASCALE_COORDINATOR_ADDRESS" in env):
     return {}
   return None

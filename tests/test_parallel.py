@@ -95,13 +95,14 @@ def test_batch_that_does_not_split_over_the_mesh_is_a_config_error():
 
 @pytest.mark.parametrize("env, expected", [
     ({}, None),
-    ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"}, None),  # one task: all local GPUs, no coordinator
-    ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4"}, {}),
+    ({"SLURM_STEP_NODELIST": "n1", "SLURM_NTASKS": "1"}, None),  # one task: all local GPUs
+    ({"SLURM_STEP_NODELIST": "n[1-4]", "SLURM_NTASKS": "4"}, {}),
+    ({"SLURM_STEP_NODELIST": "n1", "SLURM_NTASKS": "4", "SLURM_STEP_NUM_TASKS": "1"}, None),  # batch step
     ({"OMPI_COMM_WORLD_SIZE": "2"}, {}),
     ({"TPU_WORKER_HOSTNAMES": "t-0,t-1"}, {}),
     ({"TPU_WORKER_HOSTNAMES": "localhost"}, None),
     ({"LANGFLOW_JAX_DISTRIBUTED": "1"}, {}),
-    ({"LANGFLOW_JAX_DISTRIBUTED": "0", "SLURM_JOB_ID": "7", "SLURM_NTASKS": "4"}, None),
+    ({"LANGFLOW_JAX_DISTRIBUTED": "0", "SLURM_STEP_NODELIST": "n[1-4]", "SLURM_NTASKS": "4"}, None),
     ({"JAX_COORDINATOR_ADDRESS": "h:1234", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"},
      {"coordinator_address": "h:1234", "num_processes": 2, "process_id": 1}),
 ])
@@ -193,6 +194,15 @@ def test_aot_memory_report_is_consistent_with_the_shardings(mesh_results):
   assert r["argument"] >= r["state"] + r["batch"]
   assert r["peak"] >= r["state"] + r["temp"]
   assert "peak per device" in report["aot_text"] and "DOES NOT FIT in 0.001 GiB" in report["aot_text"]
+
+
+def test_helpers_run_a_model_sharded_like_one_device(mesh_results):
+  _, report = mesh_results
+  h = report["helpers"]
+  assert h["max_abs"] > 0.1 and h["max_abs_diff"] <= 1e-4 * h["max_abs"]
+  assert h["noise_matches"]  # random draws do not depend on the mesh
+  assert h["embedding_spec"] == ["tensor", "fsdp"]
+  assert h["z_spec"] == [["data", "fsdp"], None, None] and h["out_spec"] == [["data", "fsdp"], None, None]
 
 
 # --------------------------------------------------------------------------- two processes
@@ -307,8 +317,45 @@ def _meshes_worker(out: pathlib.Path) -> None:
       mem = aot.train_memory_report(cfg, jax.devices(), config_name="small")
       report["aot"], report["aot_text"] = mem.to_json(), mem.format(memory_gb=0.001)
   report["num_params_bytes"] = sum(int(x.size) * 4 for x in jax.tree.leaves(ref_params))
+  report["helpers"] = _helpers_check(cfg)
   np.savez(out / "grads.npz", **grads_out)
   (out / "report.json").write_text(json.dumps(report))
+
+
+def _helpers_check(cfg) -> dict:
+  """The recipe the sampler and likelihood follow: shard_model, shard_batch, mesh_jit, to_host."""
+  import jax
+  from flax import nnx
+
+  from langflow_jax.model import create_model
+
+  z = np.asarray(jax.random.normal(jax.random.PRNGKey(5), (BATCH, 32, 32)))
+  gamma = np.linspace(-2.0, 4.0, BATCH, dtype=np.float32)
+  model = create_model(cfg, seed=1)
+  nnx.update(model, jax.tree.map(lambda x: x + 0.01, nnx.state(model, nnx.Param)))  # non-zero heads
+  graphdef, state = nnx.split(model)
+  reference = np.asarray(jax.jit(lambda s, z, g: nnx.merge(graphdef, s)(z, g))(state, z, gamma))
+  cfg.mesh.update(data=2, fsdp=2, tensor=2)
+  mesh = parallel.make_mesh(cfg.mesh)
+  graphdef, state = nnx.split(parallel.shard_model(model, mesh))
+  z_sharded, gamma_sharded = parallel.shard_batch((z, gamma), mesh)
+
+  def logits(state, z, gamma):  # noise drawn inside, pinned to the batch layout
+    extra = parallel.constrain(jax.random.normal(jax.random.PRNGKey(6), z.shape), ("batch", "length", None))
+    return nnx.merge(graphdef, state)(z, gamma), extra
+
+  fn = parallel.mesh_jit(logits, mesh, in_shardings=(parallel.tree_shardings(state, mesh),
+                                                     parallel.batch_sharding(mesh, 3),
+                                                     parallel.batch_sharding(mesh, 1)),
+                         out_shardings=parallel.batch_sharding(mesh, 3))
+  out, extra = fn(state, z_sharded, gamma_sharded)
+  embedding = state["backbone"]["vocab_embed"]["embedding"][...]
+  return {"max_abs_diff": float(np.max(np.abs(parallel.to_host(out) - reference))),
+          "max_abs": float(np.max(np.abs(reference))),
+          "noise_matches": bool(np.array_equal(parallel.to_host(extra),
+                                               np.asarray(jax.random.normal(jax.random.PRNGKey(6), z.shape)))),
+          "embedding_spec": list(_spec(embedding)), "z_spec": list(_spec(z_sharded)),
+          "out_spec": list(_spec(out))}
 
 
 def _two_processes_worker(workdir: str) -> None:
@@ -321,6 +368,7 @@ def _two_processes_worker(workdir: str) -> None:
   cfg = small_config()
   cfg.mesh.update(data=2, fsdp=2, tensor=1)
   cfg.train.update(steps=3, log_every=1, eval_every=3, checkpoint_every=3)
+  cfg.objective.self_cond_prob = 0.0  # a smaller program to compile
   summary = train.train_and_evaluate(cfg, workdir)
 
   split = pipeline.load_split(cfg.data, "train")
