@@ -102,7 +102,8 @@ def main() -> None:
   parser.add_argument("--quick", action="store_true", help="smoke run")
   parser.add_argument("--devices", type=int, default=8, help="simulated CPU devices for the throughput table")
   parser.add_argument("--steps", type=int, default=None, help="timed steps per layout")
-  parser.add_argument("--skip-aot", action="store_true")
+  parser.add_argument("--skip-aot", action="store_true", help="only the throughput table")
+  parser.add_argument("--skip-throughput", action="store_true", help="only the AOT memory table")
   parser.add_argument("--out", type=pathlib.Path, default=None, help="also write the figures as JSON")
   args = parser.parse_args()
   steps = args.steps or (2 if args.quick else 10)
@@ -112,14 +113,15 @@ def main() -> None:
   os.environ["JAX_NUM_CPU_DEVICES"] = str(args.devices)
   import jax
 
-  print(f"{config_name} config, train step on {args.devices} simulated CPU devices sharing "
-        f"{os.cpu_count()} cores ({steps} timed steps per layout)", flush=True)
-  results = {"config": config_name, "jax": jax.__version__,
-             "throughput": throughput_table(config_name, args.devices, steps, args.quick)}
-  print(f"\n{'layout':<26} {'tokens/s':>9} {'step ms':>8} {'overhead vs 1 device':>21}")
-  for r in results["throughput"]:
-    print(f"{r['layout']:<26} {r['tokens_per_s']:9.0f} {1000 * r['step_s']:8.1f} "
-          f"{r['overhead_vs_one_device']:20.2f}x")
+  results = {"config": config_name, "jax": jax.__version__}
+  if not args.skip_throughput:
+    print(f"{config_name} config, train step on {args.devices} simulated CPU devices sharing "
+          f"{os.cpu_count()} cores ({steps} timed steps per layout)", flush=True)
+    results["throughput"] = throughput_table(config_name, args.devices, steps, args.quick)
+    print(f"\n{'layout':<26} {'tokens/s':>9} {'step ms':>8} {'overhead vs 1 device':>21}")
+    for r in results["throughput"]:
+      print(f"{r['layout']:<26} {r['tokens_per_s']:9.0f} {1000 * r['step_s']:8.1f} "
+            f"{r['overhead_vs_one_device']:20.2f}x")
 
   if not args.skip_aot:
     print("\nahead-of-time memory per device (train step, CPU compile; state exact, temp an estimate)",

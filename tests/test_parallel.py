@@ -205,6 +205,16 @@ def test_helpers_run_a_model_sharded_like_one_device(mesh_results):
   assert h["z_spec"] == [["data", "fsdp"], None, None] and h["out_spec"] == [["data", "fsdp"], None, None]
 
 
+def test_aot_cli_reports_a_mesh_that_does_not_fit_in_one_line():
+  proc = subprocess.run([sys.executable, "-m", "langflow_jax.cli", "aot", "--config", "tiny", "--devices", "3",
+                         "--config.mesh.tensor=2"], env=_subprocess_env(1), cwd=ROOT, capture_output=True,
+                        text=True, timeout=300)
+  err = [l for l in proc.stderr.strip().splitlines() if l.startswith("langflow-jax")]
+  assert proc.returncode == 2 and err == [
+      "langflow-jax: error: mesh {'data': -1, 'fsdp': 1, 'tensor': 2} does not fit 3 devices. "
+      "Fix: make the fixed axes multiply to a divisor of 3."]
+
+
 # --------------------------------------------------------------------------- two processes
 
 
