@@ -4,7 +4,9 @@ The distributed engine is JAX's own: ``jax.jit`` with ``NamedSharding`` on a
 ``Mesh`` of three Auto axes,
 
 * ``data``: pure data parallelism (parameters replicated),
-* ``fsdp``: data parallelism with parameters and optimizer state sharded,
+* ``fsdp``: data parallelism with parameters and optimizer state sharded
+  (every parameter with a dimension that divides: the rule's dimension
+  first, else its largest free one),
 * ``tensor``: tensor parallelism over heads, MLP width and vocabulary.
 
 Every parameter names its dimensions with logical axes (``model.py``), and so
@@ -137,8 +139,7 @@ def logical_to_spec(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: 
     if axis is not None and axis not in LOGICAL_RULES:
       raise ValueError(f"logical axis '{axis}' has no sharding rule")
     rule = LOGICAL_RULES.get(axis) if axis is not None else None
-    names = () if rule is None else ((rule,) if isinstance(rule, str) else tuple(rule))
-    names = tuple(n for n in names if mesh.shape[n] > 1)
+    names = tuple(n for n in _mesh_axes_of(rule) if mesh.shape[n] > 1)
     size = math.prod(mesh.shape[n] for n in names)
     if not names or dim % size or used & set(names):
       spec.append(None)
@@ -152,12 +153,32 @@ def _is_var(x: Any) -> bool:
   return isinstance(x, nnx.Variable)
 
 
+def _mesh_axes_of(entry: Any) -> tuple[str, ...]:
+  return () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))
+
+
+def _with_fsdp(spec: P, shape: tuple[int, ...], mesh: Mesh | AbstractMesh) -> P:
+  """Shards a parameter over ``fsdp`` on its largest free dividing dim if its rules did not.
+
+  E.g. the adaLN kernels [C, 6D] once C=128 no longer divides by fsdp=256.
+  """
+  size = mesh.shape["fsdp"]
+  entries = list(spec) + [None] * (len(shape) - len(spec))
+  if size == 1 or any("fsdp" in _mesh_axes_of(e) for e in entries):
+    return spec
+  free = [i for i, (e, dim) in enumerate(zip(entries, shape)) if e is None and dim % size == 0]
+  if not free:
+    return spec
+  entries[max(free, key=lambda i: shape[i])] = "fsdp"
+  return P(*entries)
+
+
 def tree_shardings(tree: Any, mesh: Mesh | AbstractMesh) -> Any:
   """NamedShardings for a pytree of parameters, optimizer state or a train state.
 
-  Variables carrying ``logical_axes`` follow the rules (optimizer moments
-  and the EMA inherit them from the parameters); everything else (counters,
-  keys, buffers) is replicated.
+  Variables carrying ``logical_axes`` follow the rules, plus the FSDP
+  fallback (optimizer moments and the EMA inherit the axes from the
+  parameters); everything else (counters, keys, buffers) is replicated.
   """
   def leaf_sharding(x):
     if _is_var(x):
@@ -165,8 +186,9 @@ def tree_shardings(tree: Any, mesh: Mesh | AbstractMesh) -> Any:
         return x  # e.g. optax's MaskedNode: no arrays, nothing to place
       axes = x.get_metadata().get("logical_axes")
       shape = tuple(x.shape)
-      spec = logical_to_spec(tuple(axes), shape, mesh) if axes is not None and len(axes) == len(shape) else P()
-      return x.replace(NamedSharding(mesh, spec))
+      if axes is None or len(axes) != len(shape):
+        return x.replace(NamedSharding(mesh, P()))
+      return x.replace(NamedSharding(mesh, _with_fsdp(logical_to_spec(tuple(axes), shape, mesh), shape, mesh)))
     return NamedSharding(mesh, P())
 
   return jax.tree.map(leaf_sharding, tree, is_leaf=_is_var)

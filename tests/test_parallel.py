@@ -83,6 +83,20 @@ def test_rules_skip_non_dividing_dims_and_reused_mesh_axes():
     parallel.logical_to_spec(("nonsense",), (4,), mesh)
 
 
+def test_fsdp_shards_every_parameter_that_has_a_dividing_dim():
+  import jax.numpy as jnp
+  from flax import nnx
+  from jax.sharding import AbstractMesh, AxisType, PartitionSpec as P
+
+  mesh = AbstractMesh((1, 4, 1), parallel.MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+  tree = {"ada": nnx.Param(jnp.zeros((6, 8)), logical_axes=("cond", "modulation")),  # C=6 does not divide
+          "mlp": nnx.Param(jnp.zeros((8, 12)), logical_axes=("embed", "mlp")),
+          "odd": nnx.Param(jnp.zeros((3, 5)), logical_axes=("cond", "mlp")),
+          "buffer": nnx.Variable(jnp.zeros((8,)))}                                # no axes: replicated
+  specs = {k: v.get_raw_value().spec for k, v in parallel.tree_shardings(tree, mesh).items()}
+  assert specs == {"ada": P(None, "fsdp"), "mlp": P("fsdp", None), "odd": P(None, None), "buffer": P()}
+
+
 def test_batch_that_does_not_split_over_the_mesh_is_a_config_error():
   import jax
 
@@ -164,7 +178,7 @@ def test_parameters_and_optimizer_state_are_sharded_by_the_rules(mesh_results):
       "backbone.vocab_embed.embedding": ["tensor", "fsdp"],
       "backbone.output_layer.linear.kernel": ["fsdp", "tensor"],
       "backbone.self_cond_proj.kernel": [None, "fsdp"],
-      "backbone.blocks.0.norm1.scale": [None],
+      "backbone.blocks.0.norm1.scale": ["fsdp"],  # no rule: the FSDP fallback
       "schedule.loc": [],
   }
   for part in ("params", "ema_params", "mu", "nu"):
