@@ -61,6 +61,7 @@ class MemoryReport:
   temp: int              # XLA: activations, gradients, workspaces
   generated_code: int
   compile_seconds: float
+  grad_accum: int = 1
 
   @property
   def state(self) -> int:
@@ -77,9 +78,11 @@ class MemoryReport:
   def format(self, memory_gb: float | None = None) -> str:
     g = _size
     mesh = " x ".join(f"{k}={v}" for k, v in self.mesh.items())
+    micro = (f" in {self.grad_accum} micro-batches of {self.batch_per_device // self.grad_accum}"
+             if self.grad_accum > 1 else "")
     lines = [
         f"train step of '{self.config_name}' on {self.devices} devices ({mesh}), "
-        f"{self.batch_per_device} sequences per device; compiled in {self.compile_seconds:.0f} s",
+        f"{self.batch_per_device} sequences per device{micro}; compiled in {self.compile_seconds:.0f} s",
         f"  parameters        {g(self.params)}",
         f"  EMA               {g(self.ema)}",
         f"  optimizer state   {g(self.opt_state)}",
@@ -123,7 +126,8 @@ def train_memory_report(config: ml_collections.ConfigDict, devices: Sequence[Any
       batch=parallel.per_device_bytes(batch, batch_sh),
       argument=int(stats.argument_size_in_bytes), output=int(stats.output_size_in_bytes),
       alias=int(stats.alias_size_in_bytes), temp=int(stats.temp_size_in_bytes),
-      generated_code=int(stats.generated_code_size_in_bytes), compile_seconds=seconds)
+      generated_code=int(stats.generated_code_size_in_bytes), compile_seconds=seconds,
+      grad_accum=int(config.train.grad_accum))
 
 
 def simulated_cpu_devices(n: int) -> list:
