@@ -10,6 +10,7 @@
     langflow-jax sample --workdir runs/demo --num 8 --steps 128 [--prompt TEXT | --infill TEXT]
     langflow-jax genppl --samples samples.json                 # Gen. PPL + entropy of a sample file
     langflow-jax eval   --workdir runs/demo [--data file:my.txt] [--plot]   # likelihood bound
+    langflow-jax aot    --config owt --devices 64 [--memory-gb 80]  # memory per device, no hardware
 
 Every subcommand is a thin wrapper around an importable function. Mistakes a
 user can make (and a full disk, missing permissions or device memory) end with
@@ -205,6 +206,11 @@ def cmd_eval(args, overrides) -> int:
   result = evaluate.evaluate_workdir(args.workdir, overrides, checkpoint=args.checkpoint, data=args.data,
                                      split=args.split, name=args.name, plot=args.plot, progress=True)
   print(result.report())
+def cmd_aot(args, overrides) -> int:
+  from langflow_jax import aot
+
+  report = aot.run(args.config, overrides, args.devices)
+  print(json.dumps(report.to_json()) if args.json else report.format(args.memory_gb))
   return 0
 
 
@@ -219,6 +225,7 @@ COMMANDS: dict[str, tuple[Callable, str]] = {
     "sample": (cmd_sample, "generate text from a trained run (prompts, infill, best-of-n)"),
     "genppl": (cmd_genppl, "generative perplexity and entropy of a sample file"),
     "eval": (cmd_eval, "the ODE likelihood bound (nats/token, terms, protocol card) of a run or checkpoint"),
+    "aot": (cmd_aot, "compile the train step for N simulated devices and report memory per device"),
 }
 
 
@@ -230,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(name, help=help_text)
     p.set_defaults(func=func)
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
-    if name in ("train", "config"):
+    if name in ("train", "config", "aot"):
       p.add_argument("--config", default="tiny", help="config name in configs/ or path to a .py file")
     if name == "prepare":
       _prepare_arguments(p)
@@ -268,6 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
       p.add_argument("--split", default=None, help="train | heldout | all (default eval.split; all with --data)")
       p.add_argument("--name", default=None, help="name of the JSON/PNG written under eval/")
       p.add_argument("--plot", action="store_true", help="also write the bound-vs-steps and integrand PNG")
+    if name == "aot":
+      p.add_argument("--devices", type=int, required=True, help="number of devices of the target mesh")
+      p.add_argument("--memory-gb", type=float, default=None, help="memory per device, to say whether it fits")
+      p.add_argument("--json", action="store_true", help="print the report as one JSON line")
   return parser
 
 

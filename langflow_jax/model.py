@@ -3,7 +3,9 @@
 Module and parameter names mirror the official PyTorch state dict one to one
 (``backbone.blocks.3.attn_qkv.weight`` -> ``backbone.blocks[3].attn_qkv.kernel``
 transposed), so converting a release is a renaming. Every parameter carries
-``logical_axes`` metadata that :mod:`langflow_jax.parallel` maps to mesh axes.
+``logical_axes`` metadata that :mod:`langflow_jax.parallel` maps to mesh axes;
+the main activations are pinned with ``parallel.constrain`` (the identity
+outside a sharded jit).
 
 Dtypes: parameters are float32. ``compute_dtype`` (float32 or bfloat16) is the
 dtype of the matmuls inside the blocks and the output head; layer norms,
@@ -21,7 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from langflow_jax import diffusion
+from langflow_jax import diffusion, parallel
 from langflow_jax.errors import ConfigError
 from langflow_jax.schedule import NoiseSchedule, make_schedule
 
@@ -32,6 +34,12 @@ LN_EPS = 1e-5
 NORM_EPS = 1e-12  # torch F.normalize default
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+# Logical axes of the activations (parallel.LOGICAL_RULES maps them to the mesh).
+BLD = ("batch", "length", None)
+BLHK = ("batch", "length", "act_heads", None)
+BLF = ("batch", "length", "act_mlp")
+BLV = ("batch", "length", "act_vocab")
 
 
 def torch_linear_init(fan_in: int):
@@ -114,10 +122,18 @@ def apply_rotary(x_BxLxHxK: Array, cos_LxK: Array, sin_LxK: Array) -> Array:
 
 def rotary_qkv(attn_qkv: nnx.Linear, a_BxLxD: Array, n_heads: int, cos_LxK: Array,
                sin_LxK: Array) -> tuple[Array, Array, Array]:
-  """Fused q/k/v projection (head-major inside each third), RoPE on q and k."""
+  """Fused q/k/v projection (head-major inside each third), RoPE on q and k.
+
+  The fused [D, 3D] kernel is used as [D, 3, H, K], so each tensor-parallel
+  device computes its own heads of q, k and v (contiguous column shards of the
+  fused kernel would split heads across devices).
+  """
   b, l, d = a_BxLxD.shape
-  qkv = attn_qkv(a_BxLxD).reshape(b, l, 3, n_heads, d // n_heads)
-  q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+  dtype = attn_qkv.dtype or jnp.float32
+  kernel = attn_qkv.kernel[...].reshape(d, 3, n_heads, d // n_heads)
+  kernel = parallel.constrain(kernel, (None, None, "act_heads", None))
+  qkv = jnp.einsum("bld,dthk->blthk", a_BxLxD.astype(dtype), kernel.astype(dtype))
+  q, k, v = (parallel.constrain(qkv[:, :, i], BLHK) for i in range(3))
   return apply_rotary(q, cos_LxK, sin_LxK), apply_rotary(k, cos_LxK, sin_LxK), v
 
 
@@ -133,7 +149,8 @@ def dot_product_attention(q_BxLxHxK: Array, k_BxSxHxK: Array, v_BxSxHxK: Array,
   if mask_LxS is not None:
     scores_BxHxLxS = jnp.where(mask_LxS, scores_BxHxLxS, -jnp.inf)
   probs = jax.nn.softmax(scores_BxHxLxS, axis=-1)
-  return jnp.einsum("bhqs,bshk->bqhk", probs.astype(v_BxSxHxK.dtype), v_BxSxHxK)
+  out = jnp.einsum("bhqs,bshk->bqhk", probs.astype(v_BxSxHxK.dtype), v_BxSxHxK)
+  return parallel.constrain(out, BLHK)
 
 
 def normalized_rows(w_VxD: Array) -> Array:
@@ -193,8 +210,8 @@ class DDiTBlock(PreLNBlock):
     h_BxLxD = h_BxLxD + gate1 * dropout(a, self.dropout_rate, k1)
 
     m = self.norm2(h_BxLxD) * (1 + scale2) + shift2
-    m = self.mlp_2(jax.nn.gelu(self.mlp_1(m), approximate=True))
-    return h_BxLxD + gate2 * dropout(m, self.dropout_rate, k2)
+    m = self.mlp_2(jax.nn.gelu(parallel.constrain(self.mlp_1(m), BLF), approximate=True))
+    return parallel.constrain(h_BxLxD + gate2 * dropout(m, self.dropout_rate, k2), BLD)
 
 
 class FinalLayer(nnx.Module):
@@ -267,12 +284,12 @@ class Backbone(nnx.Module):
 
   def __call__(self, z_BxLxD: Array, gamma_B: Array, self_cond_BxLxD: Array | None,
                dropout_key: Array | None = None, return_hidden: bool = False):
-    z_BxLxD = z_BxLxD.astype(jnp.float32)
+    z_BxLxD = parallel.constrain(z_BxLxD.astype(jnp.float32), BLD)
     h = z_BxLxD
     if self.self_conditioning:
       s = jnp.zeros_like(z_BxLxD) if self_cond_BxLxD is None else self_cond_BxLxD
       h = z_BxLxD + self.self_cond_proj(jnp.concatenate([z_BxLxD, s.astype(jnp.float32)], -1))
-    c_BxC = jax.nn.silu(self.sigma_map(gamma_B))
+    c_BxC = parallel.constrain(jax.nn.silu(self.sigma_map(gamma_B)), ("batch", None))
     cos, sin = rotary_tables(self.rotary_inv_freq[...], z_BxLxD.shape[1])
     keys = (jax.random.split(dropout_key, len(self.blocks)) if dropout_key is not None
             else [None] * len(self.blocks))
@@ -280,7 +297,7 @@ class Backbone(nnx.Module):
     for block, key in zip(self.blocks, keys):
       h = block(h, c_BxC, cos, sin, key)
       hidden.append(h)
-    logits_BxLxV = self.output_layer(h, c_BxC).astype(jnp.float32)
+    logits_BxLxV = parallel.constrain(self.output_layer(h, c_BxC).astype(jnp.float32), BLV)
     return (logits_BxLxV, hidden) if return_hidden else logits_BxLxV
 
 
@@ -314,7 +331,10 @@ class LangFlow(nnx.Module):
 
   def embed(self, ids_BxL: Array) -> Array:
     """Clean embeddings E[ids], float32."""
-    return jnp.take(self.embedding_matrix(), ids_BxL, axis=0)
+    # The lookup reads a gathered (replicated) table: a gather from a table
+    # sharded on both dims makes XLA replicate the batch instead.
+    table = parallel.constrain(self.embedding_matrix(), (None, None))
+    return parallel.constrain(jnp.take(table, ids_BxL, axis=0), BLD)
 
   def denoise(self, logits_BxLxV: Array, temperature: float | Array = 1.0) -> Array:
     """Posterior-mean embedding E^T softmax(logits / temperature), float32."""
@@ -335,7 +355,7 @@ class LangFlow(nnx.Module):
       skip_BxLxV = jnp.einsum("bld,vd->blv", z_BxLxD.astype(jnp.float32), self.embedding_matrix(),
                               preferred_element_type=jnp.float32)
       coeff_B = skip_scale * diffusion.skip_coefficient(gamma_B)
-      logits = logits + coeff_B[:, None, None] * skip_BxLxV
+      logits = parallel.constrain(logits + coeff_B[:, None, None] * skip_BxLxV, BLV)
     return (logits, hidden) if return_hidden else logits
 
   def clean_logits(self, ids_BxL: Array) -> Array:

@@ -172,21 +172,28 @@ def init_train_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
 # --------------------------------------------------------------------------- steps
 
 
-def make_train_step(config: ml_collections.ConfigDict, parts: ModelParts,
-                    tx: optax.GradientTransformation) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-  """The pure train step; jit it with shardings (see :func:`jit_train_step`)."""
+def make_grad_fn(config: ml_collections.ConfigDict, parts: ModelParts) -> Callable:
+  """``(params, batch, key, skip_scale) -> (grads, terms, gamma_B, ce_B)`` for one global batch.
+
+  The batch is split into ``train.grad_accum`` micro-batches scanned in
+  turn. Micro-batch k takes rows k, k + accum, ... so that every micro-batch
+  is spread over all data-parallel devices (contiguous row blocks would sit
+  on a few of them). Terms are sums with whole-batch denominators, so the
+  result does not depend on ``accum``.
+  """
   objective = objective_lib.get_objective(config.objective.name)
   obj_cfg = config.objective
   accum = int(config.train.grad_accum)
 
-  def train_step(state: TrainState, batch: dict[str, Array]) -> tuple[TrainState, dict]:
-    key = jax.random.fold_in(state.rng, state.step)
+  def grad_fn(params: nnx.State, batch: dict[str, Array], key: Array, skip_scale: Array):
     ids, mask = batch["ids"], batch["mask"]
     b = ids.shape[0]
     num_tokens = jnp.sum(mask.astype(jnp.float32))
     num_seqs = jnp.sum((jnp.sum(mask, axis=-1) > 0).astype(jnp.float32))
-    skip_scale = objective_lib.skip_warmup_scale(state.step, obj_cfg.skip_warmup_steps)
-    micro = lambda x: x.reshape((accum, b // accum) + x.shape[1:])
+
+    def micro(x):
+      x = x.reshape((b // accum, accum) + x.shape[1:]).swapaxes(0, 1)
+      return parallel.constrain(x, (None, "batch") + (None,) * (x.ndim - 2))
 
     def loss_fn(params, ids_m, mask_m, key_m):
       model = parts.merge(params)
@@ -195,14 +202,29 @@ def make_train_step(config: ml_collections.ConfigDict, parts: ModelParts,
 
     def accumulate(carry, xs):
       grads_acc, terms_acc = carry
-      (_, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, *xs)
-      carry = (jax.tree.map(jnp.add, grads_acc, grads), objective_lib.add_terms(terms_acc, out.terms))
-      return carry, (out.gamma_B, out.ce_per_token_B)
+      (_, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, *xs)
+      grads = parallel.constrain_tree(jax.tree.map(jnp.add, grads_acc, grads))
+      return (grads, objective_lib.add_terms(terms_acc, out.terms)), (out.gamma_B, out.ce_per_token_B)
 
-    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    zeros = parallel.constrain_tree(jax.tree.map(jnp.zeros_like, params))
     (grads, terms), (gamma, ce) = jax.lax.scan(
         accumulate, (zeros, objective_lib.zero_terms()),
         (micro(ids), micro(mask), jax.random.split(key, accum)))
+    # back to batch order: row j * accum + k was row j of micro-batch k
+    return grads, terms, gamma.swapaxes(0, 1).reshape(-1), ce.swapaxes(0, 1).reshape(-1)
+
+  return grad_fn
+
+
+def make_train_step(config: ml_collections.ConfigDict, parts: ModelParts,
+                    tx: optax.GradientTransformation) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+  """The pure train step; jit it with shardings (see :func:`jit_train_step`)."""
+  grad_fn = make_grad_fn(config, parts)
+
+  def train_step(state: TrainState, batch: dict[str, Array]) -> tuple[TrainState, dict]:
+    key = jax.random.fold_in(state.rng, state.step)
+    skip_scale = objective_lib.skip_warmup_scale(state.step, config.objective.skip_warmup_steps)
+    grads, terms, gamma, ce = grad_fn(state.params, batch, key, skip_scale)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema = ema_update(state.ema_params, params, state.step, config.optimizer.ema_decay)
@@ -213,31 +235,42 @@ def make_train_step(config: ml_collections.ConfigDict, parts: ModelParts,
         "update_norm": optax.global_norm(updates),
         "param_norm": optax.global_norm(params),
         "skip_scale": skip_scale,
-        "gamma_B": gamma.reshape(-1),
-        "ce_B": ce.reshape(-1),
+        "gamma_B": gamma,
+        "ce_B": ce,
     }
     return new_state, metrics
 
   return train_step
 
 
+def batch_shardings(mesh: jax.sharding.Mesh) -> dict[str, jax.sharding.NamedSharding]:
+  return {"ids": parallel.batch_sharding(mesh), "mask": parallel.batch_sharding(mesh)}
+
+
 def jit_train_step(step_fn, state_shardings, mesh):
   """Explicit in/out shardings; the old state's buffers are donated."""
-  batch_sh = {"ids": parallel.batch_sharding(mesh), "mask": parallel.batch_sharding(mesh)}
-  return jax.jit(step_fn, in_shardings=(state_shardings, batch_sh),
-                 out_shardings=(state_shardings, None), donate_argnums=(0,))
+  return parallel.mesh_jit(step_fn, mesh, in_shardings=(state_shardings, batch_shardings(mesh)),
+                           out_shardings=(state_shardings, parallel.replicated(mesh)), donate_argnums=(0,))
 
 
-def make_eval_step(config: ml_collections.ConfigDict, parts: ModelParts):
-  """Held-out loss of the same objective without dropout, summed terms."""
+def make_eval_step(config: ml_collections.ConfigDict, parts: ModelParts,
+                   mesh: jax.sharding.Mesh | None = None, param_shardings: Any = None):
+  """Held-out loss of the same objective without dropout, summed terms.
+
+  With ``mesh`` (and the parameters' shardings) it is jitted with explicit
+  shardings like the train step.
+  """
   objective = objective_lib.get_objective(config.objective.name)
 
-  @jax.jit
   def eval_step(params: nnx.State, batch: dict[str, Array], key: Array) -> objective_lib.LossTerms:
     model = parts.merge(params)
     return objective(model, batch["ids"], batch["mask"], key, cfg=config.objective, train=False).terms
 
-  return eval_step
+  if mesh is None:
+    return jax.jit(eval_step)
+  rep = parallel.replicated(mesh)
+  return parallel.mesh_jit(eval_step, mesh, in_shardings=(param_shardings, batch_shardings(mesh), rep),
+                           out_shardings=rep)
 
 
 def evaluate_loss(eval_step, params, split: pipeline.PackedSplit, config, mesh) -> dict[str, float]:
@@ -245,8 +278,8 @@ def evaluate_loss(eval_step, params, split: pipeline.PackedSplit, config, mesh) 
   batch_size = config.train.batch_size
   terms = objective_lib.zero_terms()
   key = jax.random.PRNGKey(config.train.seed + 1)
-  for i, local in enumerate(pipeline.eval_batches(split, batch_size, config.train.eval_batches,
-                                                  jax.process_index(), jax.process_count())):
+  index, count = parallel.data_shard(mesh)
+  for i, local in enumerate(pipeline.eval_batches(split, batch_size, config.train.eval_batches, index, count)):
     batch = parallel.global_batch(local, mesh)
     terms = objective_lib.add_terms(terms, eval_step(params, batch, jax.random.fold_in(key, i)))
   m = objective_lib.metrics_from_terms(jax.device_get(terms), config.objective.schedule_loss_weight)
@@ -381,7 +414,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   workdir = pathlib.Path(workdir).expanduser()
   _check_workdir(workdir)
   mesh = parallel.make_mesh(config.mesh)
-  parallel.check_batch(config.train.batch_size, mesh)
+  parallel.check_batch(config.train.batch_size, mesh, grad_accum=config.train.grad_accum)
   tokenizer = load_tokenizer(config.data.tokenizer)
   check_data_matches_model(config, tokenizer)
   train_split = pipeline.load_split(config.data, "train", tokenizer)
@@ -406,12 +439,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
   start = int(state.step)
   reporting.drop_rows_after(workdir, start)  # rows of steps lost with a killed run get rewritten
+  data_index, data_count = parallel.data_shard(mesh)
   it = pipeline.BatchIterator(train_split, config.train.batch_size, config.data.seed,
-                              process_index=jax.process_index(), process_count=jax.process_count(),
+                              process_index=data_index, process_count=data_count,
                               prefetch=config.data.prefetch, threads=config.data.prefetch_threads)
   it.set_state(data_state)
   train_step = jit_train_step(make_train_step(config, parts, tx), state_shardings, mesh)
-  eval_step = make_eval_step(config, parts)
+  eval_step = make_eval_step(config, parts, mesh, state_shardings.ema_params)
   writer = reporting.MetricWriter(workdir)
   timer = reporting.PhaseTimer()
   progress = reporting.Progress(config.train.steps, start, config.train.progress)
@@ -472,8 +506,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
           progress.update(window_steps, loss=f"{last_train['loss']:.3f}",
                           tok_s=f"{last_train['tokens_per_s']:.0f}")
           window_start, window_steps = time.perf_counter(), 0
-          np.savez(workdir / "last_gamma_ce.npz", gamma=np.asarray(metrics["gamma_B"]),
-                   ce=np.asarray(metrics["ce_B"]))
+          if jax.process_index() == 0:
+            np.savez(workdir / "last_gamma_ce.npz", gamma=np.asarray(metrics["gamma_B"]),
+                     ce=np.asarray(metrics["ce_B"]))
         if done % config.train.eval_every == 0 or is_last:
           with timer.phase("eval"):
             last_eval = evaluate_loss(eval_step, state.ema_params, heldout_split, config, mesh)
