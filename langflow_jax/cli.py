@@ -206,6 +206,9 @@ def cmd_eval(args, overrides) -> int:
   result = evaluate.evaluate_workdir(args.workdir, overrides, checkpoint=args.checkpoint, data=args.data,
                                      split=args.split, name=args.name, plot=args.plot, progress=True)
   print(result.report())
+  return 0
+
+
 def cmd_aot(args, overrides) -> int:
   from langflow_jax import aot
 

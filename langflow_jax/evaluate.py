@@ -345,7 +345,7 @@ def load_for_eval(workdir: str | pathlib.Path | None, checkpoint: str | pathlib.
   config = ckpt_lib.saved_config(workdir)
   config_lib.apply_overrides(config, overrides)
   if step is None:
-    step = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(workdir), create=False, async_save=False).latest_step()
+    step = ckpt_lib.open_run(workdir)[0].latest_step()
   config, model = train.load_model(workdir, use_ema=config.eval.use_ema, config=config, step=step)
   weights = "EMA" if config.eval.use_ema else "raw (no EMA)"
   source = {"weights": weights, "checkpoint": str(ckpt_lib.checkpoint_dir(workdir) / str(step))}
