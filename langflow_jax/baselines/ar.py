@@ -52,6 +52,8 @@ KVCache = tuple[tuple[Array, Array], ...]  # per block: keys, values [B, S, H, d
 class CausalBlock(PreLNBlock):
   """Pre-LN causal block: x + Attn(LN(x)), then x + MLP(LN(x)); weights as in DDiTBlock."""
 
+  causal = True  # the masked-diffusion baseline (baselines/mdlm.py) reuses the block without the mask
+
   def __call__(self, h_BxTxD: Array, cos_TxK: Array, sin_TxK: Array, start: Array | int,
                kv: tuple[Array, Array] | None, dropout_key: Array | None = None):
     """T positions ``start .. start+T-1``; with ``kv`` they are written into it and attend over it.
@@ -66,7 +68,7 @@ class CausalBlock(PreLNBlock):
       k = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), start, axis=1)
       v = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), start, axis=1)
       kv = (k, v)
-    mask_TxS = jnp.arange(k.shape[1])[None, :] <= start + jnp.arange(t)[:, None]
+    mask_TxS = (jnp.arange(k.shape[1])[None, :] <= start + jnp.arange(t)[:, None]) if self.causal else None
     o_BxTxHxK = dot_product_attention(q, k, v, mask_TxS)
     h_BxTxD = h_BxTxD + dropout(self.attn_out(o_BxTxHxK.reshape(b, t, d)), self.dropout_rate, k1)
     m = self.mlp_2(jax.nn.gelu(self.mlp_1(self.norm2(h_BxTxD)), approximate=True))
