@@ -14,7 +14,7 @@ from langflow_jax import baselines, cli, config as config_lib, objective, parall
 from langflow_jax.baselines import mdlm
 from langflow_jax.errors import ConfigError
 from langflow_jax.model import create_model as create_langflow
-from tests.conftest import small_config
+from tests.conftest import fixed_batch_config, small_config
 
 V, L, B = 16, 8, 4
 ROWS, DRAWS = 128, 8  # one shape for every bound call: each jitted function compiles once
@@ -235,16 +235,9 @@ def test_parameters_carry_logical_axes_and_match_the_ar_baseline():
 
 @pytest.fixture(scope="module")
 def mdlm_run(tmp_path_factory):
-  """train_and_evaluate with the MDLM objective on a fixed batch (every row the same 32 tokens)."""
+  """train_and_evaluate with the MDLM objective on a fixed batch."""
   tmp = tmp_path_factory.mktemp("mdlm_run")
-  corpus = tmp / "same.txt"
-  corpus.write_text("The state of the union is strong, and the budget for roads, ports, schools and "
-                    "the post office will be balanced by the end of the coming fiscal year.\n\n" * 30)
-  cfg = small_config()  # the 8k-token BPE, 32-token sequences
-  cfg.objective.name = "mdlm"
-  cfg.data.update(name=f"file:{corpus}", wrap=False)
-  cfg.train.update(steps=20, log_every=1, eval_every=20, checkpoint_every=20)
-  cfg.optimizer.update(lr=1e-2, warmup_steps=3)
+  cfg = fixed_batch_config(tmp, "mdlm", steps=20)
   return cfg, train.train_and_evaluate(cfg, tmp / "run"), tmp / "run"
 
 

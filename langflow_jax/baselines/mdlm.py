@@ -51,10 +51,9 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from langflow_jax.baselines.ar import CausalBlock, OutputLayer, choose_tokens
+from langflow_jax.baselines.ar import CausalBlock, PlainTransformer, choose_tokens, generation_prompt
 from langflow_jax.errors import ConfigError
-from langflow_jax.model import (DTYPES, TokenEmbedding, check_heads, check_length, normalized_rows,
-                                rotary_inv_freq, rotary_tables)
+from langflow_jax.model import check_length
 
 Array = jax.Array
 ESTIMATORS = ("time", "mask_count")
@@ -66,41 +65,20 @@ class BidirectionalBlock(CausalBlock):
   causal = False
 
 
-class MaskedDiffusionLM(nnx.Module):
+class MaskedDiffusionLM(PlainTransformer):
   """``model(x_t)[b, l]`` = SUBS log-probabilities of the clean token at l (float32, [B, L, V])."""
 
-  def __init__(self, model_cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
-    d, v = int(model_cfg.hidden_size), int(model_cfg.vocab_size)
-    check_heads(d, model_cfg.n_heads)
-    compute_dtype = DTYPES[model_cfg.compute_dtype]
-    self.vocab_size = v
-    self.mask_id = v  # one id past the tokenizer's vocabulary, for every tokenizer
-    self.max_length = int(model_cfg.max_length)
-    self.normalize_embedding = bool(model_cfg.normalize_embedding)
-    self.vocab_embed = TokenEmbedding(v + 1, d, rngs=rngs)
-    self.rotary_inv_freq = nnx.Variable(rotary_inv_freq(d // model_cfg.n_heads))
-    self.blocks = nnx.List([
-        BidirectionalBlock(d, model_cfg.n_heads, model_cfg.mlp_ratio, model_cfg.dropout, compute_dtype,
-                           rngs=rngs) for _ in range(model_cfg.n_blocks)
-    ])
-    self.output_layer = OutputLayer(d, v, compute_dtype, rngs=rngs)
+  block_class = BidirectionalBlock
 
-  @property
-  def hidden_size(self) -> int:
-    return self.vocab_embed.embedding.shape[1]
+  def __init__(self, model_cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+    # one id past the tokenizer's vocabulary is [MASK], for every tokenizer
+    super().__init__(model_cfg, rngs=rngs, num_embeddings=int(model_cfg.vocab_size) + 1)
+    self.mask_id = self.vocab_size
 
   def logits(self, xt_BxL: Array, *, dropout_key: Array | None = None) -> Array:
     """The network's raw float32 logits over the V real tokens, before SUBS."""
     check_length(xt_BxL.shape[1], self.max_length)
-    h = jnp.take(self.vocab_embed.embedding[...], xt_BxL, axis=0).astype(jnp.float32)
-    if self.normalize_embedding:
-      h = normalized_rows(h)
-    cos, sin = rotary_tables(self.rotary_inv_freq[...], xt_BxL.shape[1])
-    keys = (jax.random.split(dropout_key, len(self.blocks)) if dropout_key is not None
-            else [None] * len(self.blocks))
-    for block, key in zip(self.blocks, keys):
-      h, _ = block(h, cos, sin, 0, None, key)
-    return self.output_layer(h)
+    return self._run(self._embed(xt_BxL), 0, None, dropout_key)[0]
 
   def __call__(self, xt_BxL: Array, *, dropout_key: Array | None = None) -> Array:
     return subs_log_probs(self.logits(xt_BxL, dropout_key=dropout_key), xt_BxL, self.mask_id)
@@ -282,21 +260,10 @@ def generate(model: MaskedDiffusionLM, key: Array, length: int, *, steps: int,
   the token proposals are keyed by how many changes came before, so the
   cache only saves work. Deterministic given ``key``.
   """
-  if prompt_BxP is None:
-    if batch_size is None:
-      raise ConfigError("generate() needs a prompt or a batch_size.", "pass prompt_BxP or batch_size.")
-    prompt_BxP = jnp.zeros((batch_size, 0), jnp.int32)
-  prompt_BxP = jnp.asarray(prompt_BxP, jnp.int32)
-  if not 0 <= prompt_BxP.shape[1] < length:
-    raise ConfigError(f"a prompt of {prompt_BxP.shape[1]} tokens leaves nothing to generate in {length}.",
-                      "use a longer output length or a shorter prompt.")
   if steps < 1:
     raise ConfigError(f"steps={steps} must be positive.", "use e.g. --config.sample.steps=128.")
-  if not 0.0 < top_p <= 1.0:
-    raise ConfigError(f"top_p={top_p} must lie in (0, 1].", "use e.g. 0.9, or 1.0 to turn it off.")
-  if not greedy and not temperature > 0.0:
-    raise ConfigError(f"temperature={temperature} must be positive.", "use e.g. 1.0, or greedy decoding.")
-  check_length(length, model.max_length)
+  prompt_BxP = generation_prompt(prompt_BxP, batch_size, length, model.max_length, temperature=temperature,
+                                 top_p=top_p, greedy=greedy)
   graphdef, state = nnx.split(model)
   ids, nfe = ancestral_sample(graphdef, state, key, prompt_BxP, jnp.float32(temperature), length=int(length),
                               steps=int(steps), top_p=float(top_p), greedy=bool(greedy), cache=bool(cache))
