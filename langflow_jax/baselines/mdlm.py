@@ -118,13 +118,14 @@ def masked_nll(model: MaskedDiffusionLM, ids_BxL: Array, masked_BxL: Array, *,
                dropout_key: Array | None = None) -> Array:
   """-log p_theta(x_l | x_t) at the masked positions, 0 elsewhere (float32, [B, L]).
 
-  Under SUBS an unmasked position's loss is exactly 0; selecting with ``where``
-  keeps the -inf of the other columns out of the sums and their gradients.
+  At a masked position the SUBS log-probability is the log-softmax of the raw
+  logits, and at an unmasked one the loss is exactly 0, so this is the CE of
+  the raw logits selected by the mask (no [B, L, V] log-softmax is formed).
   """
   xt_BxL = jnp.where(masked_BxL, model.mask_id, ids_BxL)
-  logp_BxLxV = model(xt_BxL, dropout_key=dropout_key)
-  target = jnp.take_along_axis(logp_BxLxV, ids_BxL[..., None], axis=-1)[..., 0]
-  return jnp.where(masked_BxL, -target, 0.0)
+  logits = model.logits(xt_BxL, dropout_key=dropout_key)
+  nll_BxL = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, ids_BxL[..., None], axis=-1)[..., 0]
+  return jnp.where(masked_BxL, nll_BxL, 0.0)
 
 
 # --------------------------------------------------------------------------- likelihood bound
