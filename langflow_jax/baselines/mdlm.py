@@ -20,14 +20,16 @@ head over the V real tokens, and the same parameter names and
 attention is bidirectional, the embedding table has V + 1 rows, there is no
 start vector, and the output goes through MDLM's SUBS parameterisation.
 
-No time conditioning, as in MDLM's released models: with the SUBS
-parameterisation the fraction of [MASK] inputs already tells the network t
-(MDLM reports time conditioning makes no measurable difference for this
-process), and a time-independent network has two practical gains: its output
-for an unchanged input is unchanged, so the sampler can skip evaluations
-(MDLM's ``ddpm_cache``), and it has exactly the AR baseline's weights (less
-its start vector, plus one embedding row), which keeps the equal-compute
-comparison of issue 10 clean.
+No time conditioning, as in MDLM's default configuration
+(``time_conditioning: False``): with the SUBS parameterisation the fraction
+of [MASK] inputs already tells the network t, and the optimal denoiser of a
+masked process does not depend on t at all (Zheng et al. 2024, "Masked
+diffusion models are secretly time-agnostic masked models"). A
+time-independent network has two practical gains: its output for an
+unchanged input is unchanged, so the sampler can skip evaluations (MDLM's
+``ddpm_cache``), and it has exactly the AR baseline's weights (less its start
+vector, plus one embedding row), which keeps the equal-compute comparison of
+issue 10 clean.
 
 SUBS ("substitution"): the [MASK] id has no output column (its probability
 is 0, a logit of -inf), and an unmasked input is copied to the output
@@ -167,7 +169,8 @@ def nelbo(model: MaskedDiffusionLM, ids_NxL: np.ndarray | Sequence[Sequence[int]
 
   * ``time``: MDLM's estimator, the training loss without dropout:
     t ~ U(eps, 1), independent masks, weight 1/t. ``eps`` drops the last
-    sliver of the time integral (MDLM: 1e-3; the bound moves by O(eps)).
+    sliver of the time integral (MDLM: 1e-3, as ``objective.mask_eps``; the
+    bound moves by O(eps)).
   * ``mask_count``: the same integral with t done exactly. Given t, the
     number of masked tokens is Binomial(L, t), and integrating the 1/t weight
     against it gives NELBO = sum_{k=1..L} E_{|M|=k}[mean_{l in M} -log p(x_l | x_M masked)],
@@ -252,6 +255,12 @@ def generate(model: MaskedDiffusionLM, key: Array, length: int, *, steps: int,
   unmasked tokens never change (carry-over). The last step unmasks all that
   is left, so no [MASK] remains and no extra denoising pass is needed (MDLM
   stops at t = 1e-5 and then takes an argmax).
+
+  The unmask decision is a Bernoulli draw of its own and the token a single
+  categorical draw from p(x_l | x_t), the AR sampler's draw. MDLM's reference
+  takes both from one (V+1)-way categorical dominated by the [MASK] mass, the
+  same process, where float32 Gumbel noise lowers the effective temperature
+  (Zheng et al. 2024).
 
   Network evaluations: ``steps`` with ``cache=False``. With ``cache`` (MDLM's
   ddpm_cache, exact for a time-independent network) a step in which no token
