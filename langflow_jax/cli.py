@@ -6,7 +6,7 @@
     langflow-jax convert --from DIR --workdir runs/official    # import official weights
     langflow-jax export --workdir RUN --out DIR                # write the official layout
     langflow-jax prepare owt --out DATA                        # tokenize a corpus once to local shards
-    langflow-jax sample-ar --workdir runs/ar [--prompt TEXT]   # samples of the AR baseline
+    langflow-jax sample-baseline --workdir runs/ar [--prompt TEXT]  # samples of the AR or MDLM baseline
     langflow-jax sample --workdir runs/demo --num 8 --steps 128 [--prompt TEXT | --infill TEXT]
     langflow-jax genppl --samples samples.json                 # Gen. PPL + entropy of a sample file
     langflow-jax eval   --workdir runs/demo [--data file:my.txt] [--plot]   # likelihood bound
@@ -149,16 +149,15 @@ def _prepare_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--force", action="store_true", help="rewrite splits that are already complete")
 
 
-def cmd_sample_ar(args, overrides) -> int:
-  from langflow_jax import checkpoint, config as config_lib, train
-  from langflow_jax.baselines import ar
+def cmd_sample_baseline(args, overrides) -> int:
+  from langflow_jax import baselines, checkpoint, config as config_lib, train
   from langflow_jax.data.tokenizer import load_tokenizer
 
   config = checkpoint.saved_config(args.workdir)
   config_lib.apply_overrides(config, overrides)
   _, model = train.load_model(args.workdir, use_ema=config.sample.use_ema, config=config)
   length = config.sample.seq_len or config.data.seq_len
-  texts = ar.sample_texts(model, load_tokenizer(config.data.tokenizer), config.sample, length, args.prompt)
+  texts = baselines.sample_texts(model, load_tokenizer(config.data.tokenizer), config.sample, length, args.prompt)
   for i, text in enumerate(texts):
     print(f"--- sample {i}\n{text}")
   return 0
@@ -224,7 +223,8 @@ COMMANDS: dict[str, tuple[Callable, str]] = {
     "convert": (cmd_convert, "import an official release (config.json + model.safetensors) as a run"),
     "export": (cmd_export, "write a run's weights in the official layout"),
     "prepare": (cmd_prepare, "tokenize and pack a corpus once into local shards (prepared:DIR)"),
-    "sample-ar": (cmd_sample_ar, "sample from a trained autoregressive baseline (--config.sample.x=y)"),
+    "sample-baseline": (cmd_sample_baseline, "sample from a trained AR or MDLM baseline (--config.sample.x=y)"),
+    "sample-ar": (cmd_sample_baseline, "the same as sample-baseline"),
     "sample": (cmd_sample, "generate text from a trained run (prompts, infill, best-of-n)"),
     "genppl": (cmd_genppl, "generative perplexity and entropy of a sample file"),
     "eval": (cmd_eval, "the ODE likelihood bound (nats/token, terms, protocol card) of a run or checkpoint"),
@@ -253,9 +253,10 @@ def build_parser() -> argparse.ArgumentParser:
     if name == "export":
       p.add_argument("--out", required=True, help="output directory for config.json + model.safetensors")
       p.add_argument("--raw", action="store_true", help="export the raw weights instead of the EMA ones")
-    if name == "sample-ar":
-      p.add_argument("--workdir", required=True, help="run directory of an AR training run")
-      p.add_argument("--prompt", default="", help="text every sample continues (after BOS)")
+    if name in ("sample-baseline", "sample-ar"):
+      p.add_argument("--workdir", required=True, help="run directory of an ar or mdlm training run")
+      p.add_argument("--prompt", default="", help="text every sample continues (after BOS; mdlm: none "
+                                                  "samples unconditionally)")
     if name == "train":
       p.add_argument("--restore_from", default="", metavar="RUN_DIR",
                      help="start from another run's weights (fresh optimizer, step 0) unless --workdir "

@@ -59,11 +59,13 @@ def base_config() -> ml_collections.ConfigDict:
   # Training objective (spec 4).
   c.objective = ml_collections.ConfigDict(dict(
       name="langflow",            # langflow (flow matching with CE) | ar (causal baseline, next-token CE)
+                                  # | mdlm (masked diffusion baseline, absorbing-state NELBO)
       self_cond_prob=0.25,
       self_cond_mode="batch",     # batch: one coin per step | sample: one per sequence
       time_sampling="stratified",  # stratified | antithetic | iid draws of u in [0, 1]
       skip_warmup_steps=5000,     # linear ramp of the skip term (spec 4.5); 0 disables
       schedule_loss_weight=1.0,   # weight of the schedule-fitting regression
+      mask_eps=1e-3,              # mdlm: mask rates t ~ U(mask_eps, 1) (MDLM's sampling_eps)
   ))
 
   # Data (see langflow_jax/data).
@@ -316,6 +318,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(config.objective.time_sampling in ("stratified", "antithetic", "iid"),
            f"objective.time_sampling='{config.objective.time_sampling}' is unknown.",
            "use stratified, antithetic or iid.")
+  _require(0.0 <= config.objective.mask_eps < 1.0,
+           f"objective.mask_eps={config.objective.mask_eps} must lie in [0, 1).", "use MDLM's 1e-3.")
   _require(o.lr > 0, f"optimizer.lr={o.lr} must be positive.", "use e.g. 3e-4.")
   _require(o.decay in ("constant", "cosine", "linear"), f"optimizer.decay='{o.decay}' is unknown.",
            "use constant, cosine or linear.")

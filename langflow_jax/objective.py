@@ -14,7 +14,8 @@ Each objective returns an :class:`ObjectiveOutput` whose terms are sums with
 explicit denominators, so micro-batches and devices combine exactly. The
 objective also decides the model it trains (:data:`MODELS`,
 :func:`create_model`): ``ar`` trains the causal baseline of
-:mod:`langflow_jax.baselines.ar` with next-token CE.
+:mod:`langflow_jax.baselines.ar` with next-token CE, ``mdlm`` the masked
+diffusion baseline of :mod:`langflow_jax.baselines.mdlm` with its NELBO.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from flax import nnx
 
 from langflow_jax import diffusion
 from langflow_jax import model as model_lib
-from langflow_jax.baselines import ar
+from langflow_jax.baselines import ar, mdlm
 from langflow_jax.errors import ConfigError
 from langflow_jax.model import LangFlow
 
@@ -162,6 +163,29 @@ def ar_objective(model: ar.ARTransformer, ids_BxL: Array, mask_BxL: Array, key: 
   return _output(ce_BxL, jnp.sum(mask, axis=-1), zeros_B, zeros_B, zeros_B)
 
 
+def mdlm_objective(model: mdlm.MaskedDiffusionLM, ids_BxL: Array, mask_BxL: Array, key: Array, *,
+                   cfg: ml_collections.ConfigDict, skip_scale: Array | float = 1.0,
+                   train: bool = True) -> ObjectiveOutput:
+  """MDLM's continuous-time NELBO for the absorbing process with alpha_t = 1 - t.
+
+  One t ~ U(eps, 1) per sequence (``objective.mask_eps``, drawn by
+  ``objective.time_sampling``); each valid token is masked with probability
+  t and the masked tokens' CE is weighted by -alpha'_t / (1 - alpha_t) = 1/t.
+  ``ce_sum`` is that weighted sum, so the CE the trainer reports (train and
+  held-out) is the NELBO in nats per token, an upper bound on the NLL, and
+  ``gamma_B`` holds t. No schedule fit, no self-conditioning; ``skip_scale``
+  is unused.
+  """
+  del skip_scale
+  k_t, k_mask, k_drop = jax.random.split(key, 3)
+  u_B = sample_uniform(k_t, ids_BxL.shape[0], cfg.time_sampling)
+  t_B = cfg.mask_eps + (1.0 - cfg.mask_eps) * u_B
+  masked = mdlm.random_mask(k_mask, t_B, mask_BxL)
+  nll_BxL = mdlm.masked_nll(model, ids_BxL, masked, dropout_key=k_drop if train else None)
+  zeros_B = jnp.zeros_like(t_B)
+  return _output(nll_BxL / t_B[:, None], jnp.sum(mask_BxL.astype(jnp.float32), axis=-1), zeros_B, zeros_B, t_B)
+
+
 def total_loss(terms: LossTerms, cfg: ml_collections.ConfigDict, num_tokens: Array,
                num_seqs: Array) -> Array:
   """Scalar to differentiate: token-mean CE plus the weighted schedule fit.
@@ -177,12 +201,14 @@ def total_loss(terms: LossTerms, cfg: ml_collections.ConfigDict, num_tokens: Arr
 OBJECTIVES: dict[str, Callable[..., ObjectiveOutput]] = {
     "langflow": langflow_objective,
     "ar": ar_objective,
+    "mdlm": mdlm_objective,
 }
 
 # The model each objective trains; objectives not listed train a LangFlow.
 MODELS: dict[str, Callable[[ml_collections.ConfigDict, int], nnx.Module]] = {
     "langflow": model_lib.create_model,
     "ar": ar.create_model,
+    "mdlm": mdlm.create_model,
 }
 
 

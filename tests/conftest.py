@@ -51,6 +51,23 @@ def small_config(**model):
   return c
 
 
+def fixed_batch_config(tmp_dir: pathlib.Path, objective_name: str, steps: int):
+  """small_config training ``objective_name`` on one repeated batch, with the loss logged every step.
+
+  Unwrapped rows of a corpus whose documents are all the same paragraph: every
+  row, hence every batch, is the same 32 tokens, so the loss must fall fast.
+  """
+  corpus = tmp_dir / "same.txt"
+  corpus.write_text("The state of the union is strong, and the budget for roads, ports, schools and "
+                    "the post office will be balanced by the end of the coming fiscal year.\n\n" * 30)
+  cfg = small_config()  # the 8k-token BPE, 32-token sequences
+  cfg.objective.name = objective_name
+  cfg.data.update(name=f"file:{corpus}", wrap=False)
+  cfg.train.update(steps=steps, log_every=1, eval_every=steps, checkpoint_every=steps)
+  cfg.optimizer.update(lr=1e-2, warmup_steps=3)
+  return cfg
+
+
 @pytest.fixture
 def small():
   return small_config

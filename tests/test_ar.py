@@ -12,7 +12,7 @@ from langflow_jax import cli, objective, parallel, train
 from langflow_jax.baselines import ar
 from langflow_jax.errors import ConfigError
 from langflow_jax.model import create_model as create_langflow
-from tests.conftest import small_config
+from tests.conftest import fixed_batch_config, small_config
 
 V, L, B = 64, 16, 4  # one batch shape: each jitted function compiles once
 
@@ -149,20 +149,9 @@ def test_ar_objective_scores_every_valid_token(model):
 
 @pytest.fixture(scope="module")
 def ar_run(tmp_path_factory):
-  """train_and_evaluate with the AR objective on a fixed batch.
-
-  Unwrapped rows of a corpus whose documents are all the same paragraph: every
-  row, hence every batch, is the same 32 tokens.
-  """
+  """train_and_evaluate with the AR objective on a fixed batch."""
   tmp = tmp_path_factory.mktemp("ar_run")
-  corpus = tmp / "same.txt"
-  corpus.write_text("The state of the union is strong, and the budget for roads, ports, schools and "
-                    "the post office will be balanced by the end of the coming fiscal year.\n\n" * 30)
-  cfg = small_config()  # the 8k-token BPE, 32-token sequences
-  cfg.objective.name = "ar"
-  cfg.data.update(name=f"file:{corpus}", wrap=False)
-  cfg.train.update(steps=25, log_every=1, eval_every=25, checkpoint_every=25)
-  cfg.optimizer.update(lr=1e-2, warmup_steps=3)
+  cfg = fixed_batch_config(tmp, "ar", steps=25)
   return cfg, train.train_and_evaluate(cfg, tmp / "run"), tmp / "run"
 
 

@@ -52,6 +52,8 @@ KVCache = tuple[tuple[Array, Array], ...]  # per block: keys, values [B, S, H, d
 class CausalBlock(PreLNBlock):
   """Pre-LN causal block: x + Attn(LN(x)), then x + MLP(LN(x)); weights as in DDiTBlock."""
 
+  causal = True  # False: the same block attending everywhere (the masked-diffusion baseline)
+
   def __call__(self, h_BxTxD: Array, cos_TxK: Array, sin_TxK: Array, start: Array | int,
                kv: tuple[Array, Array] | None, dropout_key: Array | None = None):
     """T positions ``start .. start+T-1``; with ``kv`` they are written into it and attend over it.
@@ -66,7 +68,7 @@ class CausalBlock(PreLNBlock):
       k = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), start, axis=1)
       v = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), start, axis=1)
       kv = (k, v)
-    mask_TxS = jnp.arange(k.shape[1])[None, :] <= start + jnp.arange(t)[:, None]
+    mask_TxS = (jnp.arange(k.shape[1])[None, :] <= start + jnp.arange(t)[:, None]) if self.causal else None
     o_BxTxHxK = dot_product_attention(q, k, v, mask_TxS)
     h_BxTxD = h_BxTxD + dropout(self.attn_out(o_BxTxHxK.reshape(b, t, d)), self.dropout_rate, k1)
     m = self.mlp_2(jax.nn.gelu(self.mlp_1(self.norm2(h_BxTxD)), approximate=True))
@@ -85,24 +87,34 @@ class OutputLayer(nnx.Module):
     return self.linear(self.norm_final(h)).astype(jnp.float32)
 
 
-class ARTransformer(nnx.Module):
-  """Causal LM over token ids: ``model(ids_BxL)[:, t] = log p(x_t | x_<t)`` (float32 logits)."""
+class PlainTransformer(nnx.Module):
+  """The baselines' network: token embeddings, plain pre-LN blocks with RoPE, the untied head.
 
-  def __init__(self, model_cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+  ``block_class`` sets the attention (causal here; bidirectional for the
+  masked-diffusion baseline), ``num_embeddings`` the rows of the table (the
+  vocabulary, plus [MASK] there), ``start_vector`` the AR's learned input at
+  position 0.
+  """
+
+  block_class: type[CausalBlock] = CausalBlock
+
+  def __init__(self, model_cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs, num_embeddings: int | None = None,
+               start_vector: bool = False):
     d, v = int(model_cfg.hidden_size), int(model_cfg.vocab_size)
     check_heads(d, model_cfg.n_heads)
     compute_dtype = DTYPES[model_cfg.compute_dtype]
     self.vocab_size = v
     self.max_length = int(model_cfg.max_length)
     self.normalize_embedding = bool(model_cfg.normalize_embedding)
-    self.vocab_embed = TokenEmbedding(v, d, rngs=rngs)
-    bound = 1.0 / math.sqrt(d)  # initialised like one embedding row
-    self.start_embedding = nnx.Param(
-        jax.random.uniform(rngs.params(), (d,), jnp.float32, -bound, bound), logical_axes=("embed",))
+    self.vocab_embed = TokenEmbedding(num_embeddings or v, d, rngs=rngs)
+    if start_vector:
+      bound = 1.0 / math.sqrt(d)  # initialised like one embedding row
+      self.start_embedding = nnx.Param(
+          jax.random.uniform(rngs.params(), (d,), jnp.float32, -bound, bound), logical_axes=("embed",))
     self.rotary_inv_freq = nnx.Variable(rotary_inv_freq(d // model_cfg.n_heads))
     self.blocks = nnx.List([
-        CausalBlock(d, model_cfg.n_heads, model_cfg.mlp_ratio, model_cfg.dropout, compute_dtype,
-                    rngs=rngs) for _ in range(model_cfg.n_blocks)
+        self.block_class(d, model_cfg.n_heads, model_cfg.mlp_ratio, model_cfg.dropout, compute_dtype,
+                         rngs=rngs) for _ in range(model_cfg.n_blocks)
     ])
     self.output_layer = OutputLayer(d, v, compute_dtype, rngs=rngs)
 
@@ -110,7 +122,7 @@ class ARTransformer(nnx.Module):
   def hidden_size(self) -> int:
     return self.vocab_embed.embedding.shape[1]
 
-  def _embed(self, ids_BxT: Array, with_start: bool) -> Array:
+  def _embed(self, ids_BxT: Array, with_start: bool = False) -> Array:
     """Input vectors (float32), rows normalised like LangFlow's when the config says so.
 
     Rows are gathered before they are normalised (the same numbers), so a
@@ -132,6 +144,13 @@ class ARTransformer(nnx.Module):
       h, kv = block(h, cos, sin, start, None if cache is None else cache[i], key)
       new_cache.append(kv)
     return self.output_layer(h), (None if cache is None else tuple(new_cache))
+
+
+class ARTransformer(PlainTransformer):
+  """Causal LM over token ids: ``model(ids_BxL)[:, t] = log p(x_t | x_<t)`` (float32 logits)."""
+
+  def __init__(self, model_cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+    super().__init__(model_cfg, rngs=rngs, start_vector=True)
 
   def __call__(self, ids_BxL: Array, *, dropout_key: Array | None = None) -> Array:
     """Teacher-forced logits [B, L, V] for every position (no cache)."""
@@ -214,15 +233,9 @@ def decode(graphdef: Any, state: nnx.State, key: Array, prompt_BxP: Array, tempe
   return ids_BxL, jnp.concatenate([prompt_logits, jnp.swapaxes(logits_TxBxV, 0, 1)], axis=1)
 
 
-def generate(model: ARTransformer, key: Array, length: int, *, prompt_BxP: Array | None = None,
-             batch_size: int | None = None, temperature: float = 1.0, top_p: float = 1.0,
-             greedy: bool = False, return_logits: bool = False):
-  """Sequences of ``length`` tokens that begin with the prompt (all rows the same length).
-
-  Without a prompt, ``batch_size`` sequences are drawn from the start vector.
-  Returns ids [B, length] (int32) and, with ``return_logits``, the logits
-  [B, length, V] that chose them, which equal ``model(ids)``.
-  """
+def generation_prompt(prompt_BxP: Array | None, batch_size: int | None, length: int, max_length: int, *,
+                      temperature: float, top_p: float, greedy: bool) -> Array:
+  """The int32 prompt of a generate() call (``batch_size`` empty rows without one), settings checked."""
   if prompt_BxP is None:
     if batch_size is None:
       raise ConfigError("generate() needs a prompt or a batch_size.", "pass prompt_BxP or batch_size.")
@@ -235,7 +248,21 @@ def generate(model: ARTransformer, key: Array, length: int, *, prompt_BxP: Array
     raise ConfigError(f"top_p={top_p} must lie in (0, 1].", "use e.g. 0.9, or 1.0 to turn it off.")
   if not greedy and not temperature > 0.0:
     raise ConfigError(f"temperature={temperature} must be positive.", "use e.g. 1.0, or greedy decoding.")
-  check_length(length, model.max_length)
+  check_length(length, max_length)
+  return prompt_BxP
+
+
+def generate(model: ARTransformer, key: Array, length: int, *, prompt_BxP: Array | None = None,
+             batch_size: int | None = None, temperature: float = 1.0, top_p: float = 1.0,
+             greedy: bool = False, return_logits: bool = False):
+  """Sequences of ``length`` tokens that begin with the prompt (all rows the same length).
+
+  Without a prompt, ``batch_size`` sequences are drawn from the start vector.
+  Returns ids [B, length] (int32) and, with ``return_logits``, the logits
+  [B, length, V] that chose them, which equal ``model(ids)``.
+  """
+  prompt_BxP = generation_prompt(prompt_BxP, batch_size, length, model.max_length, temperature=temperature,
+                                 top_p=top_p, greedy=greedy)
   graphdef, state = nnx.split(model)
   return decode(graphdef, state, key, prompt_BxP, jnp.float32(temperature), length=int(length),
                 top_p=float(top_p), greedy=bool(greedy), return_logits=bool(return_logits))
