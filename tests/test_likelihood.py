@@ -203,7 +203,9 @@ def markov_model():
   step = jax.jit(train.make_train_step(c, parts, tx))
   for rows in data.reshape(c.train.steps, 64, 16):
     state, _ = step(state, {"ids": rows, "mask": np.ones_like(rows, bool)})
-  heldout, _ = markov_chains(np.random.default_rng(1), 64, 16)
+  # 512 held-out chains: the bound's own noise (eps and probes) is ~0.7 nats/token
+  # per sequence for this model; averaged over 512 it is small next to the margins
+  heldout, _ = markov_chains(np.random.default_rng(1), 512, 16)
   return parts.merge(state.params), heldout, entropy
 
 
@@ -223,7 +225,7 @@ def test_bound_is_above_true_entropy(markov_model):
 def test_deterministic_shapes_and_padding(markov_model):
   model, heldout, _ = markov_model
   fn = lk.make_bound_fn(model, MARKOV_OPTS)
-  ids = heldout.copy()
+  ids = heldout[:64].copy()
   mask = np.ones_like(ids, bool)
   mask[-2:] = False          # padding rows (the last eval batch is filled with them)
   mask[0, 8:] = False        # a padded sequence

@@ -311,7 +311,7 @@ def _meshes_worker(out: pathlib.Path) -> None:
     if name in ("one", "2x2x2"):  # sharded init (jit with out_shardings)
       parts, state, shardings = train.init_train_state(cfg, mesh, tx)
     else:  # the same values placed by the rules
-      graphdef, abstract_state, abstract_rest = train.abstract_train_state(cfg, tx)
+      graphdef, abstract_state = train.abstract_train_state(cfg, tx)
       shardings = parallel.tree_shardings(abstract_state, mesh)
       state = jax.device_put(ref_state, shardings)
       parts = train.ModelParts(graphdef, train.model_buffers(cfg))
