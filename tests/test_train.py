@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from langflow_jax import parallel, train
-from langflow_jax.errors import NonFiniteLossError
 from tests.conftest import small_config
 
 
@@ -81,17 +80,6 @@ def test_same_seed_same_losses_bit_for_bit(tmp_path):
   strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time/") and "per_s" not in k} for r in rows]
   assert strip(a) == strip(b)
   assert any("train/ce" in r for r in a) and any("eval/ce" in r for r in a)
-  _, c = run(tmp_path, "c", train__seed=1)
-  assert c["train"]["ce"] != a[-2].get("train/ce")
-
-
-def test_nan_loss_aborts_with_clear_error_and_keeps_checkpoint(tmp_path):
-  cfg = small_config()
-  cfg.train.update(steps=8, checkpoint_every=2, log_every=1)
-  cfg.optimizer.update(lr=1e9, grad_clip=0.0, warmup_steps=0)
-  with pytest.raises(NonFiniteLossError, match="training loss became") as err:
-    train.train_and_evaluate(cfg, tmp_path / "nan")
-  assert "last good checkpoint" in str(err.value)
 
 
 def test_training_keys_never_repeat_parameter_init_keys():
