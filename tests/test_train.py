@@ -3,7 +3,6 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from langflow_jax import parallel, train
 from tests.conftest import small_config
