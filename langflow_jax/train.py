@@ -149,6 +149,11 @@ def training_root_key(seed: int) -> Array:
   return jax.random.fold_in(jax.random.PRNGKey(seed), TRAIN_KEY_SALT)
 
 
+def model_buffers(config: ml_collections.ConfigDict) -> nnx.State:
+  """A fresh model's non-trainable buffers (RoPE frequencies); jit drops the unused init."""
+  return jax.jit(lambda: split_model(create_model(config, seed=0))[0].rest)()
+
+
 def abstract_train_state(config: ml_collections.ConfigDict, tx: optax.GradientTransformation):
   """(graphdef, abstract TrainState) with no arrays allocated."""
   abstract_state = jax.eval_shape(lambda: fresh_train_state(config, tx))

@@ -314,7 +314,7 @@ def _meshes_worker(out: pathlib.Path) -> None:
       graphdef, abstract_state = train.abstract_train_state(cfg, tx)
       shardings = parallel.tree_shardings(abstract_state, mesh)
       state = jax.device_put(ref_state, shardings)
-      parts = train.ModelParts(graphdef, train.model_buffers(cfg))
+      parts = train.ModelParts.from_state(graphdef, state)
     if name == "one":
       ref_state = jax.device_get(state)
     else:  # the sharded init draws the same parameters
