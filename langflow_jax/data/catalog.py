@@ -30,6 +30,7 @@ import pathlib
 import re
 from typing import Iterator, Protocol, Sequence
 
+from langflow_jax.data.sources import jsonl_field
 from langflow_jax.errors import DataError
 
 
@@ -142,16 +143,7 @@ class FileDocuments:
           yield (line if line.strip() else "") if self.keep_newlines else line.strip()
     else:
       with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-          if not line.strip():
-            continue
-          try:
-            record = json.loads(line)
-          except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{n} is not valid JSON ({e.msg}).", "write one JSON object per line.") from e
-          if not isinstance(record, dict) or self.field not in record:
-            raise DataError(f"{path}:{n} has no field '{self.field}'.", "pass the corpus's own files.")
-          yield _text(record[self.field])
+        yield from map(_text, jsonl_field(f, path, self.field, "pass the corpus's own files."))
 
   def batches(self, start, stop, size):
     stream = itertools.islice(itertools.chain.from_iterable(self._records(f) for f in self.files), start, stop)

@@ -21,7 +21,7 @@ import json
 import lzma
 import pathlib
 import re
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 import ml_collections
 
@@ -54,6 +54,22 @@ def split_documents(docs: list[str], split: str, holdout_every: int) -> list[str
   return [d for d, h in zip(docs, held) if h == (split == "heldout")]
 
 
+def jsonl_field(lines: Iterable[str], path: pathlib.Path, field: str, fix: str,
+                kind: type | None = None) -> Iterator:
+  """``record[field]`` of every non-blank JSON line; a line that is not a JSON
+  object with that field (of type ``kind`` if given) is a DataError naming it."""
+  for n, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise DataError(f"{path}:{n} is not valid JSON ({e.msg}).", "write one JSON object per line.") from e
+    if not isinstance(record, dict) or field not in record or (kind and not isinstance(record[field], kind)):
+      raise DataError(f"{path}:{n} has no {'string ' if kind is str else ''}field '{field}'.", fix)
+    yield record[field]
+
+
 def embedded_documents() -> list[str]:
   path = ASSETS / "sotu.jsonl.xz"
   if not path.is_file():
@@ -76,17 +92,7 @@ def file_documents(path_text: str) -> list[str]:
     raise DataError(f"corpus file '{path}' is not UTF-8 text (byte {e.start}).",
                     "convert it, e.g. `iconv -f latin1 -t utf-8 in.txt > out.txt`.") from e
   if path.suffix == ".jsonl":
-    docs = []
-    for n, line in enumerate(text.splitlines(), 1):
-      if not line.strip():
-        continue
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{n} is not valid JSON ({e.msg}).", "write one JSON object per line.") from e
-      if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-        raise DataError(f"{path}:{n} has no string field 'text'.", 'write lines like {"text": "..."}.')
-      docs.append(record["text"])
+    docs = list(jsonl_field(text.splitlines(), path, "text", 'write lines like {"text": "..."}.', str))
   elif path.suffix in (".txt", ".md", ""):
     docs = [d.strip() for d in re.split(r"\n\s*\n", text)]
   else:

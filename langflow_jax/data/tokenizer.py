@@ -54,8 +54,21 @@ class Tokenizer(Protocol):
   def decode(self, ids: Sequence[int]) -> str: ...
 
 
+class _TokenizersMethods:
+  """encode/decode through a Hugging Face ``tokenizers.Tokenizer`` in ``self._tok``."""
+
+  def encode(self, text: str) -> list[int]:
+    return self._tok.encode(text, add_special_tokens=False).ids
+
+  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+  def decode(self, ids: Sequence[int]) -> str:
+    return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+
 @dataclasses.dataclass
-class HFTokenizer:
+class HFTokenizer(_TokenizersMethods):
   """A Hugging Face ``tokenizers`` model; BOS and EOS are the same separator."""
 
   name: str
@@ -76,15 +89,6 @@ class HFTokenizer:
                       f"train it with {EOS_TOKEN} as a special token.")
     self.eos_id = self.bos_id = eos
     self.pad_id = self._tok.token_to_id(PAD_TOKEN)
-
-  def encode(self, text: str) -> list[int]:
-    return self._tok.encode(text, add_special_tokens=False).ids
-
-  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-    return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
-
-  def decode(self, ids: Sequence[int]) -> str:
-    return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
 
 def _embedded_bpe() -> Tokenizer:
@@ -167,7 +171,7 @@ class GPT2Tokenizer:
 
 
 @dataclasses.dataclass
-class WordPieceTokenizer:
+class WordPieceTokenizer(_TokenizersMethods):
   """BERT's lower-casing WordPiece from a ``vocab.txt`` (one token per line, id = line).
 
   Texts are encoded without ``[CLS]``/``[SEP]``; BOS and EOS are both ``[CLS]``
@@ -195,15 +199,6 @@ class WordPieceTokenizer:
     self.eos_id = self.bos_id = ids["[CLS]"]
     self.sep_id = ids["[SEP]"]  # closes padded (unwrapped) rows: [CLS] ... [SEP] [PAD]...
     self.pad_id = ids["[PAD]"]
-
-  def encode(self, text: str) -> list[int]:
-    return self._tok.encode(text, add_special_tokens=False).ids
-
-  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-    return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
-
-  def decode(self, ids: Sequence[int]) -> str:
-    return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
 
 BERT_VOCAB_ENV = "LANGFLOW_JAX_BERT_VOCAB"
