@@ -150,10 +150,11 @@ def _prepare_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_sample_ar(args, overrides) -> int:
-  from langflow_jax import checkpoint, config as config_lib, train
+  from langflow_jax import checkpoint, config as config_lib, parallel, train
   from langflow_jax.baselines import ar
   from langflow_jax.data.tokenizer import load_tokenizer
 
+  parallel.maybe_initialize_distributed()
   config = checkpoint.saved_config(args.workdir)
   config_lib.apply_overrides(config, overrides)
   _, model = train.load_model(args.workdir, use_ema=config.sample.use_ema, config=config)
@@ -165,8 +166,9 @@ def cmd_sample_ar(args, overrides) -> int:
 
 
 def cmd_sample(args, overrides) -> int:
-  from langflow_jax import sampling
+  from langflow_jax import parallel, sampling
 
+  parallel.maybe_initialize_distributed()
   sampling.generate_from_workdir(
       args.workdir, num=args.num, steps=args.steps, prompt=args.prompt, infill=args.infill,
       best_of=args.best_of, show_steps=args.show_steps, sampler=args.sampler, temperature=args.temperature,
@@ -195,17 +197,21 @@ def _add_sample_args(p: argparse.ArgumentParser) -> None:
                  help="print the draft, refined and final passes")
   p.add_argument("--sampler", help="euler (official) | heun | stochastic | multistep")
   p.add_argument("--temperature", type=float, help="temperature on the predicted probabilities")
-  p.add_argument("--score", help="best-of score: denoise | ce (default: sample.score)")
+  p.add_argument("--score", help="best-of score: denoise | ce | bound (default: sample.score)")
   p.add_argument("--seed", type=int, help="random seed (default: sample.seed)")
   p.add_argument("--out", help="write the samples (ids, text, scores, settings) to this JSON file")
 
 
 def cmd_eval(args, overrides) -> int:
-  from langflow_jax import evaluate
+  from langflow_jax import evaluate, parallel
 
+  parallel.maybe_initialize_distributed()
   result = evaluate.evaluate_workdir(args.workdir, overrides, checkpoint=args.checkpoint, data=args.data,
                                      split=args.split, name=args.name, plot=args.plot, progress=True)
   print(result.report())
+  return 0
+
+
 def cmd_aot(args, overrides) -> int:
   from langflow_jax import aot
 
@@ -263,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     if name == "genppl":
       p.add_argument("--samples", required=True, help="a file written by `langflow-jax sample --out`")
       p.add_argument("--scorer", default="bigram", help="autoregressive scorer: bigram (default, the run's training split) | gpt2:DIR "
-                          "(a local Hugging Face GPT-2 directory)")
+                          "(a local Hugging Face GPT-2 directory) | ar:RUN_DIR (a trained AR baseline run)")
       p.add_argument("--no-reference", action="store_true", dest="no_reference",
                      help="skip scoring held-out data for scale")
       p.add_argument("--json", action="store_true", help="also print the result as JSON")

@@ -219,6 +219,33 @@ def test_helpers_run_a_model_sharded_like_one_device(mesh_results):
   assert h["z_spec"] == [["data", "fsdp"], None, None] and h["out_spec"] == [["data", "fsdp"], None, None]
 
 
+def test_meshes_sample_the_same_tokens_as_one_device(mesh_results):
+  _, report = mesh_results
+  runs = report["sampling"]
+  ref = runs["one"]
+  assert len(set(map(tuple, np.asarray(ref["tokens"])[:, 1:4].tolist()))) > 1  # not a degenerate sampler
+  for name, spec in (("data8", ["data"]), ("fsdp8", ["fsdp"]), ("2x2x2", [["data", "fsdp"]])):
+    got = runs[name]
+    assert got["z_spec"] == spec + [None, None], (name, got["z_spec"])  # the rows really are split
+    np.testing.assert_array_equal(got["tokens"], ref["tokens"], err_msg=name)
+    np.testing.assert_array_equal(got["trace"], ref["trace"], err_msg=name)  # every step's argmax
+    np.testing.assert_allclose(got["final_z"], ref["final_z"], rtol=1e-5, atol=1e-5, err_msg=name)
+    np.testing.assert_allclose(got["scores"], ref["scores"], rtol=1e-5, err_msg=name)
+    assert got["best"] == ref["best"], name
+
+
+def test_meshes_give_the_same_bound_as_one_device(mesh_results):
+  _, report = mesh_results
+  runs = report["sampling"]
+  ref = runs["one"]
+  assert len(ref["seq_totals"]) == 12 and all(np.isfinite(ref["seq_totals"]))  # padding rows left out
+  for name in ("data8", "fsdp8", "2x2x2"):
+    got = runs[name]
+    np.testing.assert_allclose(got["seq_totals"], ref["seq_totals"], rtol=2e-5, err_msg=name)
+    for term, value in got["sums"].items():
+      np.testing.assert_allclose(value, ref["sums"][term], rtol=2e-5, err_msg=f"{name} {term}")
+
+
 def test_aot_cli_reports_a_mesh_that_does_not_fit_in_one_line():
   proc = subprocess.run([sys.executable, "-m", "langflow_jax.cli", "aot", "--config", "tiny", "--devices", "3",
                          "--config.mesh.tensor=2"], env=_subprocess_env(1), cwd=ROOT, capture_output=True,
@@ -311,10 +338,10 @@ def _meshes_worker(out: pathlib.Path) -> None:
     if name in ("one", "2x2x2"):  # sharded init (jit with out_shardings)
       parts, state, shardings = train.init_train_state(cfg, mesh, tx)
     else:  # the same values placed by the rules
-      graphdef, abstract_state, abstract_rest = train.abstract_train_state(cfg, tx)
+      graphdef, abstract_state = train.abstract_train_state(cfg, tx)
       shardings = parallel.tree_shardings(abstract_state, mesh)
       state = jax.device_put(ref_state, shardings)
-      parts = train.ModelParts(graphdef, train.model_buffers(cfg))
+      parts = train.ModelParts.from_state(graphdef, state)
     if name == "one":
       ref_state = jax.device_get(state)
     else:  # the sharded init draws the same parameters
@@ -342,6 +369,7 @@ def _meshes_worker(out: pathlib.Path) -> None:
       report["aot"], report["aot_text"] = mem.to_json(), mem.format(memory_gb=0.001)
   report["num_params_bytes"] = sum(int(x.size) * 4 for x in jax.tree.leaves(ref_params))
   report["helpers"] = _helpers_check(cfg)
+  report["sampling"] = _sampling_and_bound_check()
   np.savez(out / "grads.npz", **grads_out)
   (out / "report.json").write_text(json.dumps(report))
 
@@ -380,6 +408,50 @@ def _helpers_check(cfg) -> dict:
                                                np.asarray(jax.random.normal(jax.random.PRNGKey(6), z.shape)))),
           "embedding_spec": list(_spec(embedding)), "z_spec": list(_spec(z_sharded)),
           "out_spec": list(_spec(out))}
+
+
+def _sampling_and_bound_check() -> dict:
+  """Best-of-n (sampled and scored) and the eval bound on each mesh and on one device.
+
+  One device is the plain jitted path (``mesh=None``) the parity tests check
+  against the official code; the meshes run the sharded path.
+  """
+  import jax
+  from flax import nnx
+
+  from langflow_jax import evaluate, likelihood as lk, sampling
+  from langflow_jax.data.prepare import PackedSplit
+  from langflow_jax.model import create_model
+
+  cfg = small_config()
+  model = create_model(cfg, seed=3)
+  rng = np.random.default_rng(0)  # random heads: positions interact
+  nnx.update(model.backbone, jax.tree.map(lambda p: p + 0.2 * rng.standard_normal(p.shape).astype(np.float32),
+                                 nnx.state(model.backbone, nnx.Param)))
+  options = sampling.SamplerOptions(sampler="stochastic", steps=4, churn=5.0, trace=True)  # noise drawn inside
+  cond = sampling.positions_conditioning(32, {0: 1, 5: 17, 20: 400}, num=4)  # 4 requests x 2 candidates
+  ids = rng.integers(0, 8192, (12, 32)).astype(np.int32)
+  mask = np.ones_like(ids, bool)
+  mask[2, 9:] = False
+  split = PackedSplit(ids, mask)  # 2 batches of 8, the second padded with 4 empty rows
+  opts = lk.BoundOptions(solver="heun", steps=2)
+  out = {}
+  for name, (d, f, t), _ in MESHES:
+    mesh = None if name == "one" else parallel.make_mesh(_mesh_cfg(d, f, t))
+    res = sampling.best_of_n(model, jax.random.PRNGKey(11), 2, options, cond=cond, score="denoise", mesh=mesh)
+    host = parallel.to_host(res)
+    totals = evaluate.run_bound(model, split, opts, batch_size=8, num_batches=0, seed=1, mesh=mesh)
+    out[name] = {"tokens": host.candidates.tokens_BxL.tolist(), "trace": host.candidates.trace_NxBxL.tolist(),
+                 "final_z": host.candidates.final_z_BxLxD.tolist(), "scores": host.scores_RxN.tolist(),
+                 "best": host.best_R.tolist(), "seq_totals": totals.seq_totals, "sums": totals.sums,
+                 "z_spec": None if mesh is None else list(_spec(res.candidates.final_z_BxLxD))}
+  return out
+
+
+def _mesh_cfg(d: int, f: int, t: int):
+  cfg = small_config()
+  cfg.mesh.update(data=d, fsdp=f, tensor=t)
+  return cfg.mesh
 
 
 def _two_processes_worker(workdir: str) -> None:
