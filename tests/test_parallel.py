@@ -293,6 +293,12 @@ def test_two_processes_train_and_agree_on_the_loss(tmp_path):
     assert out["batch_matches_single_process"]
     assert out["tensor_across_processes_shard"] == [0, 1] and out["tensor_batch_matches"]
   assert (tmp_path / "run" / "checkpoints" / "3").is_dir()
+  # eval and sample across both processes: each got every row, as one device computes them
+  assert a["eval_sequences"] == b["eval_sequences"] == 8 and np.isfinite(a["bound"]) and a["bound"] == b["bound"]
+  assert a["samples"] == b["samples"] and len(a["samples"]) == 4
+  for out in outs:
+    assert out["bound_matches_one_device"] and out["samples_match_one_device"]
+  assert [p.name for p in (tmp_path / "run" / "eval").iterdir()] == ["sotu_heldout_euler2.json"]  # process 0 wrote
 
 
 # --------------------------------------------------------------------------- subprocess bodies
@@ -454,6 +460,36 @@ def _mesh_cfg(d: int, f: int, t: int):
   return cfg.mesh
 
 
+def _two_processes_eval_and_sample(workdir: str) -> dict:
+  """``eval`` and ``sample`` of the run on the 4 devices of both processes (data=2 x fsdp=2,
+  each process loading its own eval rows), against this process alone on one device."""
+  import jax
+
+  from langflow_jax import evaluate, sampling, train
+  from langflow_jax import likelihood as lk
+  from langflow_jax.data import pipeline
+
+  mesh_args = ["config.mesh.data=2", "config.mesh.fsdp=2", "config.mesh.tensor=1"]
+  eval_args = ["config.eval.solver=euler", "config.eval.steps=2", "config.eval.batch_size=8",
+               "config.eval.num_batches=1", *mesh_args]
+  result = evaluate.evaluate_workdir(workdir, eval_args, write=True)
+  samples = sampling.generate_from_workdir(workdir, num=4, steps=3, overrides=[*mesh_args, "config.sample.score=ce"],
+                                           print_fn=None)
+  config, local = train.load_model(workdir)  # this process's first device only
+  split = pipeline.load_split(config.data, "heldout")
+  totals = evaluate.run_bound(local, split, lk.BoundOptions(solver="euler", steps=2), batch_size=8, num_batches=1,
+                              seed=config.eval.seed)
+  k_sample, _ = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(config.sample.seed), 0))
+  alone = sampling.sample(local, k_sample, sampling.SamplerOptions.from_config(config.sample, steps=3), num=4,
+                          seq_len=config.data.seq_len)
+  return {"bound": result.nats_per_token,
+          "bound_matches_one_device": bool(np.isclose(result.nats_per_token, sum(totals.per_token().values()),
+                                                      rtol=1e-5)),
+          "eval_sequences": result.num_sequences,
+          "samples": [s["ids"] for s in samples["samples"]],
+          "samples_match_one_device": [s["ids"] for s in samples["samples"]] == np.asarray(alone.tokens_BxL).tolist()}
+
+
 def _two_processes_worker(workdir: str) -> None:
   parallel.maybe_initialize_distributed()  # from JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID
   import jax
@@ -484,7 +520,9 @@ def _two_processes_worker(workdir: str) -> None:
   tensor_mesh = parallel.make_mesh(cfg.mesh, devices)
   assert {d.process_index for d in tensor_mesh.devices[0, 0]} == {0, 1}
   tensor_shard, tensor_ids = assembled(tensor_mesh)
+  shared = _two_processes_eval_and_sample(workdir)
   print(json.dumps({
+      **shared,
       "process": jax.process_index(), "devices": jax.device_count(), "data_shard": list(shard),
       "final_step": summary["final_step"], "loss": summary["train"]["loss"],
       "eval_ce": summary["eval"]["eval/ce"],
