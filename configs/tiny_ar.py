@@ -1,7 +1,7 @@
 """tiny_ar: the autoregressive baseline at the size of ``tiny``, on the same data.
 
   langflow-jax train --config tiny_ar --workdir runs/tiny_ar
-  langflow-jax sample-ar --workdir runs/tiny_ar --prompt "The Congress" --config.sample.top_p=0.9
+  langflow-jax sample-baseline --workdir runs/tiny_ar --prompt "The Congress" --config.sample.top_p=0.9
 
 The ``tiny`` config with ``objective.name=ar``: the same width, heads, MLP,
 tokenizer, sequence length, optimizer and step budget, a causal backbone

@@ -10,7 +10,8 @@
 3. On a trained run (``--workdir``, default runs/demo): Gen. PPL under an
    autoregressive scorer (the Kneser-Ney bigram of the run's training split)
    and the mean per-sample unigram entropy, against steps and against
-   best-of-n (n = 1, 2, 4, 8); held-out text scored the same way for scale.
+   best-of-n (n = 1, 2, 4, 8) by each score (ce, denoise, bound) with its cost;
+   held-out text scored the same way for scale.
 
 Compilation is excluded from every time (one warm-up call each); times are
 medians of repeated runs. Figures on a shared CPU are contended.
@@ -112,14 +113,16 @@ def quality(workdir: str, quick: bool, num: int) -> None:
   print()
   steps = 32
   print(f"### Best-of-n (euler, {steps} steps)\n")
-  print("| score | n | Gen PPL | entropy | mean score of the chosen |")
-  print("|---|---|---|---|---|")
-  for score in ("ce", "denoise"):
+  print("| score | n | Gen PPL | entropy | mean score of the chosen | scoring ms per candidate |")
+  print("|---|---|---|---|---|---|")
+  for score in ("ce", "denoise", "bound"):
     for n in ((1, 2) if quick else (1, 2, 4, 8)):
       res = sampling.best_of_n(model, key, n, sampling.SamplerOptions(steps=steps), num=num, seq_len=seq_len,
                                score=score)
       r = metrics.generative_perplexity(np.asarray(res.tokens_RxL), lm)
-      print(f"| {score} | {n} | {r['gen_ppl']:.1f} | {r['entropy']:.3f} | {float(res.score_R.mean()):.3f} |")
+      cost = timed(lambda: sampling.score_samples(model, res.candidates, score, key=key), 1) / (num * n)
+      print(f"| {score} | {n} | {r['gen_ppl']:.1f} | {r['entropy']:.3f} | {float(res.score_R.mean()):.3f} | "
+            f"{cost * 1e3:.2f} |")
   print()
 
 

@@ -108,7 +108,8 @@ def train_memory_report(config: ml_collections.ConfigDict, devices: Sequence[Any
   tx = train.make_optimizer(config.optimizer, config.train.steps)
   graphdef, abstract_state = train.abstract_train_state(config, tx)
   shardings = parallel.tree_shardings(abstract_state, mesh)
-  parts = train.ModelParts(graphdef, train.model_buffers(config))
+  # the step closes over the (small) model buffers; jit computes only them
+  parts = train.ModelParts(graphdef, jax.jit(lambda: train.fresh_train_state(config, tx).buffers)())
   step = train.jit_train_step(train.make_train_step(config, parts, tx), shardings, mesh)
   seq = (batch_size, int(config.data.seq_len))
   batch_sh = train.batch_shardings(mesh)

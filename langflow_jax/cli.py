@@ -150,9 +150,10 @@ def _prepare_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_sample_baseline(args, overrides) -> int:
-  from langflow_jax import baselines, checkpoint, config as config_lib, train
+  from langflow_jax import baselines, checkpoint, config as config_lib, parallel, train
   from langflow_jax.data.tokenizer import load_tokenizer
 
+  parallel.maybe_initialize_distributed()
   config = checkpoint.saved_config(args.workdir)
   config_lib.apply_overrides(config, overrides)
   _, model = train.load_model(args.workdir, use_ema=config.sample.use_ema, config=config)
@@ -164,8 +165,9 @@ def cmd_sample_baseline(args, overrides) -> int:
 
 
 def cmd_sample(args, overrides) -> int:
-  from langflow_jax import sampling
+  from langflow_jax import parallel, sampling
 
+  parallel.maybe_initialize_distributed()
   sampling.generate_from_workdir(
       args.workdir, num=args.num, steps=args.steps, prompt=args.prompt, infill=args.infill,
       best_of=args.best_of, show_steps=args.show_steps, sampler=args.sampler, temperature=args.temperature,
@@ -194,14 +196,15 @@ def _add_sample_args(p: argparse.ArgumentParser) -> None:
                  help="print the draft, refined and final passes")
   p.add_argument("--sampler", help="euler (official) | heun | stochastic | multistep")
   p.add_argument("--temperature", type=float, help="temperature on the predicted probabilities")
-  p.add_argument("--score", help="best-of score: denoise | ce (default: sample.score)")
+  p.add_argument("--score", help="best-of score: denoise | ce | bound (default: sample.score)")
   p.add_argument("--seed", type=int, help="random seed (default: sample.seed)")
   p.add_argument("--out", help="write the samples (ids, text, scores, settings) to this JSON file")
 
 
 def cmd_eval(args, overrides) -> int:
-  from langflow_jax import evaluate
+  from langflow_jax import evaluate, parallel
 
+  parallel.maybe_initialize_distributed()
   result = evaluate.evaluate_workdir(args.workdir, overrides, checkpoint=args.checkpoint, data=args.data,
                                      split=args.split, name=args.name, plot=args.plot, progress=True)
   print(result.report())
@@ -224,7 +227,6 @@ COMMANDS: dict[str, tuple[Callable, str]] = {
     "export": (cmd_export, "write a run's weights in the official layout"),
     "prepare": (cmd_prepare, "tokenize and pack a corpus once into local shards (prepared:DIR)"),
     "sample-baseline": (cmd_sample_baseline, "sample from a trained AR or MDLM baseline (--config.sample.x=y)"),
-    "sample-ar": (cmd_sample_baseline, "the same as sample-baseline"),
     "sample": (cmd_sample, "generate text from a trained run (prompts, infill, best-of-n)"),
     "genppl": (cmd_genppl, "generative perplexity and entropy of a sample file"),
     "eval": (cmd_eval, "the ODE likelihood bound (nats/token, terms, protocol card) of a run or checkpoint"),
@@ -253,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     if name == "export":
       p.add_argument("--out", required=True, help="output directory for config.json + model.safetensors")
       p.add_argument("--raw", action="store_true", help="export the raw weights instead of the EMA ones")
-    if name in ("sample-baseline", "sample-ar"):
+    if name == "sample-baseline":
       p.add_argument("--workdir", required=True, help="run directory of an ar or mdlm training run")
       p.add_argument("--prompt", default="", help="text every sample continues (after BOS; mdlm: none "
                                                   "samples unconditionally)")
@@ -267,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     if name == "genppl":
       p.add_argument("--samples", required=True, help="a file written by `langflow-jax sample --out`")
       p.add_argument("--scorer", default="bigram", help="autoregressive scorer: bigram (default, the run's training split) | gpt2:DIR "
-                          "(a local Hugging Face GPT-2 directory)")
+                          "(a local Hugging Face GPT-2 directory) | ar:RUN_DIR (a trained AR baseline run)")
       p.add_argument("--no-reference", action="store_true", dest="no_reference",
                      help="skip scoring held-out data for scale")
       p.add_argument("--json", action="store_true", help="also print the result as JSON")

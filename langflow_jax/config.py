@@ -334,11 +334,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
   validate_sample(config)
 
 
-# Names the likelihood and sampling code accept (extend these with new methods).
+# The names the likelihood and sampling code accept: the one list of each
+# (likelihood.py and sampling.py import them; extend them with new methods).
 EVAL_SOLVERS = ("euler", "heun", "rk4", "adaptive")
 EVAL_ESTIMATORS = ("hutchinson_gaussian", "hutchinson_rademacher", "exact")
+EVAL_GRIDS = ("official", "gamma")
 STEP_GRIDS = ("official", "cdf", "gamma")
 SAMPLERS = ("euler", "heun", "stochastic", "multistep")
+UPDATE_DTYPES = ("auto", "float64", "float32")
 EVAL_SPLITS = ("train", "heldout", "all")
 
 
@@ -349,34 +352,46 @@ def _one_of(value: str, allowed: tuple[str, ...], key: str) -> None:
            f"set --config.{key} to one of {', '.join(allowed)}.")
 
 
-def validate_eval(config: ml_collections.ConfigDict) -> None:
-  """Checks the ``eval`` group (likelihood bound): call again after eval-time overrides."""
-  e = config.eval
+def check_bound_settings(e: Any) -> None:
+  """The likelihood bound's method: ``config.eval`` or a ``likelihood.BoundOptions``."""
   _one_of(e.solver, EVAL_SOLVERS, "eval.solver")
   _one_of(e.estimator, EVAL_ESTIMATORS, "eval.estimator")
-  _one_of(e.grid, STEP_GRIDS, "eval.grid")
-  _one_of(e.split, EVAL_SPLITS, "eval.split")
+  _one_of(e.grid, EVAL_GRIDS, "eval.grid")
   _require(e.steps > 0, f"eval.steps={e.steps} (ODE steps) must be positive.", "use e.g. --config.eval.steps=128.")
   _require(e.probes > 0, f"eval.probes={e.probes} (divergence probes) must be positive.",
            "use e.g. --config.eval.probes=1.")
+  _require(e.rtol > 0 and e.atol > 0, f"eval.rtol={e.rtol} and eval.atol={e.atol} must be positive.",
+           "use e.g. 1e-3 for both.")
+  _require(e.max_steps > 0, f"eval.max_steps={e.max_steps} must be positive.", "use e.g. 4096.")
+
+
+def validate_eval(config: ml_collections.ConfigDict) -> None:
+  """Checks the ``eval`` group (likelihood bound): call again after eval-time overrides."""
+  e = config.eval
+  check_bound_settings(e)
+  _one_of(e.split, EVAL_SPLITS, "eval.split")
   _require(e.batch_size > 0, f"eval.batch_size={e.batch_size} must be positive.",
            "use e.g. --config.eval.batch_size=32.")
   _require(e.num_batches >= 0, f"eval.num_batches={e.num_batches} must be 0 (whole split) or positive.",
            "use --config.eval.num_batches=0.")
-  _require(e.rtol > 0 and e.atol > 0, f"eval.rtol={e.rtol} and eval.atol={e.atol} must be positive.",
-           "use e.g. 1e-3 for both.")
+
+
+def check_sampler_settings(s: Any) -> None:
+  """The sampler's method: ``config.sample`` or a ``sampling.SamplerOptions``."""
+  _one_of(s.sampler, SAMPLERS, "sample.sampler")
+  _one_of(s.grid, STEP_GRIDS, "sample.grid")
+  _one_of(s.update_dtype, UPDATE_DTYPES, "sample.update_dtype")
+  _require(s.steps > 0, f"sample.steps={s.steps} must be positive.", "use e.g. --config.sample.steps=128.")
+  _require(s.temperature > 0, f"sample.temperature={s.temperature} must be positive.", "use e.g. 1.0.")
+  _require(s.churn >= 0, f"sample.churn={s.churn} must not be negative.", "use 0 (deterministic) or e.g. 0.5.")
 
 
 def validate_sample(config: ml_collections.ConfigDict) -> None:
   """Checks the ``sample`` group: call again after sample-time overrides."""
   s, m = config.sample, config.model
-  _one_of(s.sampler, SAMPLERS, "sample.sampler")
-  _one_of(s.grid, STEP_GRIDS, "sample.grid")
-  _require(s.steps > 0, f"sample.steps={s.steps} must be positive.", "use e.g. --config.sample.steps=128.")
+  check_sampler_settings(s)
   _require(s.num > 0, f"sample.num={s.num} must be positive.", "use e.g. --config.sample.num=8.")
   _require(s.best_of > 0, f"sample.best_of={s.best_of} must be positive.", "use 1 (no selection) or e.g. 4.")
-  _require(s.temperature > 0, f"sample.temperature={s.temperature} must be positive.", "use e.g. 1.0.")
-  _require(s.churn >= 0, f"sample.churn={s.churn} must not be negative.", "use 0 (deterministic) or e.g. 0.5.")
   _require(0 <= s.seq_len <= m.max_length,
            f"sample.seq_len={s.seq_len} must lie in [0, model.max_length={m.max_length}] (0: data.seq_len).",
            f"use at most {m.max_length}; the model was not trained for longer sequences.")

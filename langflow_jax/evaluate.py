@@ -31,7 +31,7 @@ import numpy as np
 
 from langflow_jax import checkpoint as ckpt_lib
 from langflow_jax import config as config_lib
-from langflow_jax import convert, train
+from langflow_jax import convert, parallel, train
 from langflow_jax import likelihood as lk
 from langflow_jax import reporting
 from langflow_jax.data import pipeline
@@ -115,7 +115,7 @@ class _Totals:
   seq_tokens: list[float] = dataclasses.field(default_factory=list)
 
   def add(self, terms: lk.BoundTerms, info: lk.SolveInfo) -> None:
-    terms, info = jax.device_get((terms, info))
+    terms, info = parallel.to_host((terms, info))  # every process gets every row
     for t in TERMS:
       self.sums[t] += float(np.sum(np.asarray(getattr(terms, f"{t}_B"), np.float64)))
     self.tokens += float(np.sum(terms.num_tokens_B))
@@ -158,19 +158,23 @@ def _num_batches(split: pipeline.PackedSplit, batch_size: int, num_batches: int)
 
 
 def run_bound(model: LangFlow, split: pipeline.PackedSplit, opts: lk.BoundOptions, *, batch_size: int,
-              num_batches: int, seed: int, s_N: np.ndarray | None = None, progress: bool = False) -> _Totals:
+              num_batches: int, seed: int, s_N: np.ndarray | None = None, progress: bool = False,
+              mesh: jax.sharding.Mesh | None = None) -> _Totals:
   """Sums of the bound's terms over the first ``num_batches`` batches of ``split``.
 
   Batch i uses key fold_in(PRNGKey(seed), i): the same seed and batching give
-  the same number.
+  the same number, on any mesh. With ``mesh`` the batches are sharded over
+  data x fsdp and each process loads only its rows (as the trainer does).
   """
-  fn = lk.make_bound_fn(model, opts)
+  fn = lk.make_bound_fn(model, opts, mesh)
   key = jax.random.PRNGKey(seed)
   totals = _Totals()
   n = _num_batches(split, batch_size, num_batches)
+  index, count = (0, 1) if mesh is None else parallel.data_shard(mesh)
   bar = reporting.Progress(n, 0, progress)
   try:
-    for i, batch in enumerate(pipeline.eval_batches(split, batch_size, n)):
+    for i, local in enumerate(pipeline.eval_batches(split, batch_size, n, index, count)):
+      batch = local if mesh is None else parallel.global_batch(local, mesh)
       terms, info = fn(batch["ids"], batch["mask"], jax.random.fold_in(key, i), s_N=s_N)
       if not bool(info.ok):
         raise ConfigError(
@@ -184,7 +188,8 @@ def run_bound(model: LangFlow, split: pipeline.PackedSplit, opts: lk.BoundOption
 
 
 def steps_sweep(model: LangFlow, split: pipeline.PackedSplit, opts: lk.BoundOptions, steps: Sequence[int], *,
-                batch_size: int, num_batches: int, seed: int) -> tuple[list[dict[str, float]], dict | None]:
+                batch_size: int, num_batches: int, seed: int,
+                mesh: jax.sharding.Mesh | None = None) -> tuple[list[dict[str, float]], dict | None]:
   """The bound and its terms for several step counts (same data and seed), and
   the flow integrand of the longest run.
 
@@ -196,7 +201,8 @@ def steps_sweep(model: LangFlow, split: pipeline.PackedSplit, opts: lk.BoundOpti
   grids = lk.padded_s_grids(model, fixed, steps)
   rows = []
   for n, s_N in zip(steps, grids):
-    totals = run_bound(model, split, fixed, batch_size=batch_size, num_batches=num_batches, seed=seed, s_N=s_N)
+    totals = run_bound(model, split, fixed, batch_size=batch_size, num_batches=num_batches, seed=seed, s_N=s_N,
+                       mesh=mesh)
     per = totals.per_token()
     rows.append({"steps": int(n), "solver": fixed.solver, "total": sum(per.values()), **per})
   return rows, totals.integrand()
@@ -288,13 +294,19 @@ def write_plot(path: pathlib.Path, result: EvalResult) -> str:
 
 def evaluate_model(config: ml_collections.ConfigDict, model: LangFlow, *, split: str | None = None,
                    source: dict[str, Any] | None = None, plot: bool = False,
-                   progress: bool = False) -> EvalResult:
-  """The bound of ``model`` on ``config.data`` (split ``split`` or ``config.eval.split``)."""
+                   progress: bool = False, mesh: jax.sharding.Mesh | None = None) -> EvalResult:
+  """The bound of ``model`` on ``config.data`` (split ``split`` or ``config.eval.split``).
+
+  It runs sharded on ``mesh`` (default: the mesh of ``config.mesh``); the
+  model's weights are placed there by the sharding rules.
+  """
+  config_lib.validate_eval(config)
   e = config.eval
   split = split or e.split
   opts = lk.BoundOptions.from_config(e)
-  if e.batch_size <= 0:
-    raise ConfigError(f"eval.batch_size={e.batch_size} must be positive.", "use e.g. --config.eval.batch_size=32.")
+  mesh = parallel.make_mesh(config.mesh) if mesh is None else mesh
+  parallel.check_batch(e.batch_size, mesh, what="eval.batch_size")
+  parallel.shard_model(model, mesh)
   tokenizer = load_tokenizer(config.data.tokenizer)
   train.check_data_matches_model(config, tokenizer)
   data = pipeline.load_split(config.data, split, tokenizer)
@@ -303,7 +315,7 @@ def evaluate_model(config: ml_collections.ConfigDict, model: LangFlow, *, split:
   # The grid is passed in, so a sweep padded to the same length reuses the compilation.
   s_N = None if opts.solver == "adaptive" else np.asarray(lk.s_grid(model, opts))
   totals = run_bound(model, data, opts, batch_size=e.batch_size, num_batches=n, seed=e.seed, s_N=s_N,
-                     progress=progress)
+                     progress=progress, mesh=mesh)
   seconds = time.perf_counter() - start
   per = totals.per_token()
   source = source or {"weights": "as given", "checkpoint": "(in memory)"}
@@ -315,7 +327,7 @@ def evaluate_model(config: ml_collections.ConfigDict, model: LangFlow, *, split:
   if plot:
     steps = sorted(set(int(s) for s in e.plot_steps) | ({opts.steps} if opts.solver != "adaptive" else set()))
     result.sweep, integrand = steps_sweep(model, data, opts, steps, batch_size=e.batch_size,
-                                          num_batches=min(e.plot_batches, n), seed=e.seed)
+                                          num_batches=min(e.plot_batches, n), seed=e.seed, mesh=mesh)
     result.integrand = result.integrand or integrand  # the adaptive solver keeps no trace
   return result
 
@@ -325,7 +337,9 @@ def load_for_eval(workdir: str | pathlib.Path | None, checkpoint: str | pathlib.
   """(config, model, source description, output directory) for a run or a checkpoint.
 
   ``checkpoint`` is a step directory of a run (``RUN/checkpoints/600``) or an
-  official release directory (``config.json`` + ``model.safetensors``).
+  official release directory (``config.json`` + ``model.safetensors``). The
+  ``eval`` settings are checked after the overrides, before any weights load;
+  a run's weights are restored onto the mesh of ``config.mesh``.
   """
   step = None
   if checkpoint is not None:
@@ -333,6 +347,7 @@ def load_for_eval(workdir: str | pathlib.Path | None, checkpoint: str | pathlib.
     if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
       config, model = convert.load_official(path)
       config_lib.apply_overrides(config, overrides)
+      config_lib.validate_eval(config)
       return config, model, {"weights": "official release, as stored", "checkpoint": str(path)}, path / "eval"
     if path.name.isdigit() and path.parent.name == ckpt_lib.CHECKPOINT_DIR:
       workdir, step = path.parent.parent, int(path.name)
@@ -344,9 +359,11 @@ def load_for_eval(workdir: str | pathlib.Path | None, checkpoint: str | pathlib.
     raise ConfigError("nothing to evaluate.", "pass --workdir RUN or --checkpoint PATH.")
   config = ckpt_lib.saved_config(workdir)
   config_lib.apply_overrides(config, overrides)
+  config_lib.validate_eval(config)
+  mesh = parallel.make_mesh(config.mesh)
   if step is None:
     step = ckpt_lib.open_run(workdir)[0].latest_step()
-  config, model = train.load_model(workdir, use_ema=config.eval.use_ema, config=config, step=step)
+  config, model = train.load_model(workdir, use_ema=config.eval.use_ema, config=config, step=step, mesh=mesh)
   weights = "EMA" if config.eval.use_ema else "raw (no EMA)"
   source = {"weights": weights, "checkpoint": str(ckpt_lib.checkpoint_dir(workdir) / str(step))}
   return config, model, source, pathlib.Path(workdir).expanduser() / "eval"
@@ -366,14 +383,17 @@ def evaluate_workdir(workdir: str | pathlib.Path | None = None, overrides: Seque
   """Loads a run (or checkpoint), computes the bound, writes JSON (and a PNG).
 
   ``data`` replaces ``data.name`` (e.g. ``file:my.txt``); a user's own data
-  is measured whole (split ``all``) unless ``split`` says otherwise.
+  is measured whole (split ``all``) unless ``split`` says otherwise. With
+  several processes, process 0 writes the files.
   """
   if data is not None:
     overrides = [*overrides, f"config.data.name={data}"]
+  if split is not None or data is not None:
+    overrides = [*overrides, f"config.eval.split={split or 'all'}"]
   config, model, source, out_dir = load_for_eval(workdir, checkpoint, overrides)
-  split = split or ("all" if data is not None else config.eval.split)
-  result = evaluate_model(config, model, split=split, source=source, plot=plot, progress=progress)
-  if write:
+  split = config.eval.split
+  result = evaluate_model(config, model, source=source, plot=plot, progress=progress)
+  if write and jax.process_index() == 0:
     name = name or default_name(config, split)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}.json"

@@ -47,7 +47,8 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from langflow_jax import diffusion
+from langflow_jax import config as config_lib
+from langflow_jax import diffusion, parallel
 from langflow_jax.errors import ConfigError
 from langflow_jax.model import LangFlow
 from langflow_jax.objective import token_cross_entropy
@@ -55,9 +56,9 @@ from langflow_jax.schedule import likelihood_u_grid
 
 Array = jax.Array
 
-SOLVERS = ("euler", "heun", "rk4", "adaptive")
-GRIDS = ("official", "gamma")
-ESTIMATORS = ("hutchinson_gaussian", "hutchinson_rademacher", "exact")
+SOLVERS = config_lib.EVAL_SOLVERS
+GRIDS = config_lib.EVAL_GRIDS
+ESTIMATORS = config_lib.EVAL_ESTIMATORS
 # Above this many coordinates per sequence the exact trace (one JVP each, at
 # every vector-field evaluation) is refused: use a Hutchinson estimator.
 MAX_EXACT_DIM = 16384
@@ -101,20 +102,7 @@ class BoundOptions:
   max_steps: int = 4096            # adaptive solver step cap
 
   def __post_init__(self):
-    checks = [
-        (self.solver in SOLVERS, f"eval.solver='{self.solver}' is unknown.", f"use one of {list(SOLVERS)}."),
-        (self.grid in GRIDS, f"eval.grid='{self.grid}' is unknown.", f"use one of {list(GRIDS)}."),
-        (self.estimator in ESTIMATORS, f"eval.estimator='{self.estimator}' is unknown.",
-         f"use one of {list(ESTIMATORS)}."),
-        (self.steps >= 1, f"eval.steps={self.steps} must be at least 1.", "use e.g. 128."),
-        (self.probes >= 1, f"eval.probes={self.probes} must be at least 1.", "use e.g. 1."),
-        (self.rtol > 0 and self.atol > 0, f"eval.rtol={self.rtol}, eval.atol={self.atol} must be positive.",
-         "use e.g. 1e-3."),
-        (self.max_steps >= 1, f"eval.max_steps={self.max_steps} must be positive.", "use e.g. 4096."),
-    ]
-    for ok, problem, fix in checks:
-      if not ok:
-        raise ConfigError(problem, fix)
+    config_lib.check_bound_settings(self)  # the same rules as --config.eval.*
 
   @classmethod
   def from_config(cls, eval_cfg: ml_collections.ConfigDict) -> "BoundOptions":
@@ -295,7 +283,8 @@ def _call_probes(x: dict, opts: BoundOptions, shape_BxLxD: tuple[int, ...]) -> A
   if "probes" in x:
     return x["probes"]
   if "keys" in x:
-    return draw_probes(x["keys"], opts.estimator, (opts.probes,) + tuple(shape_BxLxD))
+    probes = draw_probes(x["keys"], opts.estimator, (opts.probes,) + tuple(shape_BxLxD))
+    return parallel.constrain(probes, (None, "batch", "length", None))  # drawn where the rows live
   return x.get("fixed")
 
 
@@ -347,6 +336,7 @@ def nll_bound(model: LangFlow, ids_BxL: Array, mask_BxL: Array | None, key: Arra
   e_BxLxD = model.embed(ids_BxL)
   eps = (jax.random.normal(k_eps, e_BxLxD.shape, jnp.float32) if eps_BxLxD is None
          else jnp.asarray(eps_BxLxD, jnp.float32))
+  eps = parallel.constrain(eps, ("batch", "length", None))
   z0 = diffusion.add_noise(e_BxLxD, gamma0_B, eps)
 
   # Reconstruction at gamma_min, with the self-conditioning pre-pass.
@@ -395,13 +385,32 @@ def nll_bound(model: LangFlow, ids_BxL: Array, mask_BxL: Array | None, key: Arra
   return BoundTerms(reconst_B, flow_B, prior_B, tokens_B), info
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _bound_jit(graphdef, opts, state, ids, mask, key, eps, probes, s_N):
+def _bound(graphdef, opts, state, ids, mask, key, eps, probes, s_N):
   model = nnx.merge(graphdef, state)
   return nll_bound(model, ids, mask, key, opts, eps_BxLxD=eps, probes=probes, s_N=s_N)
 
 
-def make_bound_fn(model: LangFlow, opts: BoundOptions) -> Callable[..., tuple[BoundTerms, SolveInfo]]:
+_bound_jit = jax.jit(_bound, static_argnums=(0, 1))
+
+
+@functools.lru_cache(maxsize=16)
+def _sharded_bound_jit(graphdef, opts: BoundOptions, mesh, state_shardings: parallel.Frozen, rows: int,
+                       eps_ndim: int | None, probes_ndim: int | None, grid: bool):
+  """The bound jitted on ``mesh``: rows over data x fsdp, weights by the rules."""
+  rows_sh = lambda ndim, dim=0: parallel.rows_sharding(mesh, ndim, rows, dim)
+  rep = parallel.replicated(mesh)
+  in_shardings = (state_shardings.thaw(), rows_sh(2), rows_sh(2), rep,
+                  None if eps_ndim is None else rows_sh(eps_ndim),
+                  None if probes_ndim is None else rows_sh(probes_ndim, probes_ndim - 3),
+                  rep if grid else None)
+  out_shardings = (BoundTerms(rows_sh(1), rows_sh(1), rows_sh(1), rows_sh(1)),
+                   SolveInfo(gamma_C=rep, div_CxB=rows_sh(2, 1), num_evals=rep, num_steps=rep, ok=rep))
+  fn = lambda *args: _bound(graphdef, opts, *args)
+  return parallel.mesh_jit(fn, mesh, in_shardings=in_shardings, out_shardings=out_shardings)
+
+
+def make_bound_fn(model: LangFlow, opts: BoundOptions,
+                  mesh: jax.sharding.Mesh | None = None) -> Callable[..., tuple[BoundTerms, SolveInfo]]:
   """A jitted ``fn(ids, mask, key, eps=None, probes=None, s_N=None)`` for ``model``.
 
   The weights are an argument of the compiled function, not constants baked
@@ -410,10 +419,35 @@ def make_bound_fn(model: LangFlow, opts: BoundOptions) -> Callable[..., tuple[Bo
   structure, reuses it. Grids passed as ``s_N`` are traced, so grids of
   different step counts padded to one length (repeating the last point: a
   zero-length step changes nothing) share one compilation.
+
+  With ``mesh`` the bound runs sharded with explicit shardings: rows over
+  data x fsdp (replicated when the batch does not divide), the weights by
+  the sharding rules (placed there if they are not). Inputs are global
+  arrays or host arrays that are the same on every process; outputs are
+  global arrays (:func:`parallel.to_host` gathers them). The random draws
+  are those of one device, so the number does not depend on the mesh.
   """
   graphdef, state = nnx.split(model)
-  return lambda ids, mask, key, eps=None, probes=None, s_N=None: _bound_jit(
-      graphdef, opts, state, ids, mask, key, eps, probes, s_N)
+  if mesh is None:
+    return lambda ids, mask, key, eps=None, probes=None, s_N=None: _bound_jit(
+        graphdef, opts, state, ids, mask, key, eps, probes, s_N)
+  state_shardings = parallel.tree_shardings(state, mesh)
+  state = jax.device_put(state, state_shardings)  # a no-op for weights already placed
+  frozen = parallel.Frozen.of(state_shardings)
+
+  def fn(ids, mask, key, eps=None, probes=None, s_N=None):
+    b, l = np.shape(ids)
+    mask = np.ones((b, l), bool) if mask is None else mask
+    as_f32 = lambda x: x if x is None or isinstance(x, jax.Array) else np.asarray(x, np.float32)
+    eps, probes = as_f32(eps), as_f32(probes)
+    if probes is not None:
+      probes = parallel.put_global(probes, parallel.rows_sharding(mesh, np.ndim(probes), b, np.ndim(probes) - 3))
+    jitted = _sharded_bound_jit(graphdef, opts, mesh, frozen, b, None if eps is None else np.ndim(eps),
+                                None if probes is None else np.ndim(probes), s_N is not None)
+    ids, mask, eps = parallel.shard_batch((ids, mask, eps), mesh)
+    return jitted(state, ids, mask, key, eps, probes, None if s_N is None else np.asarray(s_N, np.float32))
+
+  return fn
 
 
 def padded_s_grids(model: LangFlow, opts: BoundOptions, steps: Sequence[int]) -> np.ndarray:

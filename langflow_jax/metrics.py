@@ -199,10 +199,65 @@ def _gpt2_scorer(arg: str, config) -> tuple[SequenceScorer, str]:
   return scorer, f"GPT-2 from {arg} ({model.config.n_layer} layers, width {model.config.n_embd})"
 
 
+def ar_sequence_scorer(model, batch_size: int = 32) -> SequenceScorer:
+  """A :class:`SequenceScorer` from the in-package AR baseline (``baselines.ar``).
+
+  Sequences are truncated to the model's length and right-padded (masked) to
+  it in batches of ``batch_size``: one compilation. The first token of each
+  sequence is not scored (``len - 1`` tokens, the Gen. PPL protocol).
+  """
+  from langflow_jax.baselines import ar
+
+  max_len = model.max_length
+
+  def score(sequences):
+    seqs = [list(s)[:max_len] for s in sequences]
+    nll, count = np.zeros(len(seqs)), np.zeros(len(seqs))
+    for start in range(0, len(seqs), batch_size):
+      chunk = seqs[start:start + batch_size]
+      ids = np.zeros((batch_size, max_len), np.int32)
+      mask = np.zeros((batch_size, max_len), bool)
+      for r, s in enumerate(chunk):
+        ids[r, :len(s)], mask[r, :len(s)] = s, True
+      n, c = ar.sequence_nll(model, ids, mask)
+      nll[start:start + len(chunk)] = np.asarray(n)[:len(chunk)]
+      count[start:start + len(chunk)] = np.asarray(c)[:len(chunk)]
+    return nll, count
+
+  return score
+
+
+def _ar_scorer(arg: str, config) -> tuple[SequenceScorer, str]:
+  """The AR baseline of a training run (``--config.objective.name=ar``), EMA weights.
+
+  With the generator's tokenizer the ids are scored as they are; otherwise
+  samples are decoded and re-tokenized with the AR run's tokenizer.
+  """
+  from langflow_jax import train
+  from langflow_jax.baselines import ar
+  from langflow_jax.data.tokenizer import fingerprint, load_tokenizer
+  from langflow_jax.errors import ConfigError
+
+  if not arg:
+    raise ConfigError("--scorer ar needs a run directory.", "write --scorer ar:RUN_DIR (a run trained with "
+                      "--config.objective.name=ar).")
+  ar_config, model = train.load_model(arg)
+  if not isinstance(model, ar.ARTransformer):
+    raise ConfigError(f"{arg} is not a run of the autoregressive baseline.",
+                      "pass --scorer ar:RUN_DIR of a run trained with --config.objective.name=ar.")
+  scorer = ar_sequence_scorer(model)
+  ar_tok, generator_tok = load_tokenizer(ar_config.data.tokenizer), load_tokenizer(config.data.tokenizer)
+  if fingerprint(ar_tok) != fingerprint(generator_tok):
+    scorer.retokenize = lambda ids: ar_tok.encode(generator_tok.decode(ids))[:model.max_length]
+  m = ar_config.model
+  return scorer, (f"AR baseline from {arg} ({m.n_blocks} blocks, width {m.hidden_size}, "
+                  f"tokenizer {ar_config.data.tokenizer})")
+
+
 # name -> loader(arg after ':', generating config) -> (scorer, description). A
 # scorer in another vocabulary carries ``scorer.retokenize`` (generator ids ->
 # its ids: decode, then its tokenizer).
-SCORER_LOADERS: dict[str, Callable] = {"bigram": _bigram_scorer, "gpt2": _gpt2_scorer}
+SCORER_LOADERS: dict[str, Callable] = {"bigram": _bigram_scorer, "gpt2": _gpt2_scorer, "ar": _ar_scorer}
 
 
 def gen_ppl_report(samples_path: str, scorer: str = "bigram", *, reference: bool = True,

@@ -46,6 +46,7 @@ Several hosts: :func:`maybe_initialize_distributed` calls
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -293,6 +294,18 @@ def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.A
   return out
 
 
+def put_global(x: Any, sharding: NamedSharding) -> jax.Array:
+  """A host value that is the same on every process, as a global array with ``sharding``.
+
+  Each process copies only its devices' shards. An array already placed so
+  is returned as it is.
+  """
+  if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sharding, x.ndim):
+    return x
+  x = np.asarray(x)
+  return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
 def shard_batch(tree: Any, mesh: Mesh) -> Any:
   """Global host arrays (the same on every process) split over the batch axes.
 
@@ -300,11 +313,34 @@ def shard_batch(tree: Any, mesh: Mesh) -> Any:
   leading dimension that does not divide by data x fsdp stays replicated.
   """
   def put(x):
-    x = np.asarray(x)
-    spec = logical_to_spec(("batch",) + (None,) * (x.ndim - 1), x.shape, mesh) if x.ndim else P()
-    return jax.make_array_from_callback(x.shape, NamedSharding(mesh, spec), lambda idx: x[idx])
+    ndim = np.ndim(x)
+    return put_global(x, rows_sharding(mesh, ndim, np.shape(x)[0]) if ndim else replicated(mesh))
 
   return jax.tree.map(put, tree)
+
+
+def rows_sharding(mesh: Mesh, ndim: int, rows: int, batch_dim: int = 0) -> NamedSharding:
+  """Values whose dim ``batch_dim`` holds ``rows`` sequences: that dim over data x fsdp
+  where ``rows`` divides (else replicated, as :func:`shard_batch` places it), the rest replicated."""
+  axes, shape = [None] * ndim, [1] * ndim
+  axes[batch_dim], shape[batch_dim] = "batch", rows
+  return NamedSharding(mesh, logical_to_spec(tuple(axes), tuple(shape), mesh))
+
+
+@dataclasses.dataclass(frozen=True)
+class Frozen:
+  """A pytree (e.g. of shardings) as a hashable value, to key caches of compiled functions."""
+
+  treedef: Any
+  leaves: tuple
+
+  @classmethod
+  def of(cls, tree: Any) -> "Frozen":
+    leaves, treedef = jax.tree.flatten(tree)
+    return cls(treedef, tuple(leaves))
+
+  def thaw(self) -> Any:
+    return jax.tree.unflatten(self.treedef, self.leaves)
 
 
 def shard_model(model: nnx.Module, mesh: Mesh) -> nnx.Module:

@@ -57,17 +57,20 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from langflow_jax import diffusion
+from langflow_jax import config as config_lib
+from langflow_jax import diffusion, likelihood, parallel
 from langflow_jax.errors import ConfigError, UserError
 from langflow_jax.model import LangFlow
 from langflow_jax.schedule import NoiseSchedule, linspace_f32, sampler_u_grid
 
 Array = jax.Array
 
-# Network evaluations per update step.
-SAMPLERS = {"euler": 1, "heun": 2, "stochastic": 1, "multistep": 1}
-GRIDS = ("official", "cdf", "gamma")
-UPDATE_DTYPES = ("auto", "float64", "float32")
+# Network evaluations per update step, for each sampler name of config.SAMPLERS
+# (the names, grids and update dtypes are listed once, in config.py).
+_EVALS_PER_STEP = {"euler": 1, "heun": 2, "stochastic": 1, "multistep": 1}
+SAMPLERS = {name: _EVALS_PER_STEP[name] for name in config_lib.SAMPLERS}
+GRIDS = config_lib.STEP_GRIDS
+UPDATE_DTYPES = config_lib.UPDATE_DTYPES
 GAP = re.compile(r"_{3,}(\d*)")  # an infill gap: ___ (default length) or ___5 (5 tokens)
 # Sampling keys are salted. nnx.Rngs(params=s) draws its i-th init key as
 # fold_in(PRNGKey(s), i) == split(PRNGKey(s), n)[i], so unsalted, PRNGKey(0)'s
@@ -90,18 +93,7 @@ class SamplerOptions:
   trace: bool = False           # also return the argmax tokens at every step (--show-steps)
 
   def __post_init__(self):
-    if self.sampler not in SAMPLERS:
-      raise ConfigError(f"unknown sampler '{self.sampler}'.", f"use one of {sorted(SAMPLERS)}.")
-    if self.grid not in GRIDS:
-      raise ConfigError(f"unknown step grid '{self.grid}'.", f"use one of {list(GRIDS)}.")
-    if self.update_dtype not in UPDATE_DTYPES:
-      raise ConfigError(f"unknown update dtype '{self.update_dtype}'.", f"use one of {list(UPDATE_DTYPES)}.")
-    if self.steps < 1:
-      raise ConfigError(f"steps={self.steps} must be at least 1.", "use e.g. --steps 128.")
-    if not self.temperature > 0:
-      raise ConfigError(f"temperature={self.temperature} must be positive.", "use e.g. --temperature 1.0.")
-    if self.churn < 0:
-      raise ConfigError(f"churn={self.churn} must be non-negative.", "use e.g. --config.sample.churn=10.")
+    config_lib.check_sampler_settings(self)  # the same rules as --config.sample.*
 
   @classmethod
   def from_config(cls, cfg: ml_collections.ConfigDict, **changes) -> "SamplerOptions":
@@ -157,7 +149,7 @@ def step_grid(schedule: NoiseSchedule, steps: int, grid: str = "official") -> np
     lo, hi = (float(g) for g in schedule.endpoints())
     gammas = linspace_f32(hi, lo, steps)
   else:
-    raise ConfigError(f"unknown step grid '{grid}'.", f"use one of {list(GRIDS)}.")
+    raise ValueError(f"unknown step grid '{grid}' (SamplerOptions checks it)")
   return np.asarray(gammas, np.float32)
 
 
@@ -261,15 +253,56 @@ def sample_loop(model: LangFlow, z0_BxLxD: Array, gammas_N: Array, options: Samp
                       trace_NxBxL=trace if options.trace else None)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+  """How a sharded call places its arguments: the mesh, the weights' shardings
+  (by the rules), the batch rows and which optional parts are present."""
+
+  mesh: jax.sharding.Mesh
+  state: parallel.Frozen
+  rows: int
+  cond: bool = False
+  logits: bool = False
+  trace: bool = False
+
+  def rows_sharding(self, ndim: int, batch_dim: int = 0):
+    return parallel.rows_sharding(self.mesh, ndim, self.rows, batch_dim)
+
+  def output(self) -> SampleOutput:
+    """Shardings of a :class:`SampleOutput`: rows over data x fsdp, the grid replicated."""
+    r = self.rows_sharding
+    return SampleOutput(tokens_BxL=r(2), token_logprob_BxL=r(2), final_z_BxLxD=r(3),
+                        gammas_N=parallel.replicated(self.mesh), logits_BxLxV=r(3) if self.logits else None,
+                        trace_NxBxL=r(3, 1) if self.trace else None)
+
+
+def _place(model: LangFlow, mesh: jax.sharding.Mesh, rows: int, **parts) -> tuple:
+  """(graphdef, weights placed by the sharding rules, layout) for a sharded call."""
+  graphdef, state = nnx.split(model)
+  shardings = parallel.tree_shardings(state, mesh)
+  state = jax.device_put(state, shardings)  # a no-op for weights already placed
+  return graphdef, state, _Layout(mesh, parallel.Frozen.of(shardings), rows, **parts)
+
+
 @functools.lru_cache(maxsize=16)
-def _compiled_loop(graphdef, options: SamplerOptions, update_dtype: str, return_logits: bool):
-  """One jitted loop per static choice; the grid, temperature and churn are data."""
+def _compiled_loop(graphdef, options: SamplerOptions, update_dtype: str, return_logits: bool,
+                   layout: _Layout | None = None):
+  """One jitted loop per static choice; the grid, temperature and churn are data.
+
+  With a ``layout`` the loop is jitted on its mesh with explicit shardings:
+  rows over data x fsdp, weights by the sharding rules.
+  """
   def run(state, z0, gammas, cond, cond_eps, key, temperature, churn):
     model = nnx.merge(graphdef, state)
     return sample_loop(model, z0, gammas, options, cond=cond, cond_eps_BxLxD=cond_eps, key=key,
                        update_dtype=jnp.dtype(update_dtype), return_logits=return_logits,
                        temperature=temperature, churn=churn)
-  return jax.jit(run)
+  if layout is None:
+    return jax.jit(run)
+  r, rep = layout.rows_sharding, parallel.replicated(layout.mesh)
+  cond = Conditioning(r(2), r(2)) if layout.cond else None
+  in_shardings = (layout.state.thaw(), r(3), rep, cond, r(3) if layout.cond else None, rep, rep, rep)
+  return parallel.mesh_jit(run, layout.mesh, in_shardings=in_shardings, out_shardings=layout.output())
 
 
 def _static_part(options: SamplerOptions) -> SamplerOptions:
@@ -278,11 +311,18 @@ def _static_part(options: SamplerOptions) -> SamplerOptions:
 
 def sample(model: LangFlow, key: Array, options: SamplerOptions = SamplerOptions(), *,
            num: int | None = None, seq_len: int | None = None, cond: Conditioning | None = None,
-           init_noise: Array | None = None, return_logits: bool = False) -> SampleOutput:
+           init_noise: Array | None = None, return_logits: bool = False,
+           mesh: jax.sharding.Mesh | None = None) -> SampleOutput:
   """Draws a batch of samples; the same key (or init noise) gives the same result.
 
   The batch size and length come from ``init_noise``, else ``cond``, else
   ``num`` and ``seq_len`` (default: the model's max length).
+
+  With ``mesh`` the loop runs sharded: samples over data x fsdp (replicated
+  when their number does not divide), weights by the sharding rules (placed
+  there if they are not yet). The tokens are those of one device; the
+  result holds global arrays (``parallel.to_host`` gathers them on every
+  process).
   """
   k_noise, k_cond, k_loop = jax.random.split(jax.random.fold_in(key, KEY_SALT), 3)
   if init_noise is not None:
@@ -305,9 +345,14 @@ def sample(model: LangFlow, key: Array, options: SamplerOptions = SamplerOptions
     cond = Conditioning(jnp.asarray(cond.ids_BxL, jnp.int32), jnp.asarray(cond.fixed_BxL, bool))
     cond_eps = jax.random.normal(k_cond, z0.shape, jnp.float32)
   gammas = jnp.asarray(step_grid(model.schedule, options.steps, options.grid))
-  graphdef, state = nnx.split(model)
+  if mesh is None:
+    (graphdef, state), layout = nnx.split(model), None
+  else:
+    graphdef, state, layout = _place(model, mesh, z0.shape[0], cond=cond is not None, logits=return_logits,
+                                     trace=options.trace)
+    z0, cond, cond_eps = parallel.shard_batch((z0, cond, cond_eps), mesh)
   dtype = options.resolved_update_dtype()
-  run = _compiled_loop(graphdef, _static_part(options), dtype, return_logits)
+  run = _compiled_loop(graphdef, _static_part(options), dtype, return_logits, layout)
   args = (state, z0, gammas, cond, cond_eps, k_loop, jnp.float32(options.temperature), jnp.float32(options.churn))
   if dtype == "float64":
     with jax.enable_x64(True):
@@ -363,44 +408,66 @@ def denoise_score(model: LangFlow, out: SampleOutput, generated_BxL: Array, key:
 def bound_scorer(bound_fn: Callable[[LangFlow, Array, Array, Array], Array]) -> Scorer:
   """A scorer from a likelihood bound ``bound_fn(model, ids_BxL, mask_BxL, key) -> nats [B]``.
 
-  The bound is of the whole sequence (given tokens included), divided by its
-  length: for candidates of one request it ranks exactly like the bound of the
-  completion given the prompt.
+  The bound is of the whole sequence (given tokens included), divided by the
+  number of generated tokens. The given tokens are the same for every
+  candidate of a request, so it ranks them as the bound of the completion
+  given the prompt would (-log p(x) = -log p(prompt) - log p(rest | prompt)).
   """
   def score(model, out, generated_BxL, key):
-    del generated_BxL
     ids = out.tokens_BxL
-    return bound_fn(model, ids, jnp.ones_like(ids, bool), key) / ids.shape[1]
+    count = jnp.maximum(jnp.sum(generated_BxL.astype(jnp.float32), axis=-1), 1.0)
+    return bound_fn(model, ids, jnp.ones_like(ids, bool), key) / count
   return score
 
 
-SCORERS: dict[str, Scorer] = {"ce": ce_score, "denoise": denoise_score}
+# The "bound" score: LangFlow's likelihood bound (likelihood.py) at a cost a
+# best-of-n can afford: Euler on the official evaluator's grid, one Hutchinson
+# probe and one eps draw per candidate; each step costs the self-conditioning
+# pre-pass, the denoiser and its JVP.
+BOUND_SCORE = likelihood.BoundOptions(solver="euler", steps=16)
+
+
+def _bound_nats(model: LangFlow, ids_BxL: Array, mask_BxL: Array, key: Array) -> Array:
+  return likelihood.nll_bound(model, ids_BxL, mask_BxL, key, BOUND_SCORE)[0].total_B
+
+
+SCORERS: dict[str, Scorer] = {"ce": ce_score, "denoise": denoise_score, "bound": bound_scorer(_bound_nats)}
 
 
 def get_scorer(name: str) -> Scorer:
   if name in SCORERS:
     return SCORERS[name]
-  hint = (" The likelihood-bound scorer registers itself as SCORERS['bound'] once langflow_jax/likelihood.py "
-          "is present." if name == "bound" else "")
-  raise ConfigError(f"unknown sample score '{name}'.{hint}", f"use one of {sorted(SCORERS)}.")
+  raise ConfigError(f"unknown sample score '{name}'.", f"use one of {sorted(SCORERS)}.")
 
 
 @functools.lru_cache(maxsize=16)
-def _compiled_score(graphdef, name: str):
+def _compiled_score(graphdef, name: str, layout: _Layout | None = None):
   scorer = get_scorer(name)
 
   def run(state, out, generated, key):
     return scorer(nnx.merge(graphdef, state), out, generated, key)
-  return jax.jit(run)
+  if layout is None:
+    return jax.jit(run)
+  r, rep = layout.rows_sharding, parallel.replicated(layout.mesh)
+  return parallel.mesh_jit(run, layout.mesh, in_shardings=(layout.state.thaw(), layout.output(), r(2), rep),
+                           out_shardings=r(1))
 
 
 def score_samples(model: LangFlow, out: SampleOutput, name: str = "denoise", *, cond: Conditioning | None = None,
-                  key: Array | None = None) -> Array:
-  """Nats per generated token of each sample under the scorer ``name`` (lower is better)."""
-  generated = jnp.ones_like(out.tokens_BxL, bool) if cond is None else ~jnp.asarray(cond.fixed_BxL, bool)
-  graphdef, state = nnx.split(model)
+                  key: Array | None = None, mesh: jax.sharding.Mesh | None = None) -> Array:
+  """Nats per generated token of each sample under the scorer ``name`` (lower is better).
+
+  With ``mesh`` the scorer runs sharded like :func:`sample`.
+  """
+  generated = np.ones(out.tokens_BxL.shape, bool) if cond is None else ~np.asarray(cond.fixed_BxL, bool)
   key = jax.random.fold_in(key if key is not None else jax.random.PRNGKey(0), KEY_SALT + 1)
-  return _compiled_score(graphdef, name)(state, out, generated, key)
+  if mesh is None:
+    graphdef, state = nnx.split(model)
+    return _compiled_score(graphdef, name)(state, out, jnp.asarray(generated), key)
+  graphdef, state, layout = _place(model, mesh, generated.shape[0], logits=out.logits_BxLxV is not None,
+                                   trace=out.trace_NxBxL is not None)
+  out = jax.tree.map(parallel.put_global, out, layout.output())
+  return _compiled_score(graphdef, name, layout)(state, out, parallel.shard_batch(generated, mesh), key)
 
 
 @flax.struct.dataclass
@@ -414,16 +481,19 @@ class BestOfN:
 
 def best_of_n(model: LangFlow, key: Array, n: int, options: SamplerOptions = SamplerOptions(), *,
               num: int | None = None, seq_len: int | None = None, cond: Conditioning | None = None,
-              score: str = "denoise") -> BestOfN:
-  """n candidates per request in one batch; each request gets its lowest-score candidate."""
+              score: str = "denoise", mesh: jax.sharding.Mesh | None = None) -> BestOfN:
+  """n candidates per request in one batch; each request gets its lowest-score candidate.
+
+  With ``mesh``, sampling and scoring run sharded (see :func:`sample`).
+  """
   if n < 1:
     raise ConfigError(f"best-of n={n} must be at least 1.", "use e.g. --best-of 4.")
   k_sample, k_score = jax.random.split(key)
   tiled = cond.tile(n) if cond is not None else None
   requests = cond.ids_BxL.shape[0] if cond is not None else num
   out = sample(model, k_sample, options, num=None if cond is not None else requests * n, seq_len=seq_len,
-               cond=tiled)
-  scores = score_samples(model, out, score, cond=tiled, key=k_score).reshape(requests, n)
+               cond=tiled, mesh=mesh)
+  scores = score_samples(model, out, score, cond=tiled, key=k_score, mesh=mesh).reshape(requests, n)
   best = jnp.argmin(scores, axis=1)
   tokens = out.tokens_BxL.reshape(requests, n, -1)[jnp.arange(requests), best]
   return BestOfN(tokens_RxL=tokens, score_R=scores[jnp.arange(requests), best], scores_RxN=scores,
@@ -451,14 +521,12 @@ def positions_conditioning(seq_len: int, given: dict[int, int] | Sequence[int | 
 
 
 def prompt_conditioning(tokenizer, prompt: str, seq_len: int, num: int = 1) -> Conditioning:
-  """A prefix prompt after the separator token, as a document start in training data."""
-  if not prompt.strip():
-    raise UserError("the prompt is empty.", "give some text, e.g. --prompt \"The Congress shall\".")
-  ids = [tokenizer.bos_id, *tokenizer.encode(prompt)]
-  if len(ids) >= seq_len:
-    raise UserError(f"the prompt is {len(ids) - 1} tokens long; samples have {seq_len} positions "
-                    f"(one is the separator).",
-                    f"shorten the prompt below {seq_len - 1} tokens or raise --config.sample.seq_len.")
+  """A prefix prompt after the separator token, as a document start in training data.
+
+  Its length counts the separator (``config.check_prompt`` has the rules).
+  """
+  ids = [tokenizer.bos_id, *tokenizer.encode(prompt)] if prompt and prompt.strip() else []
+  config_lib.check_prompt(prompt, len(ids), seq_len)
   return positions_conditioning(seq_len, list(ids), num)
 
 
@@ -495,9 +563,9 @@ SAMPLES_FORMAT = "langflow-jax-samples/1"
 
 def _check_sample_overrides(overrides: Sequence[str]) -> None:
   for item in overrides:
-    if not item.lstrip("-").startswith("config.sample."):
-      raise ConfigError(f"`sample` takes only --config.sample.* overrides, got '{item}'.",
-                        "the model is fixed by the checkpoint; change sampling keys only.")
+    if not item.lstrip("-").startswith(("config.sample.", "config.mesh.")):
+      raise ConfigError(f"`sample` takes only --config.sample.* and --config.mesh.* overrides, got '{item}'.",
+                        "the model is fixed by the checkpoint; change sampling (or mesh) keys only.")
 
 
 def _marked_text(tokenizer, ids: np.ndarray, fixed: np.ndarray | None) -> str:
@@ -534,10 +602,13 @@ def generate_from_workdir(workdir: str, *, num: int | None = None, steps: int | 
   """What ``langflow-jax sample`` runs: load the run, sample, print, optionally save.
 
   Returns ``{"meta": ..., "samples": [{"ids", "text", "score", "request"}...]}``,
-  the content of the ``--out`` file.
+  the content of the ``--out`` file. The flags are ``sample`` config keys:
+  they are applied with the overrides and checked together
+  (``config.validate_sample``) before the weights load. Sampling runs
+  sharded on the mesh of ``config.mesh``; with several processes every
+  process gets every sample, and process 0 prints and writes them.
   """
   from langflow_jax import checkpoint as ckpt_lib
-  from langflow_jax import config as config_lib
   from langflow_jax import train
   from langflow_jax.data.tokenizer import load_tokenizer
 
@@ -545,29 +616,24 @@ def generate_from_workdir(workdir: str, *, num: int | None = None, steps: int | 
     raise UserError("--prompt and --infill cannot be combined.", "use one of them.")
   _check_sample_overrides(overrides)
   config = ckpt_lib.saved_config(workdir)
-  config_lib.apply_overrides(config, overrides)
+  flags = dict(num=num, best_of=best_of, seed=seed, score=score, sampler=sampler, steps=steps,
+               temperature=temperature)
+  config_lib.apply_overrides(config, [*overrides, *(f"config.sample.{k}={v}" for k, v in flags.items()
+                                                     if v is not None)])
+  config_lib.validate_sample(config)
   sc = config.sample
-  num = int(num if num is not None else sc.num)
-  best_of = int(best_of if best_of is not None else sc.best_of)
-  seed = int(seed if seed is not None else sc.seed)
-  if score is not None:
-    sc.score = score
-  if num < 1 or best_of < 1:
-    raise ConfigError(f"--num {num} and --best-of {best_of} must be at least 1.", "use e.g. --num 8 --best-of 4.")
-  options = SamplerOptions.from_config(sc, sampler=sampler, steps=steps, temperature=temperature,
-                                       trace=show_steps or None)
+  num, best_of, seed = int(sc.num), int(sc.best_of), int(sc.seed)
+  options = SamplerOptions.from_config(sc, trace=show_steps or None)
   get_scorer(sc.score)
   tokenizer = load_tokenizer(config.data.tokenizer)
   seq_len = int(sc.seq_len or config.data.seq_len)
-  if seq_len > config.model.max_length:
-    raise ConfigError(f"sample.seq_len={seq_len} is longer than the model's max_length {config.model.max_length}.",
-                      "lower --config.sample.seq_len.")
   cond_one = None
   if prompt is not None:
     cond_one = prompt_conditioning(tokenizer, prompt, seq_len)
   elif infill is not None:
     cond_one = infill_conditioning(tokenizer, infill, seq_len, gap_tokens=int(sc.gap_tokens))
-  _, model = train.load_model(workdir, use_ema=sc.use_ema, config=config)
+  mesh = parallel.make_mesh(config.mesh)
+  _, model = train.load_model(workdir, use_ema=sc.use_ema, config=config, mesh=mesh)
   per_call = max(1, int(sc.batch_size) // best_of)
   root = jax.random.PRNGKey(seed)
   records, traces = [], []
@@ -577,17 +643,15 @@ def generate_from_workdir(workdir: str, *, num: int | None = None, steps: int | 
                                                       jnp.repeat(cond_one.fixed_BxL, r, 0))
     key = jax.random.fold_in(root, chunk)
     if best_of > 1:
-      res = best_of_n(model, key, best_of, options, num=r, seq_len=seq_len, cond=cond, score=sc.score)
-      tokens, scores = np.asarray(res.tokens_RxL), np.asarray(res.score_R)
-      rows = np.arange(r) * best_of + np.asarray(res.best_R)
-      trace = res.candidates.trace_NxBxL
-      trace = None if trace is None else np.asarray(trace)[:, rows]
+      res = best_of_n(model, key, best_of, options, num=r, seq_len=seq_len, cond=cond, score=sc.score, mesh=mesh)
+      tokens, scores, best, trace = parallel.to_host((res.tokens_RxL, res.score_R, res.best_R,
+                                                      res.candidates.trace_NxBxL))
+      trace = None if trace is None else trace[:, np.arange(r) * best_of + best]
     else:
       k_sample, k_score = jax.random.split(key)
-      out_ = sample(model, k_sample, options, num=r, seq_len=seq_len, cond=cond)
-      tokens = np.asarray(out_.tokens_BxL)
-      scores = np.asarray(score_samples(model, out_, sc.score, cond=cond, key=k_score))
-      trace = None if out_.trace_NxBxL is None else np.asarray(out_.trace_NxBxL)
+      out_ = sample(model, k_sample, options, num=r, seq_len=seq_len, cond=cond, mesh=mesh)
+      scores = score_samples(model, out_, sc.score, cond=cond, key=k_score, mesh=mesh)
+      tokens, scores, trace = parallel.to_host((out_.tokens_BxL, scores, out_.trace_NxBxL))
     for i in range(r):
       records.append({"request": start + i, "ids": tokens[i].tolist(), "text": tokenizer.decode(tokens[i]),
                       "score": float(scores[i])})
@@ -599,6 +663,8 @@ def generate_from_workdir(workdir: str, *, num: int | None = None, steps: int | 
           "best_of": best_of, "score": sc.score, "seed": seed, "prompt": prompt, "infill": infill,
           "options": dataclasses.asdict(options), "nfe": options.nfe, "tokenizer": config.data.tokenizer,
           "config": config_lib.to_json(config)}
+  if jax.process_index() != 0:
+    print_fn, out = None, None
   if print_fn is not None:
     print_fn(f"[sample] {num} x {seq_len} tokens, sampler {options.sampler}, {options.steps} steps "
              f"({options.nfe} network evaluations per candidate), grid {options.grid}, "

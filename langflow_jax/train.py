@@ -553,32 +553,39 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
 
 def load_state(workdir: str | pathlib.Path, config: ml_collections.ConfigDict | None = None,
-               step: int | None = None) -> tuple[ml_collections.ConfigDict, ModelParts, TrainState, dict]:
+               step: int | None = None, mesh: jax.sharding.Mesh | None = None
+               ) -> tuple[ml_collections.ConfigDict, ModelParts, TrainState, dict]:
   """(config, model parts, full train state, metadata) of a run's newest readable
-  checkpoint (or of a step directory), on one device. Clear errors for a missing
-  or empty workdir, a damaged checkpoint, or a ``config`` that does not fit it."""
+  checkpoint (or of a step directory), on one device, or placed on ``mesh`` by
+  the sharding rules (every process reads only its shards). Clear errors for a
+  missing or empty workdir, a damaged checkpoint, or a ``config`` that does not fit it."""
   checkpointer, newest = ckpt_lib.open_run(workdir)
   step = newest if step is None else step
   if config is None:
     config = config_lib.from_json(checkpointer.read_meta(step)["config"])
   tx = make_optimizer(config.optimizer, config.train.steps)
   graphdef, abstract_state = abstract_train_state(config, tx)
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract_state)
+  if mesh is None:
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract_state)
+  else:
+    abstract = ckpt_lib.with_shardings(abstract_state, parallel.tree_shardings(abstract_state, mesh))
   state, meta, _ = checkpointer.restore(abstract, step, config=config)
   return config, ModelParts(graphdef, state.buffers), state, meta
 
 
 def load_model(workdir: str | pathlib.Path, use_ema: bool = True,
                config: ml_collections.ConfigDict | None = None,
-               step: int | None = None) -> tuple[ml_collections.ConfigDict, nnx.Module]:
+               step: int | None = None, mesh: jax.sharding.Mesh | None = None
+               ) -> tuple[ml_collections.ConfigDict, nnx.Module]:
   """The trained model (EMA weights by default) and config of a training run:
   a LangFlow, or the model its objective trains (``ar``: the causal baseline).
 
   ``config`` (default: the one saved with the checkpoint) may change data,
   eval and sample keys; its tokenizer must be the checkpoint's. ``step`` picks
-  a checkpoint; the default is the newest readable one.
+  a checkpoint; the default is the newest readable one. With ``mesh`` the
+  weights are restored sharded by the rules (for sharded sampling and eval).
   """
-  config, parts, state, meta = load_state(workdir, config, step)
+  config, parts, state, meta = load_state(workdir, config, step, mesh)
   ckpt_lib.check_tokenizer(meta, ckpt_lib.tokenizer_meta(load_tokenizer(config.data.tokenizer)), str(workdir))
   return config, parts.merge(state.ema_params if use_ema else state.params)

@@ -168,9 +168,9 @@ def test_train_and_evaluate_loss_falls_and_the_ar_model_loads(ar_run):
   assert saved.objective.name == "ar" and isinstance(model, ar.ARTransformer)
 
 
-def test_sample_ar_cli_prints_samples(ar_run, capsys):
+def test_sample_baseline_cli_prints_ar_samples(ar_run, capsys):
   _, _, workdir = ar_run
-  code = cli.main(["sample-ar", "--workdir", str(workdir), "--prompt", "The state",
+  code = cli.main(["sample-baseline", "--workdir", str(workdir), "--prompt", "The state",
                    "--config.sample.num=2", "--config.sample.seq_len=12", "--config.sample.top_p=0.9"])
   out = capsys.readouterr().out
   assert code == 0 and out.count("--- sample") == 2
@@ -187,3 +187,28 @@ def test_user_mistakes_are_config_errors(model):
   cfg = small_config()
   with pytest.raises(ConfigError, match="did not train the autoregressive baseline"):
     ar.sample_texts(nnx.eval_shape(lambda: create_langflow(cfg)), None, cfg.sample, 8)
+
+
+def test_genppl_scores_samples_with_an_ar_run(ar_run, tmp_path, capsys):
+  """``genppl --scorer ar:RUN_DIR``: the AR baseline's Gen. PPL, ids scored as they are."""
+  from langflow_jax import config as config_lib
+  from langflow_jax import metrics
+
+  cfg, _, workdir = ar_run
+  _, model = train.load_model(workdir)
+  rng = np.random.default_rng(0)
+  ids = [rng.integers(0, cfg.model.vocab_size, n).tolist() for n in (32, 20, 32)]  # one shorter sample
+  samples = tmp_path / "samples.json"
+  generator = small_config()  # a LangFlow run with the same tokenizer wrote them
+  samples.write_text(json.dumps({"meta": {"config": config_lib.to_json(generator)},
+                                 "samples": [{"ids": s} for s in ids]}))
+  assert cli.main(["genppl", "--samples", str(samples), "--scorer", f"ar:{workdir}", "--no-reference", "--json"]) == 0
+  printed = capsys.readouterr().out
+  result = json.loads(printed[printed.index("{"):])
+  assert result["scorer"].startswith(f"AR baseline from {workdir}")
+  nll = sum(float(ar.sequence_nll(model, np.asarray([s]))[0][0]) for s in ids)
+  assert result["samples"]["scored_tokens"] == 31 + 19 + 31
+  np.testing.assert_allclose(result["samples"]["nll_per_token"], nll / 81, rtol=1e-5)
+  assert "ar" in metrics.SCORER_LOADERS
+  assert cli.main(["genppl", "--samples", str(samples), "--scorer", "ar"]) == 2
+  assert "--scorer ar needs a run directory" in capsys.readouterr().err

@@ -154,3 +154,78 @@ def test_bugs_keep_their_traceback(monkeypatch):
   monkeypatch.setitem(cli.COMMANDS, "config", (_command_raising(OSError(errno.ENOSPC, "full")), "boom"))
   with pytest.raises(OSError):
     cli.main(["--debug", "config"])
+
+
+# --------------------------------------------------------------------------- eval and sample rows of the table
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory):
+  """A run directory holding one checkpoint of a fresh small model (nothing trained: these
+  checks stop before any weights are used)."""
+  import jax
+
+  from langflow_jax import checkpoint as ckpt_lib
+  from langflow_jax import train
+  from tests.conftest import small_config
+
+  root = tmp_path_factory.mktemp("saved")
+  c = small_config()
+  tx = train.make_optimizer(c.optimizer, c.train.steps)
+  state = jax.jit(lambda: train.fresh_train_state(c, tx))()
+  checkpointer = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(root / "run"), async_save=False)
+  checkpointer.save(1, state, ckpt_lib.meta_json(c, {"step": 1}), force=True)
+  checkpointer.close()
+  (root / "empty").mkdir()
+  (root / "no_steps" / "checkpoints").mkdir(parents=True)
+  return root
+
+
+@pytest.mark.parametrize("args, message", [
+    (["eval", "--config.eval.solver=rk5"], "eval.solver='rk5' is unknown (did you mean rk4?)"),
+    (["eval", "--config.eval.estimator=hutch"], "eval.estimator='hutch' is unknown"),
+    (["eval", "--config.eval.steps=0"], "eval.steps=0 (ODE steps) must be positive"),
+    (["eval", "--config.eval.steps=-3"], "eval.steps=-3 (ODE steps) must be positive"),
+    (["eval", "--config.eval.probes=0"], "eval.probes=0 (divergence probes) must be positive"),
+    (["eval", "--config.eval.grid=cdf"], "eval.grid='cdf' is unknown"),
+    (["eval", "--split", "test"], "eval.split='test' is unknown"),
+    (["sample", "--sampler", "eulr"], "sample.sampler='eulr' is unknown (did you mean euler?)"),
+    (["sample", "--config.sample.sampler=eulr"], "sample.sampler='eulr' is unknown (did you mean euler?)"),
+    (["sample", "--steps", "0"], "sample.steps=0 must be positive"),
+    (["sample", "--num", "-1"], "sample.num=-1 must be positive"),
+    (["sample", "--best-of", "0"], "sample.best_of=0 must be positive"),
+    (["sample", "--temperature", "0"], "sample.temperature=0.0 must be positive"),
+    (["sample", "--score", "nope"], "unknown sample score 'nope'"),
+    (["sample", "--prompt", ""], "the prompt is empty"),
+    (["sample", "--prompt", "  "], "the prompt is empty"),
+    (["sample", "--prompt", "word " * 50], "tokens long, but a sample has only 32 positions"),
+])
+def test_eval_and_sample_errors_table_rows(saved_run, capsys, args, message):
+  code = cli.main([args[0], "--workdir", str(saved_run / "run"), *args[1:]])
+  err = [l for l in capsys.readouterr().err.splitlines() if l.startswith("langflow-jax: error:")]
+  assert code == 2 and len(err) == 1 and message in err[0] and " Fix: " in err[0], err
+
+
+@pytest.mark.parametrize("command", ["eval", "sample"])
+@pytest.mark.parametrize("workdir, message", [
+    ("missing", "does not exist"),
+    ("empty", "has no checkpoints (it is empty or not a training run)"),
+    ("no_steps", "has no complete checkpoint yet"),
+])
+def test_missing_or_empty_workdir_for_eval_and_sample(saved_run, capsys, command, workdir, message):
+  code = cli.main([command, "--workdir", str(saved_run / workdir)])
+  err = capsys.readouterr().err.strip().splitlines()
+  assert code == 2 and len(err) == 1 and message in err[0] and " Fix: " in err[0], err
+
+
+@pytest.mark.parametrize("command", ["eval", "sample", "sample-baseline", "train"])
+def test_commands_start_the_distributed_runtime_first(monkeypatch, capsys, command):
+  from langflow_jax import parallel
+  from langflow_jax.errors import ConfigError
+
+  def first(*_):
+    raise ConfigError("distributed set-up reached.", "nothing.")
+
+  monkeypatch.setattr(parallel, "maybe_initialize_distributed", first)
+  assert cli.main([command, "--workdir", "/nonexistent/run"]) == 2
+  assert "distributed set-up reached" in capsys.readouterr().err

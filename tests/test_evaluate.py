@@ -78,7 +78,7 @@ def test_checkpoint_path_and_seed_reproduce_the_number(run):
 @pytest.mark.parametrize("args, message", [
     (["eval"], "nothing to evaluate"),
     (["eval", "--checkpoint", "/nonexistent/dir"], "neither a run's checkpoint step"),
-    (["eval", "--workdir", "/nonexistent/run"], "does not exist"),
+    (["eval", "--workdir", "/nonexistent/run"], "/nonexistent/run does not exist"),
 ])
 def test_eval_mistakes_are_one_line(capsys, args, message):
   assert cli.main(args) == 2

@@ -195,7 +195,9 @@ def markov_model():
   c.schedule.update(loc=2.0, scale=1.0, entropy=1.2)
   c.objective.skip_warmup_steps = 0
   c.train.update(steps=300, batch_size=64)
-  c.optimizer.update(lr=1e-2, warmup_steps=10, ema_decay=0.9)
+  # lr 1e-2 left the bound above log 4 for some training keys; 3e-3 gives
+  # 1.13-1.23 nats over training seeds 0-2 (true entropy 0.85).
+  c.optimizer.update(lr=3e-3, warmup_steps=10, ema_decay=0.9)
   data, entropy = markov_chains(np.random.default_rng(0), 300 * 64, 16)
   tx = train.make_optimizer(c.optimizer, c.train.steps)
   state = jax.jit(lambda: train.fresh_train_state(c, tx))()

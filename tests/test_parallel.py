@@ -219,6 +219,33 @@ def test_helpers_run_a_model_sharded_like_one_device(mesh_results):
   assert h["z_spec"] == [["data", "fsdp"], None, None] and h["out_spec"] == [["data", "fsdp"], None, None]
 
 
+def test_meshes_sample_the_same_tokens_as_one_device(mesh_results):
+  _, report = mesh_results
+  runs = report["sampling"]
+  ref = runs["one"]
+  assert len(set(map(tuple, np.asarray(ref["tokens"])[:, 1:4].tolist()))) > 1  # not a degenerate sampler
+  for name, spec in (("data8", ["data"]), ("fsdp8", ["fsdp"]), ("2x2x2", [["data", "fsdp"]])):
+    got = runs[name]
+    assert got["z_spec"] == spec + [None, None], (name, got["z_spec"])  # the rows really are split
+    np.testing.assert_array_equal(got["tokens"], ref["tokens"], err_msg=name)
+    np.testing.assert_array_equal(got["trace"], ref["trace"], err_msg=name)  # every step's argmax
+    np.testing.assert_allclose(got["final_z"], ref["final_z"], rtol=1e-5, atol=1e-5, err_msg=name)
+    np.testing.assert_allclose(got["scores"], ref["scores"], rtol=1e-5, err_msg=name)
+    assert got["best"] == ref["best"], name
+
+
+def test_meshes_give_the_same_bound_as_one_device(mesh_results):
+  _, report = mesh_results
+  runs = report["sampling"]
+  ref = runs["one"]
+  assert len(ref["seq_totals"]) == 12 and all(np.isfinite(ref["seq_totals"]))  # padding rows left out
+  for name in ("data8", "fsdp8", "2x2x2"):
+    got = runs[name]
+    np.testing.assert_allclose(got["seq_totals"], ref["seq_totals"], rtol=2e-5, err_msg=name)
+    for term, value in got["sums"].items():
+      np.testing.assert_allclose(value, ref["sums"][term], rtol=2e-5, err_msg=f"{name} {term}")
+
+
 def test_aot_cli_reports_a_mesh_that_does_not_fit_in_one_line():
   proc = subprocess.run([sys.executable, "-m", "langflow_jax.cli", "aot", "--config", "tiny", "--devices", "3",
                          "--config.mesh.tensor=2"], env=_subprocess_env(1), cwd=ROOT, capture_output=True,
@@ -266,6 +293,12 @@ def test_two_processes_train_and_agree_on_the_loss(tmp_path):
     assert out["batch_matches_single_process"]
     assert out["tensor_across_processes_shard"] == [0, 1] and out["tensor_batch_matches"]
   assert (tmp_path / "run" / "checkpoints" / "3").is_dir()
+  # eval and sample across both processes: each got every row, as one device computes them
+  assert a["eval_sequences"] == b["eval_sequences"] == 8 and np.isfinite(a["bound"]) and a["bound"] == b["bound"]
+  assert a["samples"] == b["samples"] and len(a["samples"]) == 4
+  for out in outs:
+    assert out["bound_matches_one_device"] and out["samples_match_one_device"]
+  assert [p.name for p in (tmp_path / "run" / "eval").iterdir()] == ["sotu_heldout_euler2.json"]  # process 0 wrote
 
 
 # --------------------------------------------------------------------------- subprocess bodies
@@ -342,6 +375,7 @@ def _meshes_worker(out: pathlib.Path) -> None:
       report["aot"], report["aot_text"] = mem.to_json(), mem.format(memory_gb=0.001)
   report["num_params_bytes"] = sum(int(x.size) * 4 for x in jax.tree.leaves(ref_params))
   report["helpers"] = _helpers_check(cfg)
+  report["sampling"] = _sampling_and_bound_check()
   np.savez(out / "grads.npz", **grads_out)
   (out / "report.json").write_text(json.dumps(report))
 
@@ -382,6 +416,80 @@ def _helpers_check(cfg) -> dict:
           "out_spec": list(_spec(out))}
 
 
+def _sampling_and_bound_check() -> dict:
+  """Best-of-n (sampled and scored) and the eval bound on each mesh and on one device.
+
+  One device is the plain jitted path (``mesh=None``) the parity tests check
+  against the official code; the meshes run the sharded path.
+  """
+  import jax
+  from flax import nnx
+
+  from langflow_jax import evaluate, likelihood as lk, sampling
+  from langflow_jax.data.prepare import PackedSplit
+  from langflow_jax.model import create_model
+
+  cfg = small_config()
+  model = create_model(cfg, seed=3)
+  rng = np.random.default_rng(0)  # random heads: positions interact
+  nnx.update(model.backbone, jax.tree.map(lambda p: p + 0.2 * rng.standard_normal(p.shape).astype(np.float32),
+                                 nnx.state(model.backbone, nnx.Param)))
+  options = sampling.SamplerOptions(sampler="stochastic", steps=4, churn=5.0, trace=True)  # noise drawn inside
+  cond = sampling.positions_conditioning(32, {0: 1, 5: 17, 20: 400}, num=4)  # 4 requests x 2 candidates
+  ids = rng.integers(0, 8192, (12, 32)).astype(np.int32)
+  mask = np.ones_like(ids, bool)
+  mask[2, 9:] = False
+  split = PackedSplit(ids, mask)  # 2 batches of 8, the second padded with 4 empty rows
+  opts = lk.BoundOptions(solver="heun", steps=2)
+  out = {}
+  for name, (d, f, t), _ in MESHES:
+    mesh = None if name == "one" else parallel.make_mesh(_mesh_cfg(d, f, t))
+    res = sampling.best_of_n(model, jax.random.PRNGKey(11), 2, options, cond=cond, score="denoise", mesh=mesh)
+    host = parallel.to_host(res)
+    totals = evaluate.run_bound(model, split, opts, batch_size=8, num_batches=0, seed=1, mesh=mesh)
+    out[name] = {"tokens": host.candidates.tokens_BxL.tolist(), "trace": host.candidates.trace_NxBxL.tolist(),
+                 "final_z": host.candidates.final_z_BxLxD.tolist(), "scores": host.scores_RxN.tolist(),
+                 "best": host.best_R.tolist(), "seq_totals": totals.seq_totals, "sums": totals.sums,
+                 "z_spec": None if mesh is None else list(_spec(res.candidates.final_z_BxLxD))}
+  return out
+
+
+def _mesh_cfg(d: int, f: int, t: int):
+  cfg = small_config()
+  cfg.mesh.update(data=d, fsdp=f, tensor=t)
+  return cfg.mesh
+
+
+def _two_processes_eval_and_sample(workdir: str) -> dict:
+  """``eval`` and ``sample`` of the run on the 4 devices of both processes (data=2 x fsdp=2,
+  each process loading its own eval rows), against this process alone on one device."""
+  import jax
+
+  from langflow_jax import evaluate, sampling, train
+  from langflow_jax import likelihood as lk
+  from langflow_jax.data import pipeline
+
+  mesh_args = ["config.mesh.data=2", "config.mesh.fsdp=2", "config.mesh.tensor=1"]
+  eval_args = ["config.eval.solver=euler", "config.eval.steps=2", "config.eval.batch_size=8",
+               "config.eval.num_batches=1", *mesh_args]
+  result = evaluate.evaluate_workdir(workdir, eval_args, write=True)
+  samples = sampling.generate_from_workdir(workdir, num=4, steps=3, overrides=[*mesh_args, "config.sample.score=ce"],
+                                           print_fn=None)
+  config, local = train.load_model(workdir)  # this process's first device only
+  split = pipeline.load_split(config.data, "heldout")
+  totals = evaluate.run_bound(local, split, lk.BoundOptions(solver="euler", steps=2), batch_size=8, num_batches=1,
+                              seed=config.eval.seed)
+  k_sample, _ = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(config.sample.seed), 0))
+  alone = sampling.sample(local, k_sample, sampling.SamplerOptions.from_config(config.sample, steps=3), num=4,
+                          seq_len=config.data.seq_len)
+  return {"bound": result.nats_per_token,
+          "bound_matches_one_device": bool(np.isclose(result.nats_per_token, sum(totals.per_token().values()),
+                                                      rtol=1e-5)),
+          "eval_sequences": result.num_sequences,
+          "samples": [s["ids"] for s in samples["samples"]],
+          "samples_match_one_device": [s["ids"] for s in samples["samples"]] == np.asarray(alone.tokens_BxL).tolist()}
+
+
 def _two_processes_worker(workdir: str) -> None:
   parallel.maybe_initialize_distributed()  # from JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID
   import jax
@@ -412,7 +520,9 @@ def _two_processes_worker(workdir: str) -> None:
   tensor_mesh = parallel.make_mesh(cfg.mesh, devices)
   assert {d.process_index for d in tensor_mesh.devices[0, 0]} == {0, 1}
   tensor_shard, tensor_ids = assembled(tensor_mesh)
+  shared = _two_processes_eval_and_sample(workdir)
   print(json.dumps({
+      **shared,
       "process": jax.process_index(), "devices": jax.device_count(), "data_shard": list(shard),
       "final_step": summary["final_step"], "loss": summary["train"]["loss"],
       "eval_ce": summary["eval"]["eval/ce"],

@@ -185,10 +185,10 @@ def test_user_errors(tokenizer):
     sampling.infill_conditioning(tokenizer, "no gaps here", 32)
   with pytest.raises(UserError, match="needs"):
     sampling.infill_conditioning(tokenizer, "a ___40 b", 32)
-  with pytest.raises(ConfigError, match="unknown sampler"):
+  with pytest.raises(ConfigError, match="sample.sampler='ddpm' is unknown"):
     sampling.SamplerOptions(sampler="ddpm")
   with pytest.raises(ConfigError, match="unknown sample score"):
-    sampling.get_scorer("bound")
+    sampling.get_scorer("perplexity")
 
 
 def test_best_of_n_returns_the_best_candidate(small_model, tokenizer):
@@ -211,6 +211,42 @@ def test_best_of_n_returns_the_best_candidate(small_model, tokenizer):
   expected = (nll * gen).sum(1) / gen.sum(1)
   np.testing.assert_allclose(np.asarray(sampling.score_samples(small_model, out, "ce", cond=cond)), expected,
                              rtol=1e-5)
+
+
+def test_bound_score_is_the_likelihood_bound_per_generated_token(small_model, tokenizer):
+  from langflow_jax import likelihood as lk
+
+  cond = sampling.prompt_conditioning(tokenizer, "The Congress", 16, num=2)
+  key = jax.random.PRNGKey(5)
+  res = sampling.best_of_n(small_model, key, 2, sampling.SamplerOptions(steps=3), cond=cond, score="bound")
+  scores = np.asarray(res.scores_RxN)
+  np.testing.assert_array_equal(np.asarray(res.best_R), scores.argmin(axis=1))
+  # the same key the scorer derives: the whole sequence's bound over its generated tokens
+  k_score = jax.random.fold_in(jax.random.split(key)[1], sampling.KEY_SALT + 1)
+  terms, _ = lk.make_bound_fn(small_model, sampling.BOUND_SCORE)(res.candidates.tokens_BxL, None, k_score)
+  generated = (~np.asarray(cond.tile(2).fixed_BxL)).sum(axis=1)
+  np.testing.assert_allclose(scores.ravel(), np.asarray(terms.total_B) / generated, rtol=1e-5)
+  assert sampling.BOUND_SCORE.solver == "euler" and sampling.BOUND_SCORE.steps == 16
+
+
+def test_method_names_are_listed_once():
+  from langflow_jax import config, likelihood as lk
+
+  assert tuple(sampling.SAMPLERS) == config.SAMPLERS
+  assert sampling.GRIDS == config.STEP_GRIDS and sampling.UPDATE_DTYPES == config.UPDATE_DTYPES
+  assert lk.SOLVERS == config.EVAL_SOLVERS and set(lk.TABLEAUS) | {"adaptive"} == set(config.EVAL_SOLVERS)
+  assert lk.GRIDS == config.EVAL_GRIDS and lk.ESTIMATORS == config.EVAL_ESTIMATORS
+  # the options objects and the config groups apply the same rules, with the same message
+  cfg = small_config()
+  cfg.sample.update(sampler="ddpm")
+  cfg.eval.update(grid="cdf")
+  for check, build in ((lambda: config.validate_sample(cfg), lambda: sampling.SamplerOptions.from_config(cfg.sample)),
+                       (lambda: config.validate_eval(cfg), lambda: lk.BoundOptions.from_config(cfg.eval))):
+    with pytest.raises(ConfigError) as from_config:
+      check()
+    with pytest.raises(ConfigError) as from_options:
+      build()
+    assert str(from_config.value) == str(from_options.value)
 
 
 def test_bound_scorer_plugs_in(small_model):
@@ -268,7 +304,7 @@ def test_cli_sample_and_genppl(trained_run, tmp_path, capsys):
 @pytest.mark.parametrize("args, message", [
     (["--prompt", ""], "the prompt is empty"),
     (["--prompt", "word " * 50], "tokens long"),
-    (["--sampler", "ddpm"], "unknown sampler 'ddpm'"),
+    (["--sampler", "ddpm"], "sample.sampler='ddpm' is unknown"),
     (["--infill", "no gap"], "has no gap"),
     (["--config.model.n_blocks=3"], "only --config.sample"),
 ])
