@@ -2,7 +2,7 @@
 
   python experiments/bench_serving.py [--quick] [--out experiments/results] [--workdir runs/bench_serving]
       [--lengths 128,512] [--batches 1,4,16,64] [--steps 8,16,32,64,128] [--repeats 3] [--max-run-s 3]
-      [--train-steps 300] [--quality-num 16] [--config.model.x=y ...]
+      [--train-steps 300] [--quality-tokens 2048] [--config.model.x=y ...]
 
 The question: when does LangFlow give the full output sooner than an
 autoregressive decoder, at what quality, and where does batching take the
@@ -29,7 +29,7 @@ Method
   pass per step): a + b N is fitted to the 2- and 4-step runs and every run
   measured at that L and B, and a point whose predicted run exceeds
   ``--max-run-s`` is reported from the fit, marked ~.
-* Quality (``--quality-num`` sequences a point, the same for every B):
+* Quality (``--quality-tokens`` tokens of samples a point, the same for every B):
   Gen. PPL of the samples under the trained AR model (the in-package scorer)
   and under a Kneser-Ney bigram of the training split (a scorer that favours
   neither model), with the mean per-sample unigram entropy; held-out text
@@ -120,6 +120,11 @@ def fit_line(points: dict[int, float]) -> tuple[float, float]:
   if b <= 0:
     return 0.0, float(np.max(t / n))
   return float(a), float(b)
+
+
+def quality_num(args, length: int) -> int:
+  """Sequences a quality point: the same number of tokens at every length."""
+  return max(2, args.quality_tokens // length)
 
 
 def crossover_steps(t_ar: float, fit: tuple[float, float]) -> float:
@@ -217,11 +222,12 @@ class Bench:
 
   def latency(self, models: dict, length: int) -> dict:
     a = self.args
+    q_num = quality_num(a, length)
     rows, fits, samples, checks = [], {}, {}, []
     for batch in a.batches:
       t, out = time_call(ar_run(models["ar"], length, batch, self.key), a.repeats, a.max_run_s)
       rows.append({"method": "ar", "length": length, "batch": batch, "steps": None, **dataclasses.asdict(t)})
-      if batch == a.quality_num:
+      if batch == q_num:
         samples[("ar", None)] = np.asarray(out)
       self.log(f"[serving] L={length} B={batch} ar: {t.seconds:.3f} s (compile {t.compile_s:.1f} s)")
       measured: dict[int, Timing] = {}
@@ -244,7 +250,7 @@ class Bench:
         t = measured.get(steps) or Timing(fit[0] + fit[1] * steps, None, 0, extrapolated=True)
         rows.append({"method": "langflow", "length": length, "batch": batch, "steps": steps,
                      **dataclasses.asdict(t)})
-        if batch != a.quality_num:
+        if batch != q_num:
           continue
         if steps in outputs:
           samples[("langflow", steps)] = outputs[steps]
@@ -260,9 +266,9 @@ class Bench:
     for row in rows:
       row["tokens_per_s"] = row["batch"] * length / row["seconds"]
     missing = [k for k in [("ar", None)] + [("langflow", n) for n in a.steps] if k not in samples]
-    for method, steps in missing:  # quality_num is not one of the batches
-      run = (ar_run(models["ar"], length, a.quality_num, self.key) if method == "ar"
-             else langflow_run(models["langflow"], length, a.quality_num, steps, self.key))
+    for method, steps in missing:  # the quality batch is not one of the batches
+      run = (ar_run(models["ar"], length, q_num, self.key) if method == "ar"
+             else langflow_run(models["langflow"], length, q_num, steps, self.key))
       samples[(method, steps)] = np.asarray(run())
     return {"rows": rows, "fits": {str(b): list(f) for b, f in fits.items()}, "fit_checks": checks,
             "_fits": fits, "_samples": samples}
@@ -286,7 +292,7 @@ class Bench:
 
     rows = [{"method": m, "steps": s, **score(ids)} for (m, s), ids in sorted(
         samples.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0))]
-    reference = score(held.ids[: a.quality_num])
+    reference = score(held.ids[: quality_num(a, length)])
 
     # held-out likelihood: LangFlow's bound and AR's exact NLL on the same sequences
     bound = evaluate.evaluate_model(cfg, models["langflow"], split="heldout")
@@ -321,7 +327,8 @@ class Bench:
         if timing.seconds <= t_ar or steps <= 2 or attempt == 2:
           break
         steps -= 1
-      ids = np.asarray(best_of_run(model, length, n, steps, a.quality_num, jax.random.fold_in(self.key, 1))())
+      requests = quality_num(a, length)
+      ids = np.asarray(best_of_run(model, length, n, steps, requests, jax.random.fold_in(self.key, 1))())
       rows.append({"n": n, "steps": steps, "budget_s": t_ar, **dataclasses.asdict(timing), "_ids": ids})
       self.log(f"[serving] L={length} best-of-{n}: {steps} steps in {timing.seconds:.3f} s "
                f"(AR: {t_ar:.3f} s)")
@@ -439,7 +446,8 @@ def finding(results: list[dict], batches: list[int]) -> list[str]:
         f"bigram scorer {lf_hi['gen_ppl_bigram']:.0f} against {ar_q['gen_ppl_bigram']:.0f} (held-out text "
         f"{ref['gen_ppl_bigram']:.0f}). On held-out text LangFlow's bound gives PPL <= "
         f"{ho['langflow_bound_ppl']:.0f} and AR's PPL is {ho['ar_ppl']:.0f}.")
-    dominating = [s for s in steps if lf[(b0, s)] < ar_t[b0] and q[("langflow", s)]["gen_ppl_ar"] < ar_q["gen_ppl_ar"]]
+    dominating = [s for s in steps
+                  if lf[(b0, s)] < ar_t[b0] and q[("langflow", s)]["gen_ppl_ar"] < ar_q["gen_ppl_ar"]]
     if dominating:
       words.append(f"Pareto: LangFlow at {', '.join(map(str, dominating))} steps is both faster and better than "
                    f"AR at batch {b0}.")
@@ -474,6 +482,7 @@ def write_report(out: pathlib.Path, results: list[dict], meta: dict, args) -> pa
       f"Timings are wall-clock on a machine shared with other jobs (load average {meta['load_start']} at the "
       f"start, {meta['load_end']} at the end: 1, 5, 15 minutes), so they are contended; `~` marks a LangFlow "
       "time taken from its line fit in steps rather than measured.", ""]
+  shapes = ", ".join(f"{quality_num(args, r['length'])} x {r['length']}" for r in results)
   lines += ["## Device and config", ""]
   m = meta["machine"]
   lines += [f"* device: {m['device']}, {m['cpu']}, {m['cpu_count']} cores; jax {m['jax']}, Python {m['python']}",
@@ -484,16 +493,17 @@ def write_report(out: pathlib.Path, results: list[dict], meta: dict, args) -> pa
     p = {k: r["models"][k]["params"] for k in METHODS}
     f = {k: r["models"][k]["forward_flops_per_token"] for k in METHODS}
     tr = r["training"]
+    blocks = f"{mc['n_blocks']} block{'s' if mc['n_blocks'] != 1 else ''}"
+    trained = (f" ({tr['langflow'].get('tokens', 0) / 1e3:.0f}k tokens each); the trainer's final held-out CE "
+               f"(EMA) {_ce(tr['langflow'])} / {_ce(tr['ar'])} nats (LangFlow: denoising CE over noise levels, "
+               "not a likelihood)" if tr["langflow"]["trained_steps"] else " (fresh weights: timing only)")
     lines.append(
-        f"* length {r['length']}: config `serving:{r['length']}` (width {mc['hidden_size']}, {mc['n_blocks']} "
-        f"block{'s' if mc['n_blocks'] != 1 else ''}, {mc['n_heads']} heads, MLP x{mc['mlp_ratio']}, vocab {mc['vocab_size']}); parameters LangFlow "
+        f"* length {r['length']}: config `serving:{r['length']}` (width {mc['hidden_size']}, {blocks}, "
+        f"{mc['n_heads']} heads, MLP x{mc['mlp_ratio']}, vocab {mc['vocab_size']}); parameters LangFlow "
         f"{p['langflow']['total'] / 1e6:.3f}M ({p['langflow']['non_embedding'] / 1e6:.3f}M outside the V x D "
         f"matrices), AR {p['ar']['total'] / 1e6:.3f}M ({p['ar']['non_embedding'] / 1e6:.3f}M); forward FLOPs "
         f"per token (XLA) LangFlow {f['langflow'] / 1e6:.2f}M, AR {f['ar'] / 1e6:.2f}M; trained "
-        f"{tr['langflow']['trained_steps']} / {tr['ar']['trained_steps']} steps"
-        + (f" ({tr['langflow'].get('tokens', 0) / 1e3:.0f}k tokens each), held-out CE (EMA) "
-           f"{_ce(tr['langflow'])} / {_ce(tr['ar'])} nats" if tr["langflow"]["trained_steps"] else
-           " (fresh weights: timing only)"))
+        f"{tr['langflow']['trained_steps']} / {tr['ar']['trained_steps']} steps{trained}")
   lines += [
       "* equal config, not equal parameter count: the AR twin drops the noise conditioning (gamma MLP, adaLN, "
       "self-conditioning input) and LangFlow adds the skip logits z E^T; matching weights would change the "
@@ -502,12 +512,12 @@ def write_report(out: pathlib.Path, results: list[dict], meta: dict, args) -> pa
       f"{sampling.SamplerOptions().resolved_update_dtype()}; AR: KV-cache decoder under jit + lax.scan, "
       "temperature 1, top-p 1 (ancestral); both unconditional, float32 weights.",
       f"* timing: median of {args.repeats} timed run{'s' if args.repeats != 1 else ''} after a compiling first "
-      f"call (one run when a run exceeds "
-      f"{args.max_run_s:g} s); compile = first call minus the median; LangFlow points predicted above "
-      f"{args.max_run_s:g} s come from t = a + b N fitted to its runs at the same length and batch (`~`).",
-      f"* quality: {args.quality_num} sequences a point, same seed; Gen. PPL = exp(sum NLL / sum (len - 1)) under "
-      "the trained AR model of the same length and under a Kneser-Ney bigram of the training split; entropy = "
-      "mean per-sample unigram entropy (nats).", ""]
+      f"call (one run when a run exceeds {args.max_run_s:g} s); compile = first call minus the median; "
+      f"LangFlow points predicted above {args.max_run_s:g} s come from t = a + b N fitted to its runs at the "
+      "same length and batch (`~`).",
+      f"* quality: {args.quality_tokens} tokens a point ({shapes}), same seed; Gen. PPL = "
+      "exp(sum NLL / sum (len - 1)) under the trained AR model of the same length and under a Kneser-Ney "
+      "bigram of the training split; entropy = mean per-sample unigram entropy (nats).", ""]
 
   lines += ["## Time to the full output", "",
             "Seconds for B sequences (B = concurrency), and tokens/s = B x length / seconds.", ""]
@@ -541,7 +551,10 @@ def write_report(out: pathlib.Path, results: list[dict], meta: dict, args) -> pa
               f"table; their first call (compile included) differs from fit + compile by at most {worst:.0%}."]
   lines.append("")
 
-  lines += ["## Quality", ""]
+  lines += ["## Quality", "",
+            "Samples of the quality batch (the same for every concurrency). AR's own samples are scored by the model "
+            "that drew them, which favours them (their expected NLL is that model's entropy); the bigram column "
+            "favours neither method.", ""]
   lines += ["| length | method | steps | Gen. PPL (AR scorer) | Gen. PPL (bigram) | entropy |",
             "|---|---|---|---|---|---|"]
   for r in results:
@@ -565,7 +578,7 @@ def write_report(out: pathlib.Path, results: list[dict], meta: dict, args) -> pa
   lines += ["## Best-of-n LangFlow against one AR output at equal wall-clock", "",
             "Budget: AR's time to one full output at batch 1. Steps: the most the line fit at batch n allows "
             "(capped at the largest step count), lowered while the timed run overshoots; candidates ranked by the "
-            f"free `ce` score; quality over {args.quality_num} requests.", ""]
+            f"free `ce` score; quality over {args.quality_tokens} tokens of requests.", ""]
   lines += ["| length | n | steps | seconds (1 request) | AR seconds | Gen. PPL (AR scorer) | entropy |",
             "|---|---|---|---|---|---|---|"]
   for r in results:
@@ -696,7 +709,8 @@ def parse_args(argv=None):
                       help="LangFlow runs predicted longer come from the line fit (default 3)")
   parser.add_argument("--train-steps", type=int, default=None,
                       help="training steps a model (default: the config's 300; 0: fresh weights)")
-  parser.add_argument("--quality-num", type=int, default=None, help="sequences a quality point (default 16)")
+  parser.add_argument("--quality-tokens", type=int, default=None,
+                      help="tokens of samples a quality point: max(2, this // length) sequences (default 2048)")
   parser.add_argument("--seed", type=int, default=0)
   args, rest = parser.parse_known_args(argv)
   bad = [x for x in rest if not x.startswith("--config.")]
@@ -708,7 +722,7 @@ def parse_args(argv=None):
                   lengths=[32] if quick else [128, 512], batches=[1, 2] if quick else [1, 4, 16, 64],
                   steps=[2, 4] if quick else [8, 16, 32, 64, 128], best_of=[2] if quick else [1, 4, 16],
                   repeats=1 if quick else 3, max_run_s=30.0 if quick else 3.0, train_steps=0 if quick else None,
-                  quality_num=2 if quick else 16)
+                  quality_tokens=64 if quick else 2048)
   for k, v in defaults.items():
     if getattr(args, k) is None:
       setattr(args, k, v)
