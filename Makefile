@@ -22,8 +22,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+# Training throughput, then the serving benchmark (LangFlow vs AR; writes experiments/results/serving.md).
 bench: $(STAMP)
 	$(PY) experiments/bench_train.py
+	$(PY) experiments/bench_serving.py
 
 clean:
 	rm -rf runs/demo .pytest_cache
