@@ -409,11 +409,15 @@ def make_bound_fn(model: LangFlow, opts: BoundOptions) -> Callable[..., tuple[Bo
   shapes): every batch of the same shape, and every model of the same
   structure, reuses it. Grids passed as ``s_N`` are traced, so grids of
   different step counts padded to one length (repeating the last point: a
-  zero-length step changes nothing) share one compilation.
+  zero-length step changes nothing), or of another ``grid`` kind, share one
+  compilation.
   """
   graphdef, state = nnx.split(model)
+  # A given grid makes the grid choice and step count irrelevant to the
+  # program: one compilation serves every fixed grid of the same length.
+  gridless = opts if opts.solver == "adaptive" else dataclasses.replace(opts, grid=GRIDS[0], steps=1)
   return lambda ids, mask, key, eps=None, probes=None, s_N=None: _bound_jit(
-      graphdef, opts, state, ids, mask, key, eps, probes, s_N)
+      graphdef, opts if s_N is None else gridless, state, ids, mask, key, eps, probes, s_N)
 
 
 def padded_s_grids(model: LangFlow, opts: BoundOptions, steps: Sequence[int]) -> np.ndarray:
