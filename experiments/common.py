@@ -267,12 +267,16 @@ def budget_note(args: argparse.Namespace, config: ml_collections.ConfigDict) -> 
           f"AdamW lr {config.optimizer.lr:g} ({config.optimizer.decay} decay), EMA {config.optimizer.ema_decay}")
 
 
-def write_results(args: argparse.Namespace, name: str, text: str, data: dict[str, Any]) -> dict[str, Any]:
-  """Prints the report and writes it to ``--out/<name>.md``, with the numbers as ``<name>.json``."""
+def write_results(args: argparse.Namespace, name: str, paragraphs: Sequence[str], figure: str,
+                  data: dict[str, Any]) -> dict[str, Any]:
+  """Prints the report (paragraphs, the figure's link, the machine) and writes it to
+  ``--out/<name>.md``, with the numbers as ``<name>.json``."""
+  text = "\n\n".join([*paragraphs, f"![{name}]({pathlib.Path(figure).name})",
+                       f"Machine: {machine_note()}. Timings on a shared machine are contended."])
   args.out.mkdir(parents=True, exist_ok=True)
   path = args.out / f"{name}.md"
   path.write_text(text.rstrip() + "\n")
-  out = {"table": str(path), **data, "quick": bool(args.quick), "steps": args.steps, "machine": machine_note()}
+  out = {"table": str(path), "figures": [figure], **data, "quick": bool(args.quick), "steps": args.steps, "machine": machine_note()}
   (args.out / f"{name}.json").write_text(json.dumps(out, indent=1, default=_jsonable) + "\n")
   print(text)
   log(f"wrote {path} and {name}.json")

@@ -166,32 +166,24 @@ def main(argv: Sequence[str] | None = None) -> dict:
        "sampling tokens/s": [results[n]["tokens_per_s"] for n in names]},
       references={"Gen. PPL (bigram scorer)": reference["gen_ppl"], "sample entropy (nats)": reference["entropy"]},
       log_panels=("Gen. PPL (bigram scorer)",))
-  text = "\n".join([
+  return common.write_results(args, NAME, [
       f"# LangFlow vs AR vs MDLM at equal compute ({args.steps} steps each)",
-      "",
       f"Budget: {common.budget_note(args, config)}. Equal compute = the same steps x batch x tokens, optimizer, "
       "schedule, EMA, seed and data order for the three (not equal FLOPs: see the parameters and s/step).",
-      "",
       common.markdown_table(
           ["model", "parameters", "train s/step", "held-out nats/token", "PPL (≤)", "measured by",
            "Gen. PPL", "entropy", "NFE", "sampling tokens/s"], rows),
-      "",
       f"Likelihood: the first {protocol['num_batches']} x {protocol['batch_size']} held-out sequences of "
       f"{length} tokens for all three, BOS/EOS counted; LangFlow: heun {protocol['steps']} on the schedule's "
       f"quantile grid, one Gaussian probe, self-conditioning pre-pass, EMA, seed {protocol['seed']}; AR: exact "
-      "teacher-forced NLL; MDLM: NELBO with every mask size once per sequence (t integrated out).",
+      "teacher-forced NLL; MDLM: NELBO with every mask size once per sequence (t integrated out).\n"
       f"Samples: {proto['num']} unconditional samples of {length} tokens, seed {proto['seed']}; LangFlow: official "
       f"Euler, {proto['steps']} steps; MDLM: ancestral, {proto['steps']} steps with the no-change cache; AR: "
       "KV-cache decoding at temperature 1 (one evaluation of one position per token). Gen. PPL: Kneser-Ney bigram "
       "of the training split for every model (exp(token-weighted NLL of tokens 2..L)); entropy: mean unigram "
       f"entropy per sample. Speed: tokens/s of the whole batch after a compiling warm-up, median of {repeats}; "
       "train s/step: median over the trainer's log windows (the first, with the compilation, left out).",
-      "",
-      f"![baselines]({pathlib.Path(figure).name})",
-      "",
-      f"Machine: {common.machine_note()}. Timings on a shared machine are contended.",
-  ])
-  return common.write_results(args, NAME, text, {"figures": [figure], "results": results, "reference": reference})
+  ], figure, {"results": results, "reference": reference})
 
 
 if __name__ == "__main__":

@@ -118,32 +118,23 @@ def main(argv: Sequence[str] | None = None) -> dict:
       title=f"held-out denoising CE per noise level after {args.steps} steps (tiny config)")
   config = runs["langflow"][2]
   card = own["card"]
-  text = "\n".join([
+  return common.write_results(args, NAME, [
       f"# Noise schedule: learned Gumbel vs fixed linear and cosine ({args.steps} steps each)",
-      "",
       f"Budget: {common.budget_note(args, config)}. Same seed and data order for all three.",
-      "",
       common.markdown_table(
           ["schedule", "schedule after training", "bound, own grid (nats/token ± s.e.)", "PPL ≤",
            "bound, uniform-gamma grid", "reconst / flow / prior", "TV(density, dCE/dgamma)"], rows),
-      "",
       f"Bound protocol (both columns): {card['solver']}, {protocol['steps']} steps; {card['sequences']} held-out "
       f"sequences ({card['tokens']} tokens, {card['packing']}); {card['estimator']}; self-conditioning "
       f"{card['self_cond']}; {card['weights']} weights; seed {protocol['seed']} (the same eps and probes for "
       "every model, so differences between rows are more precise than the standard errors). 'own grid': "
       "steps uniform in the model's schedule CDF (the official protocol); 'uniform-gamma grid': steps uniform in "
       "gamma between the model's endpoints.",
-      "",
       f"Denoising curve: held-out CE at {points} gammas from {gamma_G[0]:.2f} to {gamma_G[-1]:.2f} "
       f"({curve_protocol['num_batches']} x {curve_protocol['batch_size']} sequences, zero self-conditioning "
       "input). TV: total-variation distance (0 = identical, 1 = disjoint) between the schedule's density and "
       "the model's measured dCE/dgamma scaled to unit area; the information-uniform principle asks for 0.",
-      "",
-      f"![schedule loss]({pathlib.Path(figure).name})",
-      "",
-      f"Machine: {common.machine_note()}.",
-  ])
-  return common.write_results(args, NAME, text, {"figures": [figure], "results": results})
+  ], figure, {"results": results})
 
 
 if __name__ == "__main__":

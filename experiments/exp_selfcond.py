@@ -115,29 +115,21 @@ def main(argv: Sequence[str] | None = None) -> dict:
                   "sample entropy (nats)": reference["entropy"]},
       log_panels=(f"Gen. PPL, {sweep[-1]} steps (bigram)",))
   proto = common.sample_protocol(args)
-  text = "\n".join([
+  return common.write_results(args, NAME, [
       f"# Self-conditioning on vs off ({args.steps} steps each)",
-      "",
       f"Budget: {common.budget_note(args, config)}. Both models: same seed and data order; the self-conditioned "
       f"one trains the self-conditioning input in {config.objective.self_cond_prob:.0%} of the steps.",
-      "",
       common.markdown_table(
           ["model", "bound (nats/token ± s.e.)", "PPL ≤",
            f"Gen. PPL ({' / '.join(map(str, sweep))} steps)", f"entropy ({sweep[-1]} steps)"], rows),
-      "",
       f"Bound: heun, {protocol['steps']} steps on the schedule's quantile grid, {protocol['num_batches']} x "
       f"{protocol['batch_size']} held-out sequences, one Gaussian probe, EMA weights, seed {protocol['seed']}; the "
-      "self-conditioning pre-pass at every evaluation where the row uses self-conditioning.",
+      "self-conditioning pre-pass at every evaluation where the row uses self-conditioning.\n"
       f"Gen. PPL: {proto['num']} unconditional samples of {config.data.seq_len} tokens, official Euler sampler "
       f"(one network evaluation per step), seed {proto['seed']}, scored by a Kneser-Ney bigram of the training "
       "split (exp(token-weighted NLL of tokens 2..L)); entropy: mean unigram entropy per sample. The reference "
       f"row scores the first {proto['num']} held-out rows the same way.",
-      "",
-      f"![self-conditioning]({pathlib.Path(figure).name})",
-      "",
-      f"Machine: {common.machine_note()}.",
-  ])
-  return common.write_results(args, NAME, text, {"figures": [figure], "results": results, "reference": reference})
+  ], figure, {"results": results, "reference": reference})
 
 
 if __name__ == "__main__":

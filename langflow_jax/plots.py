@@ -18,6 +18,17 @@ def _pyplot():
   return plt
 
 
+def _save(fig, path: str | pathlib.Path) -> str:
+  """Lays out, writes and closes a figure; returns its path."""
+  plt = _pyplot()
+  fig.tight_layout()
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return str(path)
+
+
 def training_plots(workdir: str | pathlib.Path, schedule=None) -> list[str]:
   """``plots/loss.png`` (train and held-out CE) and ``plots/schedule.png``."""
   plt = _pyplot()
@@ -119,12 +130,7 @@ def denoising_curve_plot(path: str | pathlib.Path, gamma_G: np.ndarray, curves: 
   ax2.legend(fontsize=7)
   if title:
     fig.suptitle(title, fontsize=10)
-  fig.tight_layout()
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return str(path)
+  return _save(fig, path)
 
 
 def bar_panels(path: str | pathlib.Path, labels: list[str], panels: dict[str, list[float | None]],
@@ -144,9 +150,4 @@ def bar_panels(path: str | pathlib.Path, labels: list[str], panels: dict[str, li
       ax.set_yscale("log")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3, axis="y")
-  fig.tight_layout()
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return str(path)
+  return _save(fig, path)
