@@ -10,9 +10,14 @@ from langflow_jax import reporting
 
 
 def _pyplot():
+  """pyplot; the Agg backend unless pyplot is already in use (a notebook's inline
+  backend is kept: figures the functions here close are not shown twice)."""
+  import sys
+
   import matplotlib
 
-  matplotlib.use("Agg")
+  if "matplotlib.pyplot" not in sys.modules:
+    matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
   return plt
