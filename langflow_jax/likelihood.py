@@ -418,7 +418,8 @@ def make_bound_fn(model: LangFlow, opts: BoundOptions,
   shapes): every batch of the same shape, and every model of the same
   structure, reuses it. Grids passed as ``s_N`` are traced, so grids of
   different step counts padded to one length (repeating the last point: a
-  zero-length step changes nothing) share one compilation.
+  zero-length step changes nothing), or of another ``grid`` kind, share one
+  compilation.
 
   With ``mesh`` the bound runs sharded with explicit shardings: rows over
   data x fsdp (replicated when the batch does not divide), the weights by
@@ -428,9 +429,12 @@ def make_bound_fn(model: LangFlow, opts: BoundOptions,
   are those of one device, so the number does not depend on the mesh.
   """
   graphdef, state = nnx.split(model)
+  # A given grid makes the grid choice and step count irrelevant to the
+  # program: one compilation serves every fixed grid of the same length.
+  gridless = opts if opts.solver == "adaptive" else dataclasses.replace(opts, grid=GRIDS[0], steps=1)
   if mesh is None:
     return lambda ids, mask, key, eps=None, probes=None, s_N=None: _bound_jit(
-        graphdef, opts, state, ids, mask, key, eps, probes, s_N)
+        graphdef, opts if s_N is None else gridless, state, ids, mask, key, eps, probes, s_N)
   state_shardings = parallel.tree_shardings(state, mesh)
   state = jax.device_put(state, state_shardings)  # a no-op for weights already placed
   frozen = parallel.Frozen.of(state_shardings)
@@ -442,8 +446,9 @@ def make_bound_fn(model: LangFlow, opts: BoundOptions,
     eps, probes = as_f32(eps), as_f32(probes)
     if probes is not None:
       probes = parallel.put_global(probes, parallel.rows_sharding(mesh, np.ndim(probes), b, np.ndim(probes) - 3))
-    jitted = _sharded_bound_jit(graphdef, opts, mesh, frozen, b, None if eps is None else np.ndim(eps),
-                                None if probes is None else np.ndim(probes), s_N is not None)
+    jitted = _sharded_bound_jit(graphdef, opts if s_N is None else gridless, mesh, frozen, b,
+                                None if eps is None else np.ndim(eps), None if probes is None else np.ndim(probes),
+                                s_N is not None)
     ids, mask, eps = parallel.shard_batch((ids, mask, eps), mesh)
     return jitted(state, ids, mask, key, eps, probes, None if s_N is None else np.asarray(s_N, np.float32))
 

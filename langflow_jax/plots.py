@@ -10,12 +10,28 @@ from langflow_jax import reporting
 
 
 def _pyplot():
+  """pyplot; the Agg backend unless pyplot is already in use (a notebook's inline
+  backend is kept: figures the functions here close are not shown twice)."""
+  import sys
+
   import matplotlib
 
-  matplotlib.use("Agg")
+  if "matplotlib.pyplot" not in sys.modules:
+    matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
   return plt
+
+
+def _save(fig, path: str | pathlib.Path) -> str:
+  """Lays out, writes and closes a figure; returns its path."""
+  plt = _pyplot()
+  fig.tight_layout()
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return str(path)
 
 
 def training_plots(workdir: str | pathlib.Path, schedule=None) -> list[str]:
@@ -68,3 +84,75 @@ def training_plots(workdir: str | pathlib.Path, schedule=None) -> list[str]:
     plt.close(fig)
     written.append(str(out_dir / "schedule.png"))
   return written
+
+
+def information_rate(gamma_G: np.ndarray, ce_G: np.ndarray) -> np.ndarray:
+  """dCE/dgamma of a measured curve, clipped at 0 and scaled to unit area: the
+  density the information-uniform principle asks the schedule to match (spec 4.4)."""
+  gamma_G, ce_G = np.asarray(gamma_G, np.float64), np.asarray(ce_G, np.float64)
+  rate = np.clip(np.gradient(ce_G, gamma_G), 0.0, None)
+  area = float(np.sum(0.5 * (rate[1:] + rate[:-1]) * np.diff(gamma_G)))
+  return rate / area if area > 0 else rate
+
+
+def denoising_curve_plot(path: str | pathlib.Path, gamma_G: np.ndarray, curves: dict[str, np.ndarray],
+                         schedules: dict[str, object], train_points: dict[str, tuple] | None = None,
+                         title: str = "") -> str:
+  """Per-gamma loss against the schedules that were fitted to it (two panels).
+
+  Left: the held-out CE at each gamma of every model (``curves``), the fitted
+  entropy curve H(gamma) = H_inf * CDF of each learnable schedule, and the
+  (gamma, CE) training draws of a run (``train_points``: name -> (gamma, ce)).
+  Right: each schedule's density over gamma (solid) and each model's measured
+  information rate dCE/dgamma scaled to unit area (dashed).
+  """
+  plt = _pyplot()
+  fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.2))
+  grid = np.linspace(float(np.min(gamma_G)), float(np.max(gamma_G)), 400, dtype=np.float32)
+  for i, (name, ce_G) in enumerate(curves.items()):
+    color = f"C{i}"
+    ax1.plot(gamma_G, ce_G, "o-", ms=3, color=color, label=f"{name}: held-out CE")
+    if train_points and name in train_points:
+      g, c = train_points[name]
+      ax1.scatter(g, c, s=6, alpha=0.4, color=color, label=f"{name}: last training batch")
+    schedule = schedules.get(name)
+    if schedule is not None:
+      curve = schedule.entropy_curve(grid)
+      if curve is not None:
+        ax1.plot(grid, np.asarray(curve), "--", color="k", lw=1.2, label=f"{name}: fitted H_inf * CDF")
+      ax2.plot(grid, np.exp(np.asarray(schedule.log_density(grid))), color=color, label=f"{name} schedule density")
+    ax2.plot(gamma_G, information_rate(gamma_G, ce_G), "--", color=color, alpha=0.8,
+             label=f"{name}: dCE/dgamma (unit area)")
+  ax1.set_xlabel("gamma = log(sigma^2 / alpha^2)")
+  ax1.set_ylabel("cross-entropy (nats / token)")
+  ax1.set_title("denoising loss per noise level", fontsize=10)
+  ax1.grid(alpha=0.3)
+  ax1.legend(fontsize=7)
+  ax2.set_xlabel("gamma")
+  ax2.set_ylabel("density")
+  ax2.set_title("schedule densities vs measured information rate", fontsize=10)
+  ax2.grid(alpha=0.3)
+  ax2.legend(fontsize=7)
+  if title:
+    fig.suptitle(title, fontsize=10)
+  return _save(fig, path)
+
+
+def bar_panels(path: str | pathlib.Path, labels: list[str], panels: dict[str, list[float | None]],
+               references: dict[str, float] | None = None, log_panels: tuple[str, ...] = ()) -> str:
+  """One bar panel per metric (title -> one value per label, None for none);
+  ``references`` adds a dashed line (e.g. held-out text) to the panel of that title."""
+  plt = _pyplot()
+  fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6), squeeze=False)
+  for ax, (title, values) in zip(axes[0], panels.items()):
+    ax.bar(range(len(labels)), [np.nan if v is None else v for v in values],
+           color=[f"C{i}" for i in range(len(labels))])
+    ax.set_xticks(range(len(labels)), labels, rotation=15, fontsize=8)
+    if references and title in references:
+      ax.axhline(references[title], ls="--", color="k", lw=1, label="held-out text")
+      ax.legend(fontsize=7)
+    if title in log_panels:
+      ax.set_yscale("log")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3, axis="y")
+  return _save(fig, path)

@@ -1,0 +1,116 @@
+"""The reproduction scripts (experiments/exp_*.py) end to end in --quick mode.
+
+Each script runs as a user runs it (``python experiments/exp_x.py --quick
+--out DIR --runs DIR``) in a subprocess. The subprocesses ask XLA for its
+cheapest CPU compilation: a quick run is almost all compilation, and this
+halves it without changing what runs. The three share one runs directory, as
+they do by default: the LangFlow run the first trains is reused by the others,
+and a second call of a script reuses every run and cached evaluation.
+"""
+
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from experiments import common, exp_schedule
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+  return tmp_path_factory.mktemp("experiments")
+
+
+def run_script(name: str, root: pathlib.Path) -> tuple[dict, str]:
+  """Runs experiments/exp_<name>.py --quick; returns its JSON results and its stderr."""
+  env = {**os.environ, "PYTHONPATH": str(ROOT), "XLA_FLAGS": FAST_COMPILE, "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run([sys.executable, str(ROOT / "experiments" / f"exp_{name}.py"), "--quick",
+                         "--out", str(root / "results"), "--runs", str(root / "runs")],
+                        capture_output=True, text=True, env=env, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  table = root / "results" / f"{name}.md"
+  assert table.read_text().strip() in proc.stdout  # the table is printed
+  return json.loads((root / "results" / f"{name}.json").read_text()), proc.stderr
+
+
+def _finite(tree) -> bool:
+  if isinstance(tree, dict):
+    return all(_finite(v) for v in tree.values())
+  if isinstance(tree, (list, tuple)):
+    return all(_finite(v) for v in tree)
+  return not isinstance(tree, float) or math.isfinite(tree)
+
+
+def _check_outputs(out: dict, name: str, root: pathlib.Path, rows: int) -> str:
+  table = pathlib.Path(out["table"])
+  assert table == root / "results" / f"{name}.md"
+  text = table.read_text()
+  lines = [l for l in text.splitlines() if l.startswith("| ") and not l.startswith("|---")]
+  assert len(lines) == rows + 1, text  # header + rows
+  assert "QUICK SMOKE RUN" in text and "load average" in text and "n/a" not in text
+  assert out["quick"] and out["steps"] == common.QUICK_STEPS
+  for figure in out["figures"]:
+    path = pathlib.Path(figure)
+    assert path.parent == root / "results" and path.read_bytes()[:8] == PNG_MAGIC
+    assert f"]({path.name})" in text  # the table links its figure
+  assert _finite(out["results"]), out["results"]
+  return text
+
+
+def test_exp_schedule(root):
+  out, _ = run_script("schedule", root)
+  _check_outputs(out, "schedule", root, rows=3)
+  for name in ("langflow", "langflow-linear", "langflow-cosine"):
+    r = out["results"][name]
+    assert len(r["curve"]) == exp_schedule.QUICK_CURVE_POINTS and 0.0 <= r["tv"] <= 1.0
+  # Each evaluation is cached beside its run with its protocol.
+  run = root / "runs" / f"langflow-{common.QUICK_STEPS}"
+  cached = {p.name: json.loads(p.read_text()) for p in (run / "experiments").glob("*.json")}
+  assert {"bound-heun2-official.json", "bound-heun2-gamma.json",
+          f"denoising-curve-{exp_schedule.QUICK_CURVE_POINTS}.json"} <= set(cached)
+  assert cached["bound-heun2-gamma.json"]["protocol"]["eval"]["grid"] == "gamma"
+
+
+def test_exp_selfcond(root):
+  out, _ = run_script("selfcond", root)
+  _check_outputs(out, "selfcond", root, rows=4)
+  assert all(r["gen_ppl"] > 1.0 and r["entropy"] > 0.0 for r in out["results"].values())
+
+
+def test_exp_baselines(root):
+  out, _ = run_script("baselines", root)
+  text = _check_outputs(out, "baselines", root, rows=4)
+  for name in ("langflow", "ar", "mdlm"):
+    r = out["results"][name]
+    assert r["params"] > 0 and r["nats_per_token"] > 0 and r["tokens_per_s"] > 0 and r["nfe"] >= 1
+  assert out["results"]["ar"]["nfe"] == 32  # one evaluation per generated position
+  assert "exact NLL" in text and "NELBO (mask_count" in text and "ODE bound" in text
+
+
+def test_rerun_reuses_runs_and_results(root):
+  """A second call trains nothing and recomputes no cached evaluation."""
+  if not (root / "results" / "schedule.json").is_file():
+    run_script("schedule", root)
+  _, err = run_script("schedule", root)
+  assert "training" not in err and "computing" not in err
+  assert err.count("reusing") == 3 and err.count("cached") == 9
+
+
+def test_foreign_run_directory_is_refused(root):
+  """A run directory that holds another experiment is an error, not silently reused."""
+  from langflow_jax.errors import ConfigError
+
+  args = common.parse_args(exp_schedule.__doc__, ["--quick", "--runs", str(root / "runs")])
+  if common.finished_step(common.run_dir(exp_schedule.VARIANTS[1], args)) is None:
+    run_script("schedule", root)
+  impostor = common.Variant("langflow-linear", "cosine", overrides=("config.schedule.name=cosine",))
+  with pytest.raises(ConfigError, match="holds another experiment"):
+    common.ensure_trained(impostor, args)
