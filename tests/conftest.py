@@ -12,6 +12,14 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # this checkout, even when another one is pip-installed
 FIXTURE_DIR = ROOT.parent / "shared" / "fixtures" / "official_tiny"
 
+# The suite's models are tiny: compiling, not running, is what takes the time,
+# and unoptimised CPU code compiles about twice as fast. Set before jax is
+# imported; subprocesses inherit it. Results are compared with tolerances or
+# between runs under the same flags, never against optimised-build bits.
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory):

@@ -17,9 +17,10 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
+from tests.conftest import FAST_COMPILE
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((ROOT / "colab").glob("*.ipynb"))
-FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
 def test_the_three_notebooks_exist():

@@ -23,7 +23,7 @@ if str(ROOT) not in sys.path:
 
 from langflow_jax import cli, parallel  # noqa: E402
 from langflow_jax.errors import ConfigError  # noqa: E402
-from tests.conftest import small_config  # noqa: E402
+from tests.conftest import FAST_COMPILE, small_config  # noqa: E402
 
 # (name, (data, fsdp, tensor), grad_accum): every mesh is compared with one device.
 MESHES = [("one", (1, 1, 1), 2), ("data8", (8, 1, 1), 2), ("fsdp8", (1, 8, 1), 2), ("2x2x2", (2, 2, 2), 2)]
@@ -40,7 +40,7 @@ def _subprocess_env(devices: int, **extra) -> dict:
   env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
   env.update(JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(devices), PYTHONPATH=str(ROOT), **extra)
   # Compiling dominates these tests; unoptimised CPU code compiles ~2x faster.
-  env["XLA_FLAGS"] = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+  env["XLA_FLAGS"] = FAST_COMPILE
   return env
 
 
