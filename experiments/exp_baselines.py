@@ -41,10 +41,10 @@ Measured on the same 128 held-out sequences (8192 tokens, BOS/EOS counted):
 
 Writes ``baselines.md`` and ``baselines.png``.
 
-Compute: 3 trainings (LangFlow about 5 min at ~0.35 s/step on 2 idle cores,
-shared with the other scripts; AR and MDLM about 2-3 min each), one ODE
-bound (about 1 min), the MDLM bound and the sample sets (seconds each): about
-12 min on an idle 2-core CPU. ``--quick`` runs the same code on a one-block model.
+Compute: 3 trainings (LangFlow about 8 min at ~0.6 s/step on 2 idle cores,
+shared with the other scripts; AR and MDLM about 4-5 min each), one ODE
+bound (about 1.5 min), the MDLM bound and the sample sets (seconds each):
+about 20 min on an idle 2-core CPU. ``--quick`` runs the same code on a one-block model.
 """
 
 from __future__ import annotations

@@ -31,10 +31,10 @@ Writes ``schedule.md`` and ``schedule_loss.png`` (left: held-out CE per gamma
 of the three models, the Gumbel run's fitted H_inf x CDF and its last training
 batch; right: schedule densities against the measured rates).
 
-Compute: 3 trainings (about 5 min each at ~0.35 s/step on 2 idle cores), 6
-bounds (about 1 min each) and 3 curves (seconds): about 20 min on an idle
-2-core CPU, less when ``exp_selfcond`` or ``exp_baselines`` already trained
-the Gumbel run. ``--quick`` runs the same code on a one-block model in seconds
+Compute (measured on an idle 2-core CPU): 3 trainings of about 8 min each
+(0.6 s/step), 6 bounds of about 1.5 min each and 3 curves (seconds): about
+35 min, less when ``exp_selfcond`` or ``exp_baselines`` already trained the
+Gumbel run. ``--quick`` runs the same code on a one-block model in seconds
 (plus compilation) for the tests.
 """
 

@@ -30,9 +30,9 @@ Measured:
 
 Writes ``selfcond.md`` and ``selfcond.png`` (bound, Gen. PPL and entropy per row).
 
-Compute: 2 trainings (about 5 and 4 min at ~0.35 / 0.3 s/step on 2 idle
+Compute: 2 trainings (about 8 and 7 min at ~0.6 / 0.5 s/step on 2 idle
 cores; the self-conditioned run is shared with the other scripts), 3 bounds
-(about 1 min each) and 9 sample sets (seconds each): about 12-15 min on an
+(about 1.5 min each) and 9 sample sets (seconds each): about 20 min on an
 idle 2-core CPU. ``--quick`` runs the same code on a one-block model.
 """
 
