@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from langflow_jax import cli, objective, parallel, train
+from langflow_jax import cli, objective, parallel, reporting, train
 from langflow_jax.baselines import ar
 from langflow_jax.errors import ConfigError
 from langflow_jax.model import create_model as create_langflow
@@ -158,7 +158,7 @@ def ar_run(tmp_path_factory):
 def test_train_and_evaluate_loss_falls_and_the_ar_model_loads(ar_run):
   cfg, summary, workdir = ar_run
   assert summary["final_step"] == 25
-  rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  rows = reporting.read_metrics(workdir)
   ce = [r["train/ce"] for r in rows if "train/ce" in r]
   assert len(ce) == 25
   np.testing.assert_allclose(ce[0], np.log(cfg.model.vocab_size), rtol=1e-4)  # zero-init head: uniform

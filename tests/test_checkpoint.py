@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from langflow_jax import checkpoint as C
-from langflow_jax import cli, config as config_lib, train
+from langflow_jax import cli, config as config_lib, reporting, train
 from langflow_jax.data.tokenizer import ASSETS
 from langflow_jax.errors import CheckpointError
 from tests.conftest import ROOT
@@ -143,7 +143,7 @@ def test_kill_and_resume_is_bit_identical(tmp_path, corpus):
   for a, b in zip(want, got):
     np.testing.assert_array_equal(a, b)
   # metrics of the steps lost with each kill were rewritten, not duplicated
-  rows = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+  rows = reporting.read_metrics(workdir)
   assert [r["step"] for r in rows if "train/ce" in r] == list(range(1, steps + 1))
 
 

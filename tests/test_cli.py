@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from langflow_jax import cli
+from langflow_jax import cli, reporting
 from tests.conftest import ROOT
 
 
@@ -40,7 +40,7 @@ def test_train_end_to_end_subprocess(tmp_path):
   assert summary["final_step"] == 3
   assert (tmp_path / "run" / "checkpoints" / "3").is_dir()
   assert (tmp_path / "run" / "plots" / "loss.png").is_file()
-  rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+  rows = reporting.read_metrics(tmp_path / "run")
   assert [r["step"] for r in rows if "train/ce" in r] == [1, 2, 3]
 
 

@@ -1,7 +1,6 @@
 """The masked diffusion (MDLM) baseline: SUBS model, NELBO objective and bound, ancestral sampler, training."""
 
 import itertools
-import json
 import math
 
 import jax
@@ -10,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from langflow_jax import baselines, cli, config as config_lib, objective, parallel, train
+from langflow_jax import baselines, cli, config as config_lib, objective, parallel, reporting, train
 from langflow_jax.baselines import mdlm
 from langflow_jax.errors import ConfigError
 from langflow_jax.model import create_model as create_langflow
@@ -244,7 +243,7 @@ def mdlm_run(tmp_path_factory):
 def test_train_and_evaluate_lowers_the_bound_and_the_mdlm_model_loads(mdlm_run):
   cfg, summary, workdir = mdlm_run
   assert summary["final_step"] == 20
-  rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  rows = reporting.read_metrics(workdir)
   ce = [r["train/ce"] for r in rows if "train/ce" in r]
   assert len(ce) == 20 and np.isfinite(summary["eval"]["eval/ce"])
   first, last = np.mean(ce[:3]), np.mean(ce[-3:])

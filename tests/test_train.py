@@ -1,10 +1,9 @@
-import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from langflow_jax import parallel, train
+from langflow_jax import parallel, reporting, train
 from tests.conftest import small_config
 
 
@@ -74,8 +73,8 @@ def run(tmp_path, name, **overrides):
 def test_same_seed_same_losses_bit_for_bit(tmp_path):
   cfg, _ = run(tmp_path, "a")
   _, _ = run(tmp_path, "b")
-  a = [json.loads(l) for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
-  b = [json.loads(l) for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+  a = reporting.read_metrics(tmp_path / "a")
+  b = reporting.read_metrics(tmp_path / "b")
   strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time/") and "per_s" not in k} for r in rows]
   assert strip(a) == strip(b)
   assert any("train/ce" in r for r in a) and any("eval/ce" in r for r in a)
