@@ -5,7 +5,10 @@
 1. Cost of one sampler step relative to one denoiser forward pass, on the
    ``bench`` config (random weights; cost does not depend on them). The step
    cost is the slope (T(N2) - T(N1)) / (N2 - N1) of whole jitted runs, so the
-   fixed costs (initial noise, final pass) cancel. Target: at most 1.1x.
+   fixed costs (initial noise, final pass) cancel. Target: at most 1.1x. Also
+   against one denoiser evaluation (the forward plus x_hat = E^T softmax, the
+   quantity every step of the method consumes), and the FLOP floor of the
+   ratio: a step does the forward's matmuls plus the [V, D] product of x_hat.
 2. Latency to a full batch of samples for steps in {8, 16, 32, 64, 128}.
 3. On a trained run (``--workdir``, default runs/demo): Gen. PPL under an
    autoregressive scorer (the Kneser-Ney bigram of the run's training split)
@@ -59,14 +62,23 @@ def step_cost(quick: bool) -> None:
   s = jax.random.normal(jax.random.PRNGKey(1), z.shape)
   gamma = jnp.full((batch,), 5.0)
   forward = jax.jit(lambda st, z, g, s: nnx.merge(graphdef, st)(z, g, s))
+  denoiser = jax.jit(lambda st, z, g, s: (lambda m: m.denoise(m(z, g, s)))(nnx.merge(graphdef, st)))
   repeats = 3 if quick else 5
   t_fwd = timed(lambda: forward(state, z, gamma, s), repeats)
-  print(f"## Step cost (bench config: D={model.hidden_size}, {config.model.n_blocks} blocks, V={model.vocab_size}, "
+  t_den = timed(lambda: denoiser(state, z, gamma, s), repeats)
+  m, d, v = config.model, model.hidden_size, model.vocab_size
+  forward_flops = (m.n_blocks * (2 * d * d * (3 + 1 + 2 * m.mlp_ratio) + 4 * length * d)
+                   + 2 * d * v * (2 if m.use_skip else 1) + 4 * d * d)  # per token, as bench_train counts
+  floor = 1 + 2 * d * v / forward_flops  # + E^T softmax(logits): the x_hat every step needs
+  print(f"## Step cost (bench config: D={d}, {m.n_blocks} blocks, V={v}, "
         f"batch {batch} x {length} tokens, {jax.devices()[0].platform})\n")
-  print(f"one forward pass: {t_fwd * 1e3:.2f} ms\n")
-  print("| sampler | NFE/step | ms per step | step / forward |")
-  print("|---|---|---|---|")
-  n1, n2 = (4, 12) if quick else (8, 32)
+  print(f"one network forward pass (logits): {t_fwd * 1e3:.2f} ms")
+  print(f"one denoiser evaluation (logits and x_hat = E^T softmax(logits)): {t_den * 1e3:.2f} ms "
+        f"= {t_den / t_fwd:.2f}x the forward")
+  print(f"matmul FLOPs of a step over those of a forward: {floor:.3f} (the floor of step / forward)\n")
+  print("| sampler | NFE/step | ms per step | step / forward | step / denoiser evaluation |")
+  print("|---|---|---|---|---|")
+  n1, n2 = (4, 12) if quick else (8, 40)
   variants = [("euler (float64 update, official)", dict(update_dtype="float64")),
               ("euler (float32 update)", dict(update_dtype="float32")),
               ("heun", dict(sampler="heun")), ("multistep", dict(sampler="multistep"))]
@@ -76,7 +88,8 @@ def step_cost(quick: bool) -> None:
       options = sampling.SamplerOptions(steps=n, **kw)
       times[n] = timed(lambda: sampling.sample(model, key, options, num=batch, seq_len=length).tokens_BxL, 3)
     per_step = (times[n2] - times[n1]) / (n2 - n1)
-    print(f"| {label} | {sampling.SAMPLERS[options.sampler]} | {per_step * 1e3:.2f} | {per_step / t_fwd:.2f}x |")
+    print(f"| {label} | {sampling.SAMPLERS[options.sampler]} | {per_step * 1e3:.2f} | {per_step / t_fwd:.2f}x | "
+          f"{per_step / t_den:.2f}x |")
   print()
   print(f"## Latency to a full batch ({batch} x {length} tokens, euler)\n")
   print("| steps | seconds | tokens/s |")

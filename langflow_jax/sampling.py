@@ -186,8 +186,7 @@ def sample_loop(model: LangFlow, z0_BxLxD: Array, gammas_N: Array, options: Samp
 
   def predict(z, g, s):
     logits = model(z, jnp.full((b,), g, jnp.float32), s if options.self_condition else None)
-    p = jax.nn.softmax(logits.astype(jnp.float32) / temperature, axis=-1)
-    x_hat = diffusion.denoised_embedding(p, emb_VxD)
+    x_hat = diffusion.denoised_embedding_from_logits(logits, emb_VxD, temperature)
     if cond is not None:
       x_hat = jnp.where(fixed, e_fixed, x_hat)
     return logits, x_hat

@@ -41,3 +41,19 @@ def test_flow_velocity_is_derivative_of_exact_step():
   g0 = jnp.array([5.0])
   deriv = jax.jacfwd(lambda gs: D.ddim_step(z, x_hat, g0, gs))(g0)[..., 0]
   np.testing.assert_allclose(np.asarray(deriv), np.asarray(D.flow_velocity(z, x_hat, g0)), rtol=1e-4, atol=1e-6)
+
+
+def test_denoised_embedding_from_logits_matches_softmax_then_product():
+  key1, key2 = jax.random.split(jax.random.PRNGKey(3))
+  logits = 30.0 * jax.random.normal(key1, (2, 3, 11))  # peaked rows: exp without the shift overflows
+  e = jax.random.normal(key2, (11, 5))
+  for temperature in (1.0, 0.7):
+    p = jax.nn.softmax(np.asarray(logits, np.float64) / temperature, -1)
+    expect = np.einsum("blv,vd->bld", np.asarray(p, np.float64), np.asarray(e, np.float64))
+    got = D.denoised_embedding_from_logits(logits, e, temperature)
+    np.testing.assert_allclose(np.asarray(got), expect, rtol=1e-5, atol=1e-5)
+  # the gradient matches the softmax form's (the shift carries none)
+  f = lambda l: jnp.sum(D.denoised_embedding_from_logits(l, e) ** 2)
+  g = lambda l: jnp.sum(D.denoised_embedding(jax.nn.softmax(l, -1), e) ** 2)
+  small = logits / 30.0
+  np.testing.assert_allclose(np.asarray(jax.grad(f)(small)), np.asarray(jax.grad(g)(small)), rtol=1e-4, atol=1e-5)
