@@ -1,6 +1,7 @@
 """Sampling benchmark: step cost, latency to a full batch, quality against steps and best-of-n.
 
   python experiments/bench_sampling.py [--workdir runs/demo] [--quick]
+  python experiments/bench_sampling.py --skip-quality --skip-latency --samplers euler --repeats 7
 
 1. Cost of one sampler step relative to one denoiser forward pass, on the
    ``bench`` config (random weights; cost does not depend on them). The step
@@ -52,7 +53,8 @@ def timed(fn, repeats: int) -> float:
   return statistics.median(times)
 
 
-def step_cost(quick: bool) -> None:
+def step_cost(quick: bool, samplers: tuple[str, ...] = ("euler", "euler32", "heun", "multistep"),
+              repeats: int = 3, latency: bool = True) -> None:
   config = config_lib.load_config("bench")
   batch, length = (4, 64) if quick else (config.train.batch_size, config.data.seq_len)
   model = create_model(config)
@@ -79,18 +81,22 @@ def step_cost(quick: bool) -> None:
   print("| sampler | NFE/step | ms per step | step / forward | step / denoiser evaluation |")
   print("|---|---|---|---|---|")
   n1, n2 = (4, 12) if quick else (8, 40)
-  variants = [("euler (float64 update, official)", dict(update_dtype="float64")),
-              ("euler (float32 update)", dict(update_dtype="float32")),
-              ("heun", dict(sampler="heun")), ("multistep", dict(sampler="multistep"))]
+  variants = {"euler": ("euler (float64 update, official)", dict(update_dtype="float64")),
+              "euler32": ("euler (float32 update)", dict(update_dtype="float32")),
+              "heun": ("heun", dict(sampler="heun")), "multistep": ("multistep", dict(sampler="multistep"))}
+  variants = [variants[name] for name in samplers]
   for label, kw in variants:
     times = {}
     for n in (n1, n2):
       options = sampling.SamplerOptions(steps=n, **kw)
-      times[n] = timed(lambda: sampling.sample(model, key, options, num=batch, seq_len=length).tokens_BxL, 3)
+      times[n] = timed(lambda: sampling.sample(model, key, options, num=batch, seq_len=length).tokens_BxL,
+                       repeats)
     per_step = (times[n2] - times[n1]) / (n2 - n1)
     print(f"| {label} | {sampling.SAMPLERS[options.sampler]} | {per_step * 1e3:.2f} | {per_step / t_fwd:.2f}x | "
           f"{per_step / t_den:.2f}x |")
   print()
+  if not latency:
+    return
   print(f"## Latency to a full batch ({batch} x {length} tokens, euler)\n")
   print("| steps | seconds | tokens/s |")
   print("|---|---|---|")
@@ -139,17 +145,21 @@ def quality(workdir: str, quick: bool, num: int) -> None:
   print()
 
 
-def main() -> None:
+def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--workdir", default="runs/demo", help="a trained run for the quality tables")
   parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
   parser.add_argument("--skip-quality", action="store_true", help="timings only")
   parser.add_argument("--skip-timing", action="store_true", help="quality tables only")
   parser.add_argument("--num", type=int, default=64, help="samples per quality row")
-  args = parser.parse_args()
+  parser.add_argument("--samplers", default="euler,euler32,heun,multistep",
+                      help="step-cost rows: euler (float64 update, official), euler32, heun, multistep")
+  parser.add_argument("--repeats", type=int, default=3, help="timed runs per step count in the step-cost rows")
+  parser.add_argument("--skip-latency", action="store_true", help="no latency table")
+  args = parser.parse_args(argv)
   print(f"# bench_sampling ({'quick, ' if args.quick else ''}jax {jax.__version__}, {jax.devices()[0]})\n")
   if not args.skip_timing:
-    step_cost(args.quick)
+    step_cost(args.quick, tuple(args.samplers.split(",")), args.repeats, not args.skip_latency)
   if not args.skip_quality:
     if not (pathlib.Path(args.workdir) / "checkpoints").is_dir():
       print(f"(no trained run at {args.workdir}: train one with `make demo` for the quality tables)")

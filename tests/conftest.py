@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import pathlib
 import sys
@@ -19,6 +20,24 @@ FIXTURE_DIR = ROOT.parent / "shared" / "fixtures" / "official_tiny"
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
+
+
+def experiment_fixture(name: str):
+  """A module-scoped fixture that imports experiments/<name>.py.
+
+  The module is registered in ``sys.modules`` while in use: dataclasses
+  defined in a script look their module up.
+  """
+  @pytest.fixture(scope="module")
+  def load():
+    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(name, None)
+
+  return load
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -1,22 +1,13 @@
 """The serving benchmark (experiments/bench_serving.py): end to end on tiny sizes, no timing asserted."""
 
-import importlib.util
 import json
-import sys
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import experiment_fixture
 
 
-@pytest.fixture(scope="module")
-def bench():
-  spec = importlib.util.spec_from_file_location("bench_serving", ROOT / "experiments" / "bench_serving.py")
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[spec.name] = module  # its dataclasses look their module up
-  spec.loader.exec_module(module)
-  yield module
-  sys.modules.pop(spec.name, None)
+bench = experiment_fixture("bench_serving")
 
 
 def test_line_fit_and_break_even_steps(bench):

@@ -1,0 +1,53 @@
+"""experiments/bench_train.py: its FLOP count and a quick run (no timing asserted)."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+
+from langflow_jax import config as config_lib
+from langflow_jax.model import create_model
+from tests.conftest import experiment_fixture
+
+
+bench = experiment_fixture("bench_train")
+
+
+def test_analytic_flops_match_xla_count_of_forward_and_gradient(bench):
+  # Wide enough that matmuls dominate, small enough to compile fast.
+  config = config_lib.load_config("tiny", ["--config.model.hidden_size=256", "--config.model.n_heads=4",
+                                           "--config.model.vocab_size=2048"])
+  train_flops, sc_flops = bench.model_flops_per_token(config)
+  model = create_model(config)
+  graphdef, state = nnx.split(model)
+  b, L, d = 4, config.data.seq_len, config.model.hidden_size
+  z = jnp.zeros((b, L, d))
+  gamma = jnp.full((b,), 2.0)
+
+  def loss(st, z, s):  # squared: a sum's cotangent is constant and XLA turns its matmuls into reductions
+    return jnp.sum(jnp.square(nnx.merge(graphdef, st)(z, gamma, s)))
+
+  def flops(fn, *args):
+    cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+    return float((cost[0] if isinstance(cost, list) else cost)["flops"])
+
+  forward = flops(loss, state, z, z)
+  gradient = flops(jax.grad(loss, argnums=(0, 1)), state, z, z)
+  tokens = b * L
+  # XLA also counts the elementwise work, a few percent here: the analytic
+  # count is the matmuls alone, so it sits just below XLA's.
+  assert 0.85 * forward <= train_flops / 3 * tokens <= forward
+  assert 0.85 * gradient <= train_flops * tokens <= 1.05 * gradient
+  # the pre-pass: one forward plus the [V, D] product of x_hat
+  assert sc_flops == pytest.approx(train_flops / 3 + 2 * d * config.model.vocab_size)
+
+
+def test_quick_run_prints_throughput_against_the_peak(bench, capsys):
+  assert bench.main(["--config", "tiny", "--quick"]) == 0
+  out = capsys.readouterr().out
+  fraction = float(re.search(r"fraction of peak:\s+([\d.]+)%", out).group(1))
+  steps = re.search(r"pre-pass in (\d+)% of steps", out)
+  assert fraction > 0 and steps is not None
+  assert re.search(r"tokens/s:\s+[\d,]+", out)
