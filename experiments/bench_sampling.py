@@ -39,7 +39,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 from langflow_jax import config as config_lib  # noqa: E402
 from langflow_jax import metrics, sampling, train  # noqa: E402
 from langflow_jax.data import pipeline  # noqa: E402
-from langflow_jax.model import create_model  # noqa: E402
+from langflow_jax.model import create_model, forward_matmul_flops_per_token  # noqa: E402
 
 
 def timed(fn, repeats: int) -> float:
@@ -54,7 +54,9 @@ def timed(fn, repeats: int) -> float:
 
 
 def step_cost(quick: bool, samplers: tuple[str, ...] = ("euler", "euler32", "heun", "multistep"),
-              repeats: int = 3, latency: bool = True) -> None:
+              repeats: int | None = None, latency: bool = True) -> None:
+  """The step-cost rows (and the latency table); ``repeats`` timed runs per
+  measurement, by default 3 with ``quick`` and 5 without."""
   config = config_lib.load_config("bench")
   batch, length = (4, 64) if quick else (config.train.batch_size, config.data.seq_len)
   model = create_model(config)
@@ -65,13 +67,12 @@ def step_cost(quick: bool, samplers: tuple[str, ...] = ("euler", "euler32", "heu
   gamma = jnp.full((batch,), 5.0)
   forward = jax.jit(lambda st, z, g, s: nnx.merge(graphdef, st)(z, g, s))
   denoiser = jax.jit(lambda st, z, g, s: (lambda m: m.denoise(m(z, g, s)))(nnx.merge(graphdef, st)))
-  repeats = 3 if quick else 5
+  repeats = repeats or (3 if quick else 5)
   t_fwd = timed(lambda: forward(state, z, gamma, s), repeats)
   t_den = timed(lambda: denoiser(state, z, gamma, s), repeats)
   m, d, v = config.model, model.hidden_size, model.vocab_size
-  forward_flops = (m.n_blocks * (2 * d * d * (3 + 1 + 2 * m.mlp_ratio) + 4 * length * d)
-                   + 2 * d * v * (2 if m.use_skip else 1) + 4 * d * d)  # per token, as bench_train counts
-  floor = 1 + 2 * d * v / forward_flops  # + E^T softmax(logits): the x_hat every step needs
+  # + E^T softmax(logits): the x_hat every step needs
+  floor = 1 + 2 * d * v / forward_matmul_flops_per_token(m, length)
   print(f"## Step cost (bench config: D={d}, {m.n_blocks} blocks, V={v}, "
         f"batch {batch} x {length} tokens, {jax.devices()[0].platform})\n")
   print(f"one network forward pass (logits): {t_fwd * 1e3:.2f} ms")
@@ -154,7 +155,8 @@ def main(argv=None) -> None:
   parser.add_argument("--num", type=int, default=64, help="samples per quality row")
   parser.add_argument("--samplers", default="euler,euler32,heun,multistep",
                       help="step-cost rows: euler (float64 update, official), euler32, heun, multistep")
-  parser.add_argument("--repeats", type=int, default=3, help="timed runs per step count in the step-cost rows")
+  parser.add_argument("--repeats", type=int, default=None,
+                      help="timed runs per step-cost measurement (default 5; 3 with --quick)")
   parser.add_argument("--skip-latency", action="store_true", help="no latency table")
   args = parser.parse_args(argv)
   print(f"# bench_sampling ({'quick, ' if args.quick else ''}jax {jax.__version__}, {jax.devices()[0]})\n")

@@ -26,6 +26,7 @@ import numpy as np
 
 from langflow_jax import config as config_lib
 from langflow_jax import parallel, train
+from langflow_jax.model import forward_matmul_flops_per_token
 
 
 def matmul_peak(n: int = 4096, repeats: int = 5) -> float:
@@ -43,13 +44,9 @@ def matmul_peak(n: int = 4096, repeats: int = 5) -> float:
 
 def model_flops_per_token(config) -> tuple[float, float]:
   """Matmul FLOPs per token: (forward + backward, self-conditioning pre-pass)."""
-  m, L = config.model, config.data.seq_len
-  d, v = m.hidden_size, m.vocab_size
-  per_block = 2 * d * d * (3 + 1 + 2 * m.mlp_ratio) + 4 * L * d  # qkv, out, MLP; QK^T and AV
-  forward = m.n_blocks * per_block + 2 * d * v  # blocks + output head
-  forward += 2 * d * v if m.use_skip else 0  # skip logits z E^T
-  forward += 4 * d * d if m.self_conditioning else 0  # self-conditioning projection
-  sc_pass = forward + 2 * d * v if m.self_conditioning else 0.0  # + E^T softmax; no backward
+  m = config.model
+  forward = forward_matmul_flops_per_token(m, config.data.seq_len)
+  sc_pass = forward + 2 * m.hidden_size * m.vocab_size if m.self_conditioning else 0.0  # + E^T softmax; no backward
   return 3 * forward, sc_pass  # backward = 2x forward
 
 

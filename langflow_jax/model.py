@@ -393,3 +393,18 @@ def create_model(config: ml_collections.ConfigDict, seed: int = 0) -> LangFlow:
 
 def count_params(model: nnx.Module) -> int:
   return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def forward_matmul_flops_per_token(model_cfg: ml_collections.ConfigDict, length: int) -> int:
+  """Matmul FLOPs of one forward pass per token (the benchmarks' model FLOPs).
+
+  Blocks (q/k/v, output projection, MLP, and QK^T plus AV over ``length``
+  keys), the output head, the skip logits z E^T and the self-conditioning
+  projection; the gamma MLP and everything elementwise are left out.
+  """
+  d, v = model_cfg.hidden_size, model_cfg.vocab_size
+  per_block = 2 * d * d * (3 + 1 + 2 * model_cfg.mlp_ratio) + 4 * length * d
+  flops = model_cfg.n_blocks * per_block + 2 * d * v
+  flops += 2 * d * v if model_cfg.use_skip else 0
+  flops += 4 * d * d if model_cfg.self_conditioning else 0
+  return flops
