@@ -11,7 +11,10 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # this checkout, even when another one is pip-installed
-FIXTURE_DIR = ROOT.parent / "shared" / "fixtures" / "official_tiny"
+# The official parity fixture (tests/fixtures/official_tiny/README.md). Another directory with the
+# same files, e.g. made from another official-layout checkpoint, can stand in for it.
+FIXTURE_ENV = "LANGFLOW_JAX_FIXTURE_DIR"
+FIXTURE_DIR = pathlib.Path(os.environ.get(FIXTURE_ENV) or ROOT / "tests" / "fixtures" / "official_tiny").expanduser()
 
 # The suite's models are tiny: compiling, not running, is what takes the time,
 # and unoptimised CPU code compiles about twice as fast. Set before jax is
@@ -48,8 +51,12 @@ def _isolated_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def fixture_dir() -> pathlib.Path:
+  source = f"set by ${FIXTURE_ENV}" if os.environ.get(FIXTURE_ENV) else f"the default; ${FIXTURE_ENV} overrides it"
   if not FIXTURE_DIR.is_dir():
-    pytest.fail(f"the official parity fixture is missing at {FIXTURE_DIR}; clone next to ../shared")
+    pytest.fail(f"the official parity fixture directory {FIXTURE_DIR} ({source}) does not exist")
+  missing = [n for n in ("config.json", "model.safetensors", "ref.npz") if not (FIXTURE_DIR / n).is_file()]
+  if missing:
+    pytest.fail(f"the official parity fixture directory {FIXTURE_DIR} ({source}) lacks {', '.join(missing)}")
   return FIXTURE_DIR
 
 

@@ -1,4 +1,4 @@
-"""Parity with the official PyTorch code on ../shared/fixtures/official_tiny (float32)."""
+"""Parity with the official PyTorch code on tests/fixtures/official_tiny (float32; conftest.FIXTURE_DIR)."""
 
 import jax
 import jax.numpy as jnp
