@@ -1,4 +1,4 @@
-"""lm1b: the paper's LM1B model (spec 7.1).
+"""lm1b: the paper's LM1B model (method §7.1).
 
   langflow-jax prepare lm1b ...   # once, with internet
   langflow-jax train --config lm1b --workdir runs/lm1b

@@ -1,4 +1,4 @@
-"""owt: the paper's OpenWebText model (spec 7.1, the released config.json).
+"""owt: the paper's OpenWebText model (method §7.1, the released config.json).
 
   langflow-jax prepare owt --out DATA_DIR   # once, with internet
   langflow-jax train --config owt --workdir runs/owt

@@ -2,7 +2,7 @@
 
   python experiments/exp_baselines.py [--quick] [--out DIR] [--runs DIR] [--steps N]
 
-Claim (paper Table 2, spec 7.2): a continuous diffusion model in embedding
+Claim (paper Table 2, method §7.2): a continuous diffusion model in embedding
 space rivals discrete diffusion (MDLM) in likelihood and beats it in sample
 quality, approaching an autoregressive Transformer.
 

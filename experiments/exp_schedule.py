@@ -2,7 +2,7 @@
 
   python experiments/exp_schedule.py [--quick] [--out DIR] [--runs DIR] [--steps N]
 
-Claim (paper, spec 4.4 and 7.4): the denoising loss rises with the noise
+Claim (paper, method §4.4 and §7.4): the denoising loss rises with the noise
 level gamma along a right-skewed curve whose derivative a Gumbel density fits;
 drawing the training noise levels from that learned, information-uniform
 density trains a better model than a fixed schedule in the same steps.

@@ -2,7 +2,7 @@
 
   python experiments/exp_selfcond.py [--quick] [--out DIR] [--runs DIR] [--steps N]
 
-Claim (paper Table 1, spec 7.4): self-conditioning improves both the
+Claim (paper Table 1, method §7.4): self-conditioning improves both the
 likelihood bound (LM1B: 49.0 -> 30.0 PPL) and sample quality (Gen. PPL
 154.2 -> 81.5), far more than it does for a discrete diffusion model.
 

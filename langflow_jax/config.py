@@ -28,7 +28,7 @@ def base_config() -> ml_collections.ConfigDict:
   """Every key the package reads, with the paper's (OWT) values as defaults."""
   c = ml_collections.ConfigDict()
 
-  # The denoiser (spec 3). Official names in brackets where they differ.
+  # The denoiser (method §3). Official names in brackets where they differ.
   c.model = ml_collections.ConfigDict(dict(
       vocab_size=50257,
       hidden_size=768,
@@ -44,7 +44,7 @@ def base_config() -> ml_collections.ConfigDict:
       compute_dtype="float32",    # matmul dtype in the blocks/head: float32 | bfloat16
   ))
 
-  # Noise schedule over gamma (spec 4.3). For fixed schedules the endpoints
+  # Noise schedule over gamma (method §4.3). For fixed schedules the endpoints
   # default to the Gumbel endpoints of (loc, scale, cutoff).
   c.schedule = ml_collections.ConfigDict(dict(
       name="gumbel",              # gumbel | linear | cosine
@@ -56,14 +56,14 @@ def base_config() -> ml_collections.ConfigDict:
       gamma_max=ml_collections.config_dict.placeholder(float),
   ))
 
-  # Training objective (spec 4).
+  # Training objective (method §4).
   c.objective = ml_collections.ConfigDict(dict(
       name="langflow",            # langflow (flow matching with CE) | ar (causal baseline, next-token CE)
                                   # | mdlm (masked diffusion baseline, absorbing-state NELBO)
       self_cond_prob=0.25,
       self_cond_mode="batch",     # batch: one coin per step | sample: one per sequence
       time_sampling="stratified",  # stratified | antithetic | iid draws of u in [0, 1]
-      skip_warmup_steps=5000,     # linear ramp of the skip term (spec 4.5); 0 disables
+      skip_warmup_steps=5000,     # linear ramp of the skip term (method §4.5); 0 disables
       schedule_loss_weight=1.0,   # weight of the schedule-fitting regression
       mask_eps=1e-3,              # mdlm: mask rates t ~ U(mask_eps, 1) (MDLM's sampling_eps)
   ))
@@ -101,7 +101,7 @@ def base_config() -> ml_collections.ConfigDict:
       progress=True,              # progress bar on stderr
   ))
 
-  # AdamW with warm-up. Unrecovered upstream values follow MDLM/Duo (spec 4.7).
+  # AdamW with warm-up. Unrecovered upstream values follow MDLM/Duo (method §4.7).
   c.optimizer = ml_collections.ConfigDict(dict(
       lr=3e-4,
       warmup_steps=2500,
@@ -119,7 +119,7 @@ def base_config() -> ml_collections.ConfigDict:
   # Device mesh; -1 takes all remaining devices (see langflow_jax/parallel.py).
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
 
-  # Likelihood bound (spec 5; see langflow_jax/likelihood.py and evaluate.py).
+  # Likelihood bound (method §5; see langflow_jax/likelihood.py and evaluate.py).
   c.eval = ml_collections.ConfigDict(dict(
       solver="heun",              # euler | heun (official heun2) | rk4 | adaptive (diffrax Tsit5)
       steps=128,                  # fixed-grid steps; heun makes 2 evaluations per step
@@ -139,7 +139,7 @@ def base_config() -> ml_collections.ConfigDict:
       plot_batches=1,             # `eval --plot`: batches that figure averages over
   ))
 
-  # Sampling (spec 6; see langflow_jax/sampling.py).
+  # Sampling (method §6; see langflow_jax/sampling.py).
   c.sample = ml_collections.ConfigDict(dict(
       sampler="euler",            # euler (official Euler-EDM) | heun | stochastic | multistep (few-step)
       steps=128,                  # network evaluations: steps (heun: 2 steps - 1)

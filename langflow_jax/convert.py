@@ -208,7 +208,7 @@ def export_tensors(model: LangFlow) -> dict[str, np.ndarray]:
   return out
 
 
-# Tokenizer and dataset of each official vocabulary size (spec 7.1).
+# Tokenizer and dataset of each official vocabulary size (method §7.1).
 _PROTOCOLS = {50257: ("gpt2", "owt"), 30522: ("bert-base-uncased", "lm1b")}
 
 

@@ -2,7 +2,7 @@
 
 gamma = log(sigma^2 / alpha^2); large gamma is noisy. Every function here is
 float32 and elementwise in gamma, so it broadcasts over any batch shape. The
-equations follow spec sections 2.2, 3.1 (skip term), 4.1 (flow) and 6.1 (the
+equations follow method §2.2, §3.1 (skip term), §4.1 (flow) and §6.1 (the
 sampler's exact step).
 """
 

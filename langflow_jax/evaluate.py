@@ -12,7 +12,7 @@ checkpoint (``RUN/eval/<name>.json``); ``--plot`` adds ``eval/<name>.png``:
 the bound and each term against the number of steps, and the flow term's
 integrand against gamma.
 
-Totals are sums over sequences divided by the valid-token count (spec 5.3);
+Totals are sums over sequences divided by the valid-token count (method §5.3);
 in wrapped data the BOS/EOS separators are tokens and count.
 
 :func:`denoising_curve` measures the denoiser's held-out cross-entropy at
@@ -237,7 +237,7 @@ def denoising_curve(model: LangFlow, split: pipeline.PackedSplit, gamma_G: Seque
   """Held-out denoiser cross-entropy (nats/token, EMA weights as given) at fixed noise levels.
 
   This is the empirical conditional entropy curve H(gamma) that the learned
-  Gumbel schedule fits during training (spec 4.4), measured on held-out text
+  Gumbel schedule fits during training (method §4.4), measured on held-out text
   at chosen gammas instead of at the schedule's own draws, so that models
   trained with different schedules are compared on the same levels. Every
   gamma sees the same sequences and the same eps (batch i: fold_in(PRNGKey(seed), i)),

@@ -1,6 +1,6 @@
 """GPT-2 in Flax NNX, loaded from a Hugging Face directory: the official Gen. PPL scorer.
 
-The official protocol (spec 6.2) scores samples with ``gpt2-large``. Nothing
+The official protocol (method §6.2) scores samples with ``gpt2-large``. Nothing
 is downloaded here: point ``langflow-jax genppl --scorer gpt2:DIR`` at a
 directory holding a GPT-2 checkpoint in the Hugging Face layout
 (``config.json``, ``model.safetensors`` and ``tokenizer.json`` or

@@ -1,4 +1,4 @@
-"""LangFlow's ODE bound on the negative log-likelihood of a sequence (spec 5).
+"""LangFlow's ODE bound on the negative log-likelihood of a sequence (method §5).
 
 For token ids x (L positions, width D) the bound, in nats per sequence, is
 
@@ -22,7 +22,7 @@ averaged over ``probes`` probes, or the exact trace (L*D JVPs; small models).
 u^T J u is the same number whether J u comes from a JVP (here) or u^T J from a
 VJP (the official code). The self-conditioning input is recomputed at the same
 (z, gamma) from a zero-input pass and held constant, so the divergence ignores
-its dependence on z (spec 9.5).
+its dependence on z (method §9.5).
 
 Solvers: explicit Runge-Kutta (Euler, Heun = torchdiffeq ``heun2``, RK4 = the
 3/8 rule of torchdiffeq ``rk4``) on a fixed grid under ``lax.scan``, or
@@ -122,10 +122,21 @@ class BoundTerms:
   flow_B: Array
   prior_B: Array
   num_tokens_B: Array  # valid tokens (float32)
+  # ||eps||^2 / 2 - (#valid tokens) D / 2 over valid positions: the sampled
+  # entropy of q(z_a | x) minus the mean the official estimate uses. Zero mean.
+  entropy_dev_B: Array | None = None
 
   @property
   def total_B(self) -> Array:
+    """The official estimate: reconst + flow + prior."""
     return self.reconst_B + self.flow_B + self.prior_B
+
+  @property
+  def total_vr_B(self) -> Array:
+    """The variance-reduced estimate: the sampled entropy of q(z_a | x) in place
+    of its mean. Same expectation as ``total_B``; the prior's fluctuation with
+    eps largely cancels (see README, likelihood)."""
+    return self.total_B - self.entropy_dev_B
 
 
 @flax.struct.dataclass
@@ -382,7 +393,8 @@ def nll_bound(model: LangFlow, ids_BxL: Array, mask_BxL: Array | None, key: Arra
   flow_B = -a_B
   tokens_B = jnp.sum(m_BxL, axis=-1)
   prior_B = 0.5 * jnp.sum(jnp.square(y_BxLxD) * m_BxL[:, :, None], axis=(1, 2)) - tokens_B * (d / 2)
-  return BoundTerms(reconst_B, flow_B, prior_B, tokens_B), info
+  entropy_dev_B = 0.5 * jnp.sum(jnp.square(eps) * m_BxL[:, :, None], axis=(1, 2)) - tokens_B * (d / 2)
+  return BoundTerms(reconst_B, flow_B, prior_B, tokens_B, entropy_dev_B), info
 
 
 def _bound(graphdef, opts, state, ids, mask, key, eps, probes, s_N):
@@ -403,7 +415,7 @@ def _sharded_bound_jit(graphdef, opts: BoundOptions, mesh, state_shardings: para
                   None if eps_ndim is None else rows_sh(eps_ndim),
                   None if probes_ndim is None else rows_sh(probes_ndim, probes_ndim - 3),
                   rep if grid else None)
-  out_shardings = (BoundTerms(rows_sh(1), rows_sh(1), rows_sh(1), rows_sh(1)),
+  out_shardings = (BoundTerms(rows_sh(1), rows_sh(1), rows_sh(1), rows_sh(1), rows_sh(1)),
                    SolveInfo(gamma_C=rep, div_CxB=rows_sh(2, 1), num_evals=rep, num_steps=rep, ok=rep))
   fn = lambda *args: _bound(graphdef, opts, *args)
   return parallel.mesh_jit(fn, mesh, in_shardings=in_shardings, out_shardings=out_shardings)

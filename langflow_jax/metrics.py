@@ -27,7 +27,7 @@ def unigram_entropy(ids: np.ndarray, mask: np.ndarray | None = None) -> float:
 def sequence_unigram_entropy(ids_NxL: np.ndarray) -> float:
   """Mean over sequences of each sequence's own unigram entropy (nats).
 
-  The diversity figure reported next to generative perplexity (spec 6.2):
+  The diversity figure reported next to generative perplexity (method §6.2):
   repetitive samples score low here even when their perplexity looks good.
   """
   ids_NxL = np.asarray(ids_NxL)
@@ -50,7 +50,7 @@ class SequenceScorer(Protocol):
 
 def generative_perplexity(sample_ids: Sequence[Sequence[int]], scorer: SequenceScorer, *,
                           retokenize: Callable[[Sequence[int]], list[int]] | None = None) -> dict[str, float]:
-  """Gen. PPL of samples under ``scorer`` with their unigram entropy (spec 6.2).
+  """Gen. PPL of samples under ``scorer`` with their unigram entropy (method §6.2).
 
   ``gen_ppl = exp(sum NLL / sum (n - 1))``: token-weighted, nats. The entropy
   is the mean per-sample unigram entropy of the GENERATOR's ids, reported

@@ -1,4 +1,4 @@
-"""The LangFlow denoiser: a DiT over normalised token embeddings (spec section 3).
+"""The LangFlow denoiser: a DiT over normalised token embeddings (method §3).
 
 Module and parameter names mirror the official PyTorch state dict one to one
 (``backbone.blocks.3.attn_qkv.weight`` -> ``backbone.blocks[3].attn_qkv.kernel``
@@ -10,7 +10,7 @@ outside a sharded jit).
 Dtypes: parameters are float32. ``compute_dtype`` (float32 or bfloat16) is the
 dtype of the matmuls inside the blocks and the output head; layer norms,
 attention softmax, the residual stream, the skip term and the logits stay
-float32 in both cases (the policy of the official GPU code, spec 3.7).
+float32 in both cases (the policy of the official GPU code, method §3.7).
 """
 
 from __future__ import annotations
@@ -328,7 +328,7 @@ class LangFlow(nnx.Module):
   ``logits = backbone(z, gamma, s) + skip_scale * c_skip(gamma) * z E^T``; the
   skip term is the exact posterior logit of a Gaussian observation, so the
   network only learns a residual. ``skip_scale`` is 1 except during the
-  training warm-up of the preconditioning (spec 4.5).
+  training warm-up of the preconditioning (method §4.5).
   """
 
   def __init__(self, model_cfg: ml_collections.ConfigDict,

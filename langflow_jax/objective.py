@@ -1,4 +1,4 @@
-"""Training objectives. LangFlow's: cross-entropy on noisy embeddings (spec 4).
+"""Training objectives. LangFlow's: cross-entropy on noisy embeddings (method §4).
 
 Flow matching with a Bregman loss on the posterior-mean parameterisation
 reduces, for one-hot targets, to token cross-entropy, so the loss is
@@ -224,7 +224,7 @@ def get_objective(name: str) -> Callable[..., ObjectiveOutput]:
 
 
 def skip_warmup_scale(step: Array, warmup_steps: int) -> Array:
-  """Linear ramp of the preconditioning skip term over the first steps (spec 4.5)."""
+  """Linear ramp of the preconditioning skip term over the first steps (method §4.5)."""
   if warmup_steps <= 0:
     return jnp.float32(1.0)
   return jnp.minimum(jnp.asarray(step, jnp.float32) / warmup_steps, 1.0)

@@ -88,7 +88,7 @@ def training_plots(workdir: str | pathlib.Path, schedule=None) -> list[str]:
 
 def information_rate(gamma_G: np.ndarray, ce_G: np.ndarray) -> np.ndarray:
   """dCE/dgamma of a measured curve, clipped at 0 and scaled to unit area: the
-  density the information-uniform principle asks the schedule to match (spec 4.4)."""
+  density the information-uniform principle asks the schedule to match (method §4.4)."""
   gamma_G, ce_G = np.asarray(gamma_G, np.float64), np.asarray(ce_G, np.float64)
   rate = np.clip(np.gradient(ce_G, gamma_G), 0.0, None)
   area = float(np.sum(0.5 * (rate[1:] + rate[:-1]) * np.diff(gamma_G)))

@@ -1,6 +1,6 @@
 """Sampling: the official Euler-EDM sampler, its variants, prompts, infill, best-of-n.
 
-The official sampler (spec 6.1) starts from z ~ N(0, I), walks a decreasing
+The official sampler (method §6.1) starts from z ~ N(0, I), walks a decreasing
 grid of gamma values and at every step predicts the clean embedding
 x_hat = E^T softmax(f(z, gamma_t, s)), feeds that prediction back as the
 NEXT step's self-conditioning input s, and moves z with the exact DDIM step

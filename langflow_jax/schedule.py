@@ -5,7 +5,7 @@ A schedule is a distribution over gamma on explicit endpoints
 inverse CDF), and the same map gives the training noise levels, the sampler's
 step grid and the likelihood integrator's grid. ``u = 0`` is the clean end.
 
-* ``gumbel``: LangFlow's learned schedule (spec 4.3-4.4). The conditional
+* ``gumbel``: LangFlow's learned schedule (method §4.3, §4.4). The conditional
   token entropy is modelled as H(gamma) = H_inf * GumbelCDF(gamma; mu, beta);
   the information-uniform principle makes the proposal density proportional to
   H'(gamma), i.e. the Gumbel density itself. ``fit_loss`` regresses the
@@ -99,8 +99,8 @@ class GumbelSchedule(NoiseSchedule):
     return gamma_min, gamma_max
 
   def gamma(self, u: Array) -> Array:
-    # torch's Gumbel(mu, beta).icdf(u) then clamp, op for op in float32 (spec
-    # 4.3): the naive mu - beta*log(-log u) is off by up to 1e-2 near u = 1.
+    # torch's Gumbel(mu, beta).icdf(u) then clamp, op for op in float32 (method §4.3):
+    # the naive mu - beta*log(-log u) is off by up to 1e-2 near u = 1.
     u = jnp.asarray(u, jnp.float32)
     u1 = (u - 0.5) * jnp.float32(1.0) + 0.5
     tiny = jnp.float32(2.0**-126)

@@ -51,7 +51,7 @@ def test_matches_official_nll(official, reference, solver, tag):
 
 
 def test_matches_official_z0_at_gamma_min_not_grid_start(official, reference):
-  """The ODE starts at the icdf value while z_0 is drawn at gamma_min (spec 5.2)."""
+  """The ODE starts at the icdf value while z_0 is drawn at gamma_min (method §5.2)."""
   _, info = _official_run(official, reference, "euler")
   gamma_min, _ = official.schedule.endpoints()
   assert float(info.gamma_C[0]) > float(gamma_min) + 5e-5  # the grid starts a hair later

@@ -24,7 +24,7 @@ What differs, and why:
 Decoding keeps a per-layer KV cache of ``length`` positions: one parallel
 causal pass over the prompt fills it, then ``lax.scan`` feeds one token per
 position. The scorer (:func:`sequence_nll`, :func:`generative_perplexity`)
-follows the Gen. PPL protocol of spec 6.2: per-sequence summed NLL over
+follows the Gen. PPL protocol of method §6.2: per-sequence summed NLL over
 tokens 1..len-1 and ``exp(sum NLL / sum (len - 1))``.
 """
 
@@ -311,7 +311,7 @@ def sequence_nll(model: ARTransformer, ids_BxL: Array, mask_BxL: Array | None = 
 
 def generative_perplexity(model: ARTransformer, ids_NxL: np.ndarray | Sequence[Sequence[int]],
                           mask_NxL: np.ndarray | None = None, *, batch_size: int = 32) -> dict[str, Any]:
-  """Token-weighted ``exp(sum NLL / sum (len - 1))`` of samples under this model (spec 6.2).
+  """Token-weighted ``exp(sum NLL / sum (len - 1))`` of samples under this model (method §6.2).
 
   Returns ``gen_ppl``, the totals and each sequence's NLL per scored token.
   """

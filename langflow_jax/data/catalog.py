@@ -1,7 +1,7 @@
 """The paper's corpora by name: where their raw documents come from.
 
 ``CORPORA`` lists LM1B and OpenWebText (training) and the zero-shot suite
-(spec 5.5, 7.3) with the split each protocol evaluates on, the text field, the
+(method §5.5, §7.3) with the split each protocol evaluates on, the text field, the
 detokenizer and the tokenizer and length of the protocol. Raw documents are
 read, in this order of preference:
 

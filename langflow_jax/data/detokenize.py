@@ -2,7 +2,7 @@
 
 LM1B, WikiText, PTB and the scientific-papers corpora are distributed with
 their punctuation split off by spaces (``don 't``, ``1 @,@ 000``, ``( a )``).
-The official pipeline (MDLM/Duo ``dataloader.py``, spec 5.5) rewrites each
+The official pipeline (MDLM/Duo ``dataloader.py``, method §5.5) rewrites each
 document with a dataset-specific set of string rules before tokenizing; the
 zero-shot numbers depend on them, so they are reproduced rule for rule here,
 quirks included (e.g. WikiText's ``/' [0-9]/`` rule matches literal slashes

@@ -17,7 +17,7 @@ prepared data needs only numpy). Each split is written under a temporary name
 and renamed, manifest last, so an interrupted run never leaves a split that
 looks complete.
 
-Packing (spec 5.5). ``wrap=True``: documents, each followed by EOS (unless
+Packing (method §5.5). ``wrap=True``: documents, each followed by EOS (unless
 ``insert_eos=False``), are concatenated and cut into chunks of L-2 tokens,
 stored as ``[BOS] chunk [EOS]`` with no padding; the remainder is dropped.
 With ``group_docs=1000, group_shards=16`` the remainder is dropped after every

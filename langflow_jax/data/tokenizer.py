@@ -15,7 +15,7 @@
 * ``PATH.json``: any Hugging Face ``tokenizers`` JSON file; ``PATH/vocab.txt``:
   a lower-casing WordPiece vocabulary.
 
-Special ids follow the official data pipeline (spec 5.5), quirks included:
+Special ids follow the official data pipeline (method §5.5), quirks included:
 BOS and EOS are both ``tok.encode(eos_token)[0]``, which is 50256 for GPT-2
 and ``[CLS]`` = 101 for BERT (``[SEP]`` never appears in wrapped data); GPT-2's
 ``[PAD]`` is appended after the vocabulary (id 50257 = V, outside the model's
