@@ -61,6 +61,8 @@ def locate(path: str | pathlib.Path) -> tuple[pathlib.Path, int | None]:
   """(checkpoints directory, step or None) for a run directory, its ``checkpoints/``
   directory or one step directory (``runs/base/checkpoints/600``)."""
   path = pathlib.Path(path).expanduser().resolve()
+  if not path.exists() and path.name.isdigit() and path.parent.name == CHECKPOINT_DIR and path.parent.is_dir():
+    raise missing_step(path.parent, int(path.name), _listed_steps(path.parent))
   if not path.exists():
     raise CheckpointError(f"{path} does not exist.",
                           "pass the --workdir of a training run (langflow-jax train --workdir ... makes one).")
@@ -72,6 +74,43 @@ def locate(path: str | pathlib.Path) -> tuple[pathlib.Path, int | None]:
     return path, None
   raise CheckpointError(f"{path} has no checkpoints (it is empty or not a training run).",
                         f"train first (langflow-jax train --workdir {path}) or pass another run directory.")
+
+
+def _listed_steps(directory: pathlib.Path) -> list[int]:
+  """The complete steps in a checkpoints directory, by name (no Orbax needed)."""
+  return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
+
+
+def missing_step(directory: pathlib.Path, step: int, steps: list[int]) -> CheckpointError:
+  """The error for a step that is not there: which steps are."""
+  if not steps:
+    return CheckpointError(f"checkpoint step {step} does not exist: {directory} holds no checkpoint yet.",
+                           "train first, or pass another run's checkpoint.")
+  listed = ", ".join(map(str, steps[:20])) + (f" and {len(steps) - 20} more" if len(steps) > 20 else "")
+  return CheckpointError(f"checkpoint step {step} does not exist in {directory}; its steps are {listed}.",
+                         f"pass one of them, e.g. {directory}/{steps[-1]} (the newest).")
+
+
+def describe_error(e: BaseException, limit: int = 400) -> str:
+  """``Type: first line`` of a restore failure, for one log line.
+
+  Orbax wraps a TensorStore read error in an ``Exception`` whose text ends in the
+  repr of a pybind11 method and a multi-line spec; the wrapped error (which array,
+  what is wrong with it) is the useful part, so it is shown instead.
+  """
+  shown = e
+  if "See full TensorStore details" in str(e) and e.__cause__ is not None:
+    shown = e.__cause__
+  text = str(shown).split(" See full TensorStore details")[0].strip()
+  text = text.splitlines()[0] if text else ""
+  if len(text) > limit:
+    text = text[:limit - 3] + "..."
+  return f"{type(shown).__name__}: {text}" if text else type(shown).__name__
+
+
+# (checkpoints directory, step) already reported as unreadable in this process: a command
+# that reads a step twice (its config, then its weights) warns once.
+_WARNED_DAMAGED: set[tuple[str, int]] = set()
 
 
 @functools.lru_cache(maxsize=1)
@@ -189,6 +228,7 @@ class Checkpointer:
     """
     self.wait()  # surfaces a failed previous write before starting a new one
     self._empty_deleted()
+    _WARNED_DAMAGED.discard((str(self.directory), int(step)))  # a new step of that number: warn anew
     meta = dict(meta, step=int(step), version=__version__, git_commit=git_commit(), saved_at=time.time())
     self._saving = int(step)
     try:
@@ -267,10 +307,18 @@ class Checkpointer:
     err = environment_error(e, f"reading checkpoint step {step} in {self.directory}")
     if err is not None:
       raise err from e
-    text = str(e).splitlines()[0][:200] if str(e) else ""
-    errors.append(f"step {step}: {type(e).__name__}: {text}")
-    log.warning("checkpoint step %d in %s is unreadable (%s: %s); trying the previous one", step,
-                self.directory, type(e).__name__, text)
+    reason = describe_error(e)
+    errors.append(f"step {step}: {reason}")
+    if (str(self.directory), step) in _WARNED_DAMAGED:
+      return
+    _WARNED_DAMAGED.add((str(self.directory), step))
+    log.warning("checkpoint step %d in %s is unreadable (%s); trying the previous one", step,
+                self.directory, reason)
+
+  def _require_step(self, step: int | None) -> None:
+    """A step asked for by number must exist (else: which steps do)."""
+    if step is not None and step not in self.all_steps():
+      raise missing_step(self.directory, step, self.all_steps())
 
   def _quarantine(self, steps: list[int]) -> None:
     """Moves unreadable steps to ``damaged/`` (kept, but never listed or overwritten)."""
@@ -298,6 +346,7 @@ class Checkpointer:
     config keys that changed). Unreadable newer steps are skipped with a
     warning (and, unless read-only, moved to ``damaged/``).
     """
+    self._require_step(step)
     steps = [step] if step is not None else sorted(self.all_steps(), reverse=True)
     if not steps:
       raise CheckpointError(f"no checkpoint in {self.directory}.",
@@ -323,8 +372,9 @@ class Checkpointer:
         unreadable.append(s)
         continue
       if unreadable:
-        log.warning("resuming from checkpoint step %d of %s: the newer step(s) %s were unreadable", s,
-                    self.directory, ", ".join(map(str, unreadable)))
+        log.warning("%s checkpoint step %d of %s: the newer step(s) %s were unreadable",
+                    "using" if self.read_only else "resuming from", s, self.directory,
+                    ", ".join(map(str, unreadable)))
         self._quarantine(unreadable)
       return restored.state, dict(restored.meta), s
     raise CheckpointError(f"no readable checkpoint in {self.directory} ({errors[0]}).",
@@ -334,6 +384,7 @@ class Checkpointer:
                       config: ml_collections.ConfigDict | None = None) -> tuple[dict, dict, int]:
     """Only the subtrees named in ``abstract`` (e.g. ``params``, ``ema_params``) of the
     newest readable step: the fine-tuning start. Same checks as :meth:`restore`."""
+    self._require_step(step)
     steps = [step] if step is not None else sorted(self.all_steps(), reverse=True)
     if not steps:
       raise CheckpointError(f"no checkpoint in {self.directory}.",
@@ -365,6 +416,7 @@ class Checkpointer:
 
   def read_meta(self, step: int | None = None) -> dict:
     """The JSON metadata of ``step`` (default: newest readable)."""
+    self._require_step(step)
     steps = [step] if step is not None else sorted(self.all_steps(), reverse=True)
     if not steps:
       raise CheckpointError(f"no checkpoint in {self.directory}.",

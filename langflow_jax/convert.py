@@ -152,8 +152,13 @@ def load_official(directory: str | pathlib.Path) -> tuple[ml_collections.ConfigD
     raise CheckpointError(f"cannot read the official checkpoint in {directory} ({e}).",
                           "download config.json and model.safetensors again.") from e
   config = config_from_official(official_cfg)
-  if "backbone.vocab_embed.embedding" in tensors:
-    config.model.vocab_size = int(tensors["backbone.vocab_embed.embedding"].shape[0])
+  embedding = tensors.get("backbone.vocab_embed.embedding")
+  if embedding is not None and embedding.shape[0] != config.model.vocab_size:
+    # the tokenizer and protocol follow vocab_size: a mismatch must not pass unnoticed
+    raise CheckpointError(
+        f"config.json says vocab_size={config.model.vocab_size}, but the weights have "
+        f"{embedding.shape[0]} token embeddings (backbone.vocab_embed.embedding {tuple(embedding.shape)}).",
+        "the weights do not match config.json; use the pair published together.")
   model = nnx.eval_shape(lambda: LangFlow(config.model, config.schedule, rngs=nnx.Rngs(0)))
   load_tensors(model, tensors)
   return config, model

@@ -260,6 +260,14 @@ def _ar_scorer(arg: str, config) -> tuple[SequenceScorer, str]:
 SCORER_LOADERS: dict[str, Callable] = {"bigram": _bigram_scorer, "gpt2": _gpt2_scorer, "ar": _ar_scorer}
 
 
+def _json_kind(value) -> str:
+  """The JSON name of a parsed value's type (object, list, string, number, ...)."""
+  for kind, name in ((dict, "object"), (list, "list"), (str, "string"), (bool, "boolean"), ((int, float), "number")):
+    if isinstance(value, kind):
+      return name
+  return "null"
+
+
 def gen_ppl_report(samples_path: str, scorer: str = "bigram", *, reference: bool = True,
                    print_fn: Callable[[str], None] | None = print) -> dict:
   """What ``langflow-jax genppl`` runs: Gen. PPL and entropy of a ``sample --out`` file.
@@ -276,12 +284,35 @@ def gen_ppl_report(samples_path: str, scorer: str = "bigram", *, reference: bool
   path = pathlib.Path(samples_path)
   if not path.is_file():
     raise DataError(f"sample file {path} does not exist.", "write one with `langflow-jax sample --out FILE`.")
+  expected = ("expected the JSON that `langflow-jax sample --out FILE` writes: {\"meta\": {\"config\": ...}, "
+              "\"samples\": [{\"ids\": [...]}, ...]}")
+  fix = "pass a file written by `langflow-jax sample --out FILE` (or write one with it)."
   try:
     saved = json.loads(path.read_text())
-    meta, samples = saved["meta"], saved["samples"]
-    config = config_lib.from_json(meta["config"])
+  except (ValueError, UnicodeDecodeError) as e:
+    raise DataError(f"{path} is not JSON ({e}); {expected}.", fix) from e
+
+  def require(node, key: str, kind: type, where: str):
+    if not isinstance(node, dict):
+      raise DataError(f"{path} is not a sample file: {where} is a {_json_kind(node)}, not an object with the "
+                      f"key '{key}'; {expected}.", fix)
+    if key not in node:
+      has = f"its keys: {', '.join(map(repr, sorted(node)[:6]))}" if node else "it is empty"
+      raise DataError(f"{path} is not a sample file: {where} has no key '{key}' ({has}); {expected}.", fix)
+    if not isinstance(node[key], kind):
+      raise DataError(f"{path} is not a sample file: '{key}' in {where} is a {_json_kind(node[key])}, not a "
+                      f"{_json_kind(kind())}; {expected}.", fix)
+    return node[key]
+
+  meta = require(saved, "meta", dict, "the top level")
+  samples = require(saved, "samples", list, "the top level")
+  try:
+    config = config_lib.from_json(require(meta, "config", str, "meta"))
   except (ValueError, KeyError, TypeError) as e:
-    raise DataError(f"{path} is not a sample file ({e}).", "write one with `langflow-jax sample --out FILE`.") from e
+    raise DataError(f"{path} is not a sample file: meta['config'] is not a langflow-jax config ({e}); "
+                    f"{expected}.", fix) from e
+  for i, s in enumerate(samples):
+    require(s, "ids", list, f"samples[{i}]")
   if not samples:
     raise DataError(f"{path} holds no samples.", "sample with --num 1 or more.")
   name, _, arg = scorer.partition(":")

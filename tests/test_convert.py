@@ -57,11 +57,21 @@ def copy_fixture(fixture_dir, tmp_path, edit=None, config_edit=None):
     (lambda t: t.__setitem__("backbone.rotary_emb.inv_freq", np.ones(12, np.float32)), None, "RoPE formula"),
     (None, lambda c: c.__setitem__("n_blocks", 1), "which this model lacks"),
     (None, lambda c: c.pop("hidden_size"), "lacks the key 'hidden_size'"),
+    (None, lambda c: c.__setitem__("vocab_size", 300), "config.json says vocab_size=300, but the weights have 307"),
+    (None, lambda c: c.__setitem__("hidden_size", 64), "has shape"),
 ])
 def test_bad_checkpoints_are_clear_errors(fixture_dir, tmp_path, edit, config_edit, message):
   src = copy_fixture(fixture_dir, tmp_path, edit, config_edit)
   with pytest.raises(CheckpointError, match=message):
     convert.load_official(src)
+
+
+def test_vocab_size_mismatch_is_one_line_through_the_cli(fixture_dir, tmp_path, capsys):
+  src = copy_fixture(fixture_dir, tmp_path, config_edit=lambda c: c.__setitem__("vocab_size", 50257))
+  assert cli.main(["convert", "--from", str(src), "--workdir", str(tmp_path / "run")]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "vocab_size=50257, but the weights have 307 token embeddings" in err[0], err
+  assert " Fix: " in err[0] and not (tmp_path / "run").exists()
 
 
 def test_missing_files_and_non_empty_workdir(fixture_dir, tmp_path):
