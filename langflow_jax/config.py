@@ -343,6 +343,10 @@ STEP_GRIDS = ("official", "cdf", "gamma")
 SAMPLERS = ("euler", "heun", "stochastic", "multistep")
 UPDATE_DTYPES = ("auto", "float64", "float32")
 EVAL_SPLITS = ("train", "heldout", "all")
+# The most sampler steps a request may ask for: far past the point where more steps stop
+# changing the samples (128 to 1024 in practice), and a bound on the time one request can
+# take (a typo such as --steps 10000000 would otherwise run for hours without a word).
+MAX_SAMPLE_STEPS = 16384
 
 
 def _one_of(value: str, allowed: tuple[str, ...], key: str) -> None:
@@ -382,6 +386,11 @@ def check_sampler_settings(s: Any) -> None:
   _one_of(s.grid, STEP_GRIDS, "sample.grid")
   _one_of(s.update_dtype, UPDATE_DTYPES, "sample.update_dtype")
   _require(s.steps > 0, f"sample.steps={s.steps} must be positive.", "use e.g. --config.sample.steps=128.")
+  _require(s.steps <= MAX_SAMPLE_STEPS,
+           f"sample.steps={s.steps} is above the maximum of {MAX_SAMPLE_STEPS} sampler steps "
+           "(config.MAX_SAMPLE_STEPS).",
+           f"use at most {MAX_SAMPLE_STEPS} (e.g. --steps 1024); more steps stop changing the samples "
+           "long before that.")
   _require(s.temperature > 0, f"sample.temperature={s.temperature} must be positive.", "use e.g. 1.0.")
   _require(s.churn >= 0, f"sample.churn={s.churn} must not be negative.", "use 0 (deterministic) or e.g. 0.5.")
 

@@ -592,6 +592,35 @@ def snapshot_steps(nfe_rows: int) -> list[tuple[str, int]]:
   return list(zip(labels, rows))
 
 
+def check_out_file(out: str) -> None:
+  """``--out`` must name a file that can be written: not a directory, in a directory that
+  exists and is writable (or can be created). Creates nothing."""
+  import os
+  import pathlib
+  import tempfile
+
+  path = pathlib.Path(out).expanduser()
+  fix = "choose a file in a directory you can write to, e.g. --out samples.json."
+  if path.is_dir():
+    raise UserError(f"--out {out} is a directory.", "give a file name, e.g. --out samples.json.")
+  parent = path.parent
+  while not parent.exists() and parent != parent.parent:
+    parent = parent.parent  # the directories below it are created when the file is written
+  if not parent.is_dir():
+    raise UserError(f"cannot write --out {out} ({parent} is not a directory).", fix)
+  try:
+    if parent == path.parent:
+      with tempfile.NamedTemporaryFile(dir=parent, prefix=f".{path.name}.", suffix=".probe"):
+        pass
+      if path.exists() and not os.access(path, os.W_OK):
+        raise PermissionError(13, "Permission denied")
+    elif not os.access(parent, os.W_OK | os.X_OK):
+      raise PermissionError(13, "Permission denied")
+  except OSError as e:
+    raise UserError(f"cannot write --out {out}: no file can be created in {parent} ({e.strerror or e}).",
+                    fix) from e
+
+
 def generate_from_workdir(workdir: str, *, num: int | None = None, steps: int | None = None,
                           prompt: str | None = None, infill: str | None = None, best_of: int | None = None,
                           show_steps: bool = False, sampler: str | None = None, temperature: float | None = None,
@@ -613,6 +642,8 @@ def generate_from_workdir(workdir: str, *, num: int | None = None, steps: int | 
 
   if prompt is not None and infill is not None:
     raise UserError("--prompt and --infill cannot be combined.", "use one of them.")
+  if out and jax.process_index() == 0:
+    check_out_file(out)  # before any work, not after the samples are made
   _check_sample_overrides(overrides)
   config = ckpt_lib.saved_config(workdir)
   flags = dict(num=num, best_of=best_of, seed=seed, score=score, sampler=sampler, steps=steps,
