@@ -65,6 +65,8 @@ def base_config() -> ml_collections.ConfigDict:
       time_sampling="stratified",  # stratified | antithetic | iid draws of u in [0, 1]
       skip_warmup_steps=5000,     # linear ramp of the skip term (method §4.5); 0 disables
       schedule_loss_weight=1.0,   # weight of the schedule-fitting regression
+      ce_weight=1.0,              # weight of the token cross-entropy (the paper's loss)
+      elbo_weight=0.0,            # weight of the importance-weighted ELBO integrand (0: off, the paper's recipe)
       mask_eps=1e-3,              # mdlm: mask rates t ~ U(mask_eps, 1) (MDLM's sampling_eps)
   ))
 
@@ -127,6 +129,9 @@ def base_config() -> ml_collections.ConfigDict:
       estimator="hutchinson_gaussian",  # hutchinson_gaussian | hutchinson_rademacher | exact
       probes=1,                   # Hutchinson probes per evaluation (variance falls as 1/probes)
       self_cond=True,             # the official self-conditioning pre-pass at every evaluation
+      mode="flow",                # flow (official default: ODE, divergence past the pre-pass) | sc_chain_rule
+                                  # (ODE, divergence through the pre-pass) | sde (Monte-Carlo ELBO)
+      mc_samples=128,             # sde mode: noise levels drawn per sequence (official n_monte_carlo)
       batch_size=128,
       num_batches=0,              # 0: the whole split
       split="heldout",
@@ -339,6 +344,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
 EVAL_SOLVERS = ("euler", "heun", "rk4", "adaptive")
 EVAL_ESTIMATORS = ("hutchinson_gaussian", "hutchinson_rademacher", "exact")
 EVAL_GRIDS = ("official", "gamma")
+EVAL_MODES = ("flow", "sc_chain_rule", "sde")
 STEP_GRIDS = ("official", "cdf", "gamma")
 SAMPLERS = ("euler", "heun", "stochastic", "multistep")
 UPDATE_DTYPES = ("auto", "float64", "float32")
@@ -361,6 +367,8 @@ def check_bound_settings(e: Any) -> None:
   _one_of(e.solver, EVAL_SOLVERS, "eval.solver")
   _one_of(e.estimator, EVAL_ESTIMATORS, "eval.estimator")
   _one_of(e.grid, EVAL_GRIDS, "eval.grid")
+  _one_of(e.mode, EVAL_MODES, "eval.mode")
+  _require(e.mc_samples > 0, f"eval.mc_samples={e.mc_samples} must be positive.", "use e.g. 128.")
   _require(e.steps > 0, f"eval.steps={e.steps} (ODE steps) must be positive.", "use e.g. --config.eval.steps=128.")
   _require(e.probes > 0, f"eval.probes={e.probes} (divergence probes) must be positive.",
            "use e.g. --config.eval.probes=1.")

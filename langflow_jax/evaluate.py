@@ -290,6 +290,11 @@ def protocol_card(config: ml_collections.ConfigDict, model: LangFlow, opts: lk.B
     steps = f"{opts.steps} ({totals.evals} evaluations per batch)"
   estimator = opts.estimator if opts.estimator == "exact" else \
       f"{opts.estimator} (forward-mode JVP), {opts.probes} probe(s) per evaluation"
+  mode = {"flow": "flow (official default): ODE bound, divergence past the self-conditioning pre-pass",
+          "sc_chain_rule": "sc_chain_rule: ODE bound, divergence through the self-conditioning pre-pass",
+          "sde": f"sde: Monte-Carlo ELBO, {opts.mc_samples} noise levels per sequence from the schedule"}[opts.mode]
+  if opts.mode == "sde":
+    solver = steps = estimator = "none (no ODE in sde mode)"
   return {
       "data": d.name,
       "split": split,
@@ -300,12 +305,14 @@ def protocol_card(config: ml_collections.ConfigDict, model: LangFlow, opts: lk.B
       "sequences": totals.sequences,
       "tokens": int(totals.tokens),
       "batches": f"{num_batches} x {e.batch_size} sequences",
+      "mode": mode,
       "solver": solver,
       "steps": steps,
       "grid": f"{opts.grid} (gamma {lo:.4f} -> {hi:.4f}; z_0 drawn at gamma_min)",
       "estimator": estimator,
-      "self_cond": "pre-pass at every evaluation, excluded from the divergence" if opts.self_cond
-                   and model.self_conditioning else "off",
+      "self_cond": ("off" if not (opts.self_cond and model.self_conditioning) else
+                    "pre-pass at every evaluation" + {"flow": ", excluded from the divergence",
+                                                      "sc_chain_rule": ", inside the divergence"}.get(opts.mode, "")),
       "weights": source["weights"],
       "checkpoint": source["checkpoint"],
       "dtype": f"model matmuls {config.model.compute_dtype}; likelihood float32",
@@ -438,6 +445,10 @@ def default_name(config: ml_collections.ConfigDict, split: str) -> str:
   e = config.eval
   data = "".join(c if c.isalnum() else "-" for c in config.data.name.split("/")[-1]).strip("-")[:40]
   run = f"adaptive-rtol{e.rtol:g}" if e.solver == "adaptive" else f"{e.solver}{e.steps}"
+  if e.get("mode", "flow") == "sde":
+    run = f"sde{e.mc_samples}"
+  elif e.get("mode", "flow") != "flow":
+    run += f"-{e.mode}"
   return f"{data}_{split}_{run}"
 
 

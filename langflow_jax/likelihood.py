@@ -97,6 +97,8 @@ class BoundOptions:
   estimator: str = "hutchinson_gaussian"
   probes: int = 1                  # Hutchinson probes per vector-field evaluation
   self_cond: bool = True           # the official evaluator's self-conditioning pre-pass
+  mode: str = "flow"               # flow | sc_chain_rule | sde (method §11)
+  mc_samples: int = 128            # sde: noise levels per sequence
   rtol: float = 1e-3               # adaptive solver tolerances
   atol: float = 1e-3
   max_steps: int = 4096            # adaptive solver step cap
@@ -188,11 +190,16 @@ def denoiser_and_divergence(model: LangFlow, z_BxLxD: Array, gamma_B: Array, mas
                             probes_PxBxLxD: Array | None, opts: BoundOptions) -> tuple[Array, Array]:
   """x_hat(z, gamma) (zero at padding) and its divergence estimate per sequence."""
   m = mask_BxL.astype(jnp.float32)[:, :, None]
-  x_sc = None
-  if opts.self_cond and model.self_conditioning:
-    # Recomputed at this (z, gamma) and held constant: excluded from the divergence.
-    x_sc = jax.lax.stop_gradient(model.denoise(model(z_BxLxD, gamma_B, None)))
-  f = lambda z: model.denoise(model(z, gamma_B, x_sc)) * m
+  use_sc = opts.self_cond and model.self_conditioning
+  if use_sc and opts.mode == "sc_chain_rule":
+    # The pre-pass is part of the field: the divergence runs through both passes.
+    f = lambda z: model.denoise(model(z, gamma_B, model.denoise(model(z, gamma_B, None)))) * m
+  else:
+    x_sc = None
+    if use_sc:
+      # Recomputed at this (z, gamma) and held constant: excluded from the divergence.
+      x_sc = jax.lax.stop_gradient(model.denoise(model(z_BxLxD, gamma_B, None)))
+    f = lambda z: model.denoise(model(z, gamma_B, x_sc)) * m
   if opts.estimator == "exact":
     return exact_divergence(f, z_BxLxD)
   return hutchinson_divergence(f, z_BxLxD, probes_PxBxLxD * m[None])
@@ -330,6 +337,8 @@ def nll_bound(model: LangFlow, ids_BxL: Array, mask_BxL: Array | None, key: Arra
   (a smooth field its step-size control can trust). ``s_N`` replaces the
   fixed grid (the adaptive solver uses its two ends).
   """
+  if opts.mode == "sde":
+    return sde_bound(model, ids_BxL, mask_BxL, key, opts, noise=eps_BxLxD, u=probes)
   ids_BxL = jnp.asarray(ids_BxL)
   b, l = ids_BxL.shape
   d = model.hidden_size
@@ -395,6 +404,65 @@ def nll_bound(model: LangFlow, ids_BxL: Array, mask_BxL: Array | None, key: Arra
   prior_B = 0.5 * jnp.sum(jnp.square(y_BxLxD) * m_BxL[:, :, None], axis=(1, 2)) - tokens_B * (d / 2)
   entropy_dev_B = 0.5 * jnp.sum(jnp.square(eps) * m_BxL[:, :, None], axis=(1, 2)) - tokens_B * (d / 2)
   return BoundTerms(reconst_B, flow_B, prior_B, tokens_B, entropy_dev_B), info
+
+
+def reconstruction_term(model: LangFlow, z0_BxLxD: Array, gamma0_B: Array, ids_BxL: Array, m_BxL: Array,
+                        self_cond: bool) -> Array:
+  """-sum_i log p(x_i | z_a, gamma_min) per sequence, with the self-conditioning pre-pass."""
+  x_sc = None
+  if self_cond and model.self_conditioning:
+    x_sc = jax.lax.stop_gradient(model.denoise(model(z0_BxLxD, gamma0_B, None)))
+  return jnp.sum(token_cross_entropy(model(z0_BxLxD, gamma0_B, x_sc), ids_BxL) * m_BxL, axis=-1)
+
+
+def sde_bound(model: LangFlow, ids_BxL: Array, mask_BxL: Array | None, key: Array, opts: BoundOptions, *,
+              noise: Array | None = None, u: Array | None = None) -> tuple[BoundTerms, SolveInfo]:
+  """The Monte-Carlo ELBO of the official ``eval.mode=sde`` (method §11), per sequence.
+
+  reconst: CE at gamma_min from z_0 = alpha_min E[x] + sigma_min n_0; flow (the
+  integral term): the mean over M noise levels gamma_k = icdf(u_k) of
+  sum_i 0.5 exp(-gamma_k - log pi(gamma_k)) ||x_hat_i - E[x_i]||^2; prior:
+  sum_i 0.5 exp(-gamma_max) ||E[x_i]||^2. ``noise`` [M+1, B, L, D] and ``u``
+  [M, B] replace the draws (parity tests). The draws are scanned, one network
+  evaluation (two with self-conditioning) each, so memory stays one pass's.
+  """
+  ids_BxL = jnp.asarray(ids_BxL)
+  b, l = ids_BxL.shape
+  d, num = model.hidden_size, opts.mc_samples
+  mask_BxL = jnp.ones((b, l), bool) if mask_BxL is None else jnp.asarray(mask_BxL)
+  m_BxL = mask_BxL.astype(jnp.float32)
+  k_noise, k_u = jax.random.split(key)
+  if noise is None:
+    noise = jax.random.normal(k_noise, (num + 1, b, l, d), jnp.float32)
+  if u is None:
+    u = jax.random.uniform(k_u, (num, b), jnp.float32)
+  noise, u = jnp.asarray(noise, jnp.float32)[: num + 1], jnp.asarray(u, jnp.float32)[:num]
+  gamma_min, gamma_max = model.schedule.endpoints()
+  e_BxLxD = model.embed(ids_BxL)
+  gamma0_B = jnp.full((b,), gamma_min, jnp.float32)
+  reconst_B = reconstruction_term(model, diffusion.add_noise(e_BxLxD, gamma0_B, noise[0]), gamma0_B, ids_BxL,
+                                  m_BxL, opts.self_cond)
+  use_sc = opts.self_cond and model.self_conditioning
+
+  def draw(total_B, xs):
+    n_BxLxD, u_B = xs
+    gamma_B = model.schedule.gamma(u_B)
+    z = diffusion.add_noise(e_BxLxD, gamma_B, n_BxLxD)
+    x_sc = model.denoise(model(z, gamma_B, None)) if use_sc else None
+    x_hat = model.denoise(model(z, gamma_B, x_sc))
+    sq_B = jnp.sum(jnp.sum(jnp.square(x_hat - e_BxLxD), axis=-1) * m_BxL, axis=-1)
+    w_B = 0.5 * jnp.exp(-gamma_B - model.schedule.log_density(gamma_B))
+    return total_B + w_B * sq_B, gamma_B
+
+  int_B, gamma_MxB = jax.lax.scan(draw, jnp.zeros((b,), jnp.float32), (noise[1:], u))
+  flow_B = int_B / num
+  prior_B = 0.5 * jnp.exp(-gamma_max) * jnp.sum(jnp.sum(jnp.square(e_BxLxD), -1) * m_BxL, axis=-1)
+  tokens_B = jnp.sum(m_BxL, axis=-1)
+  # No sampled entropy of q(z_a | x) enters this estimate: nothing to subtract.
+  terms = BoundTerms(reconst_B, flow_B, prior_B, tokens_B, jnp.zeros_like(tokens_B))
+  info = SolveInfo(gamma_C=jnp.mean(gamma_MxB, axis=1), div_CxB=jnp.zeros((num, b)), num_evals=jnp.asarray(num),
+                   num_steps=jnp.asarray(num), ok=jnp.asarray(True))
+  return terms, info
 
 
 def _bound(graphdef, opts, state, ids, mask, key, eps, probes, s_N):

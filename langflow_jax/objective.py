@@ -47,6 +47,9 @@ class LossTerms:
   schedule_fit_sum: Array   # squared error of the entropy-curve fit, summed over sequences
   num_seqs: Array           # sequences with at least one valid token
   self_cond_seqs: Array     # sequences trained with a self-conditioning input
+  # LangFlow: importance-weighted ELBO integrand 0.5 exp(-gamma - log pi(gamma)) ||x_hat - E[x]||^2,
+  # summed over valid tokens (nats; an unbiased estimate of the bound's diffusion part)
+  elbo_sum: Array = 0.0
 
 
 @flax.struct.dataclass
@@ -129,10 +132,29 @@ def langflow_objective(model: LangFlow, ids_BxL: Array, mask_BxL: Array, key: Ar
   ce_per_token_B = jnp.sum(ce_BxL, axis=-1) / jnp.maximum(tokens_B, 1.0)
   has_tokens_B = (tokens_B > 0).astype(jnp.float32)
   fit_B = model.schedule.fit_loss(gamma_B, ce_per_token_B) * has_tokens_B
-  return _output(ce_BxL, tokens_B, fit_B, sc_B, gamma_B)
+  elbo_B = jnp.zeros_like(gamma_B)
+  if cfg.elbo_weight > 0:
+    elbo_B = elbo_integrand(model, logits, e_BxLxD, gamma_B, mask)
+  return _output(ce_BxL, tokens_B, fit_B, sc_B, gamma_B, elbo_B)
 
 
-def _output(ce_BxL: Array, tokens_B: Array, fit_B: Array, sc_B: Array, gamma_B: Array) -> ObjectiveOutput:
+def elbo_integrand(model: LangFlow, logits_BxLxV: Array, e_BxLxD: Array, gamma_B: Array,
+                   mask_BxL: Array) -> Array:
+  """Per sequence: 0.5 exp(-gamma - log pi(gamma)) sum_i ||x_hat_i - E[x_i]||^2 (method §11, sde).
+
+  With gamma drawn from the schedule pi this is an unbiased estimate of the
+  bound's diffusion part (the continuous-time ELBO in log-SNR); its gradient
+  reaches the network through x_hat and the embeddings through both x_hat and
+  E[x]. The importance weight is a constant (no gradient into the schedule).
+  """
+  x_hat = model.denoise(logits_BxLxV)
+  sq_B = jnp.sum(jnp.sum(jnp.square(x_hat - e_BxLxD), axis=-1) * mask_BxL, axis=-1)
+  log_w_B = -gamma_B - model.schedule.log_density(gamma_B)
+  return 0.5 * jnp.exp(jax.lax.stop_gradient(log_w_B)) * sq_B
+
+
+def _output(ce_BxL: Array, tokens_B: Array, fit_B: Array, sc_B: Array, gamma_B: Array,
+            elbo_B: Array | None = None) -> ObjectiveOutput:
   """Summed terms from masked per-token CE and per-sequence extras."""
   has_tokens_B = (tokens_B > 0).astype(jnp.float32)
   terms = LossTerms(
@@ -141,6 +163,7 @@ def _output(ce_BxL: Array, tokens_B: Array, fit_B: Array, sc_B: Array, gamma_B: 
       schedule_fit_sum=jnp.sum(fit_B),
       num_seqs=jnp.sum(has_tokens_B),
       self_cond_seqs=jnp.sum(sc_B.astype(jnp.float32) * has_tokens_B),
+      elbo_sum=jnp.zeros((), jnp.float32) if elbo_B is None else jnp.sum(elbo_B * has_tokens_B),
   )
   ce_per_token_B = jnp.sum(ce_BxL, axis=-1) / jnp.maximum(tokens_B, 1.0)
   return ObjectiveOutput(terms=terms, gamma_B=gamma_B, ce_per_token_B=ce_per_token_B)
@@ -195,7 +218,10 @@ def total_loss(terms: LossTerms, cfg: ml_collections.ConfigDict, num_tokens: Arr
   """
   ce = terms.ce_sum / jnp.maximum(num_tokens, 1.0)
   fit = terms.schedule_fit_sum / jnp.maximum(num_seqs, 1.0)
-  return ce + cfg.schedule_loss_weight * fit
+  loss = cfg.ce_weight * ce + cfg.schedule_loss_weight * fit
+  if cfg.elbo_weight > 0:
+    loss = loss + cfg.elbo_weight * terms.elbo_sum / jnp.maximum(num_tokens, 1.0)
+  return loss
 
 
 OBJECTIVES: dict[str, Callable[..., ObjectiveOutput]] = {
@@ -235,6 +261,7 @@ def metrics_from_terms(terms: LossTerms, schedule_loss_weight: float) -> dict[st
   ce = float(terms.ce_sum) / max(float(terms.num_tokens), 1.0)
   fit = float(terms.schedule_fit_sum) / max(float(terms.num_seqs), 1.0)
   return {"ce": ce, "schedule_fit": fit, "loss": ce + schedule_loss_weight * fit,
+          "elbo_integrand": float(terms.elbo_sum) / max(float(terms.num_tokens), 1.0),
           "self_cond_frac": float(terms.self_cond_seqs) / max(float(terms.num_seqs), 1.0)}
 
 
@@ -244,4 +271,4 @@ def add_terms(a: LossTerms, b: LossTerms) -> LossTerms:
 
 def zero_terms() -> LossTerms:
   z = jnp.zeros((), jnp.float32)
-  return LossTerms(z, z, z, z, z)
+  return LossTerms(z, z, z, z, z, z)

@@ -68,6 +68,17 @@ def reference(fixture_dir):
     return {k: f[k] for k in f.files}
 
 
+@pytest.fixture(scope="session")
+def reference_modes(fixture_dir):
+  """The official eval modes (sc_chain_rule, sde) on the fixture, commit 3399494."""
+  import numpy as np
+
+  if not (fixture_dir / "ref_modes.npz").is_file():
+    pytest.fail(f"the parity fixture {fixture_dir} lacks ref_modes.npz (the official sc_chain_rule/sde outputs)")
+  with np.load(fixture_dir / "ref_modes.npz") as f:
+    return {k: f[k] for k in f.files}
+
+
 def small_config(**model):
   """A few-hundred-thousand-parameter config on a small corpus file (tests only)."""
   from langflow_jax.config import base_config

@@ -50,6 +50,38 @@ def test_matches_official_nll(official, reference, solver, tag):
   np.testing.assert_allclose(np.asarray(s_grid), reference["nll_s_grid"], rtol=1e-6)
 
 
+@pytest.mark.parametrize("solver, tag", [("euler", "euler"), ("heun", "heun2")])
+def test_matches_official_sc_chain_rule(official, reference, reference_modes, solver, tag):
+  """eval.mode=sc_chain_rule: the divergence also runs through the self-conditioning pre-pass."""
+  n = int(reference["nll_n_steps"])
+  opts = lk.BoundOptions(solver=solver, steps=n, mode="sc_chain_rule")
+  terms, info = lk.make_bound_fn(official, opts)(reference["nll_ids"], None, jax.random.PRNGKey(0),
+                                                 eps=reference["nll_eps"], probes=reference["nll_probes"])
+  ref = lambda k: reference_modes[f"sc_{tag}_{k}"]
+  for name, ours, tol in (("reconst", terms.reconst_B, 1e-3), ("int", terms.flow_B, 1e-3),
+                          ("prior", terms.prior_B, 1e-2), ("total", terms.total_B, 1e-2)):
+    np.testing.assert_allclose(np.asarray(ours), ref(name), atol=tol, rtol=0, err_msg=name)
+  div_err = np.max(np.abs(np.asarray(info.div_CxB) - ref("call_div"))) / np.max(np.abs(ref("call_div")))
+  assert div_err <= 1e-5
+  # the chain rule changes the divergence: the flow mode's differs
+  assert np.max(np.abs(ref("call_div") - reference[f"nll_{tag}_call_div"])) > 1e-3 * np.max(np.abs(ref("call_div")))
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_matches_official_sde(official, reference_modes, masked):
+  """eval.mode=sde: the Monte-Carlo ELBO with the official draws fed in."""
+  r = reference_modes
+  prefix = "sde_masked" if masked else "sde"
+  opts = lk.BoundOptions(mode="sde", mc_samples=int(r["sde_m"]))
+  mask = (r["sde_mask"] > 0) if masked else None
+  terms, info = lk.make_bound_fn(official, opts)(r["sde_ids"], mask, jax.random.PRNGKey(0), eps=r["sde_noise"],
+                                                 probes=r["sde_u"])
+  for name, ours, tol in (("reconst", terms.reconst_B, 1e-3), ("int", terms.flow_B, 1e-3),
+                          ("prior", terms.prior_B, 1e-2), ("total", terms.total_B, 1e-2)):
+    np.testing.assert_allclose(np.asarray(ours), r[f"{prefix}_{name}"], atol=tol, rtol=0, err_msg=name)
+  np.testing.assert_allclose(np.asarray(info.gamma_C), r["sde_gamma"].mean(axis=1), rtol=1e-5)
+
+
 def test_matches_official_z0_at_gamma_min_not_grid_start(official, reference):
   """The ODE starts at the icdf value while z_0 is drawn at gamma_min (method §5.2)."""
   _, info = _official_run(official, reference, "euler")
