@@ -16,7 +16,8 @@ Every subcommand is a thin wrapper around an importable function. Mistakes a
 user can make (and a full disk, missing permissions or device memory) end with
 one line on stderr naming the problem and the fix, and exit status 2;
 ``--debug`` shows the traceback instead. Other exceptions are bugs and keep
-their traceback.
+their traceback. ``train`` stopped by SIGTERM (Ctrl-C) exits 143 (130) once its
+checkpoint is saved, so that a scheduler can tell it from a finished run (0).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from typing import Callable, Sequence
 
@@ -58,13 +60,62 @@ def _setup_logging(debug: bool) -> None:
   # reported line is shown.
   for name in ("jax", "orbax"):
     logging.getLogger(name).setLevel(logging.DEBUG if debug else logging.WARNING)
-  logging.getLogger("absl").setLevel(logging.DEBUG if debug else logging.CRITICAL)
   try:
     from absl import logging as absl_logging
 
     absl_logging.set_verbosity(absl_logging.DEBUG if debug else absl_logging.WARNING)
   except ImportError:
     pass
+  # After set_verbosity, which sets the absl logger's level itself. Orbax also
+  # logs each unreadable metadata file of a damaged checkpoint at ERROR (with
+  # the file's bytes); our own warning names the step instead.
+  logging.getLogger("absl").setLevel(logging.DEBUG if debug else logging.CRITICAL)
+  # The CLI runs no asyncio code of its own; Orbax's and TensorStore's reads do.
+  logging.getLogger("asyncio").setLevel(logging.DEBUG if debug else logging.CRITICAL)
+  sys.unraisablehook = sys.__unraisablehook__ if debug else _quiet_unraisable
+
+
+def _orbax_noise(unraisable) -> bool:
+  """An exception Python could not raise anywhere that comes from a checkpoint read that
+  was abandoned: a damaged step fails one array read, and the reads of the other arrays
+  finish after Orbax closed their event loop (``RuntimeError: Event loop is closed``) or
+  are garbage-collected with their own error (``Exception ignored in: <coroutine ...>``)."""
+  exc = unraisable.exc_value
+  if isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc):
+    return True
+  code = getattr(unraisable.object, "cr_code", None)
+  return code is not None and any(part in code.co_filename for part in ("orbax", "tensorstore"))
+
+
+def _quiet_unraisable(unraisable) -> None:
+  """``sys.unraisablehook`` without ``--debug``: the leftovers of an abandoned checkpoint
+  read (dozens of tracebacks per damaged step) are dropped; the one warning or error
+  about the step is what the user sees. Everything else is printed as usual."""
+  if _orbax_noise(unraisable):
+    logging.getLogger(__name__).debug("ignored after an abandoned checkpoint read: %r", unraisable.exc_value)
+    return
+  sys.__unraisablehook__(unraisable)
+
+
+# Arguments that are text to tokenize (file paths may be any bytes; these must be UTF-8).
+TEXT_ARGUMENTS = ("prompt", "infill")
+
+
+def _check_text_arguments(args) -> None:
+  """Python decodes a command line that is not UTF-8 into lone surrogates; say so at once."""
+  for name in TEXT_ARGUMENTS:
+    value = getattr(args, name, None)
+    if not isinstance(value, str):
+      continue
+    try:
+      value.encode("utf-8")
+    except UnicodeEncodeError as e:
+      bad = ord(value[e.start])
+      byte = f"byte 0x{bad - 0xDC00:02x}" if 0xDC80 <= bad <= 0xDCFF else f"character U+{bad:04X}"
+      offset = len(value[:e.start].encode("utf-8", "surrogateescape"))
+      raise UserError(f"--{name} is not valid UTF-8 text ({byte} at byte {offset}).",
+                      "pass UTF-8 text: convert it (e.g. `iconv -f latin1 -t utf-8`) or use a UTF-8 "
+                      "terminal locale (e.g. LANG=C.UTF-8).") from e
 
 
 def _config_from_args(args, overrides):
@@ -82,7 +133,13 @@ def cmd_train(args, overrides) -> int:
   config = _config_from_args(args, overrides)
   summary = train.train_and_evaluate(config, args.workdir)
   print(json.dumps({k: v for k, v in summary.items() if k != "plots"}, indent=2, default=str))
-  return 0
+  return preempted_exit_status(summary.get("preempted"))
+
+
+def preempted_exit_status(preempted: str | None) -> int:
+  """0 for a finished run; 128 + the signal number (143 for SIGTERM, 130 for Ctrl-C) for
+  one that saved a checkpoint and stopped early, so that a scheduler can tell them apart."""
+  return 128 + int(getattr(signal, preempted)) if preempted else 0
 
 
 def cmd_config(args, overrides) -> int:
@@ -295,6 +352,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   debug = bool(getattr(args, "debug", False)) or os.environ.get("LANGFLOW_JAX_DEBUG") == "1"
   _setup_logging(debug)
   try:
+    _check_text_arguments(args)
     overrides = _split_overrides(extra)
     return args.func(args, overrides)
   except UserError as e:

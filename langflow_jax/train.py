@@ -16,11 +16,14 @@ bit for bit, and a resumed run continues exactly.
 from __future__ import annotations
 
 import dataclasses
+import errno
+import fcntl
 import logging
 import math
 import os
 import pathlib
 import signal
+import socket
 import sys
 import time
 from typing import Any, Callable
@@ -346,6 +349,69 @@ class _Preemption:
       signal.signal(sig, previous)
 
 
+def _check_workdir_writable(workdir: pathlib.Path) -> None:
+  """Creates nothing: the workdir, or the nearest directory above it that exists, must be
+  a directory this process may create files in (the full check follows in _check_workdir)."""
+  existing = workdir.absolute()
+  while not existing.exists() and existing != existing.parent:
+    existing = existing.parent
+  if not existing.is_dir():
+    reason = os.strerror(errno.ENOTDIR)
+  elif not os.access(existing, os.W_OK | os.X_OK):
+    reason = os.strerror(errno.EACCES)
+  else:
+    return
+  raise UserError(f"cannot write to workdir {workdir} ({reason}).",
+                  "choose a writable --workdir (a directory you may create files in, on a disk with space).")
+
+
+LOCK_FILE = ".lock"  # in the workdir: flock-ed by the training process, holding "<pid> <host>"
+
+
+class _RunLock:
+  """One training process per run directory: ``flock`` on ``WORKDIR/.lock``.
+
+  A second ``train`` on the same workdir stops with one line naming the pid that holds
+  it. The kernel releases the lock when its process ends, however it ends (kill -9
+  included), so a lock file left behind by a killed run never blocks the next one.
+  Process 0 of a multi-host run takes it for all of them.
+  """
+
+  def __init__(self, workdir: pathlib.Path):
+    self.path = workdir / LOCK_FILE
+    self._fd: int | None = None
+
+  def __enter__(self) -> "_RunLock":
+    if jax.process_index() != 0:
+      return self
+    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      holder = os.pread(fd, 256, 0).decode(errors="replace").split()
+      os.close(fd)
+      who = f"pid {holder[0]}" + (f" on {holder[1]}" if len(holder) > 1 else "") if holder else "another process"
+      kill = f" (kill {holder[0]})" if holder else ""
+      raise UserError(
+          f"another training process ({who}) is already using workdir {self.path.parent}.",
+          f"wait for it to finish or stop it{kill}, or train in another --workdir; two runs in one "
+          "directory would write every checkpoint and metrics line twice.") from None
+    except OSError as e:  # a file system without locks (some network disks)
+      os.close(fd)
+      log.warning("cannot lock %s (%s); make sure no other run trains in this workdir", self.path, e.strerror)
+      return self
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+    self._fd = fd
+    return self
+
+  def __exit__(self, *exc) -> None:
+    if self._fd is not None:
+      os.ftruncate(self._fd, 0)
+      os.close(self._fd)  # releases the flock
+      self._fd = None
+
+
 def _check_workdir(workdir: pathlib.Path) -> None:
   try:
     workdir.mkdir(parents=True, exist_ok=True)
@@ -413,18 +479,34 @@ def _start_state(config, workdir, checkpointer, state, state_shardings, tokenize
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
   """Trains ``config`` in ``workdir``, resuming from its newest checkpoint.
 
-  Returns a summary: final step, last train and eval metrics, timings.
+  The config, mesh, model shapes and data are checked before the workdir is
+  created; the workdir is then locked (``.lock``) for the whole run, so a
+  second process on it stops with a clear error. Returns a summary: final
+  step, last train and eval metrics, timings (and ``preempted``: the signal's
+  name, when SIGTERM or Ctrl-C stopped the run after a checkpoint).
   """
+  # Everything that can be checked is checked before the workdir is created or locked, so
+  # that a run that does not start leaves nothing behind.
   config_lib.validate(config)
   workdir = pathlib.Path(workdir).expanduser()
-  _check_workdir(workdir)
+  _check_workdir_writable(workdir)
   mesh = parallel.make_mesh(config.mesh)
   parallel.check_batch(config.train.batch_size, mesh, grad_accum=config.train.grad_accum)
+  nnx.eval_shape(lambda: create_model(config, seed=config.train.seed))  # head widths, schedule: no arrays
+  if config.train.restore_from and not ckpt_lib.checkpoint_dir(workdir).is_dir():
+    ckpt_lib.locate(config.train.restore_from)  # a missing start run, before anything is created
   tokenizer = load_tokenizer(config.data.tokenizer)
   check_data_matches_model(config, tokenizer)
   train_split = pipeline.load_split(config.data, "train", tokenizer)
   heldout_split = pipeline.load_split(config.data, "heldout", tokenizer)
+  _check_workdir(workdir)
+  with _RunLock(workdir):
+    return _train(config, workdir, mesh, tokenizer, train_split, heldout_split)
 
+
+def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh: jax.sharding.Mesh, tokenizer,
+           train_split: pipeline.PackedSplit, heldout_split: pipeline.PackedSplit) -> dict[str, Any]:
+  """The run itself, in a created and locked workdir (see :func:`train_and_evaluate`)."""
   tx = make_optimizer(config.optimizer, config.train.steps)
   parts, state, state_shardings = init_train_state(config, mesh, tx)
   checkpointer = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(workdir), keep=config.train.keep_checkpoints,

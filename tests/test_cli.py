@@ -78,6 +78,8 @@ TEXT = b"\n\n".join(b"the state of the union is strong and the people are free %
     (TEXT, ["--config.schedule.name=gumbal"], "unknown schedule 'gumbal'"),
     (TEXT, ["--config.mesh.data=3"], "needs 3 devices, but 1 are available"),  # mesh vs devices
     (TEXT, ["--config.train.keep_checkpoints=0"], "train.keep_checkpoints=0 must be positive"),
+    (TEXT, ["--config.sample.steps=20000"], "sample.steps=20000 is above the maximum of 16384"),
+    (TEXT, ["--config.model.n_heads=3"], "must split into model.n_heads=3 heads"),
 ])
 def test_errors_table_rows(tmp_path, capsys, content, extra, message):
   corpus = corpus_file(tmp_path, content)
@@ -85,6 +87,8 @@ def test_errors_table_rows(tmp_path, capsys, content, extra, message):
                    f"--config.data.name=file:{corpus}", *extra])
   err = [l for l in capsys.readouterr().err.splitlines() if l.startswith("langflow-jax: error:")]
   assert code == 2 and len(err) == 1 and message in err[0] and " Fix: " in err[0], err
+  # a run that does not start leaves nothing behind: the workdir is created after the checks
+  assert not (tmp_path / "run").exists()
 
 
 def test_unwritable_workdir(tmp_path, capsys):
@@ -199,11 +203,84 @@ def saved_run(tmp_path_factory):
     (["sample", "--prompt", ""], "the prompt is empty"),
     (["sample", "--prompt", "  "], "the prompt is empty"),
     (["sample", "--prompt", "word " * 50], "tokens long, but a sample has only 32 positions"),
+    (["sample", "--prompt", "\udcff\udcfe abc"], "--prompt is not valid UTF-8 text (byte 0xff at byte 0)"),
+    (["sample", "--infill", "caf\udce9 ___"], "--infill is not valid UTF-8 text (byte 0xe9 at byte 3)"),
+    (["sample", "--steps", "10000000"], "sample.steps=10000000 is above the maximum of 16384"),
+    (["sample", "--out", "/proc/x.json"], "cannot write --out /proc/x.json: no file can be created in /proc"),
+    (["sample", "--out", "/"], "--out / is a directory"),
 ])
 def test_eval_and_sample_errors_table_rows(saved_run, capsys, args, message):
   code = cli.main([args[0], "--workdir", str(saved_run / "run"), *args[1:]])
-  err = [l for l in capsys.readouterr().err.splitlines() if l.startswith("langflow-jax: error:")]
+  captured = capsys.readouterr()
+  err = [l for l in captured.err.splitlines() if l.startswith("langflow-jax: error:")]
   assert code == 2 and len(err) == 1 and message in err[0] and " Fix: " in err[0], err
+  assert "[sample]" not in captured.out  # refused before any sampling
+
+
+def test_prompt_not_utf8_on_the_command_line_is_one_line():
+  """The bytes as a shell passes them ($'\\xff\\xfe abc'), refused before anything loads."""
+  proc = subprocess.run([sys.executable, "-m", "langflow_jax.cli", "sample", "--workdir", "/nonexistent",
+                         "--prompt", b"\xff\xfe abc"], capture_output=True, text=True, timeout=120,
+                        env={**os.environ, "PYTHONPATH": str(ROOT), "LC_ALL": "C.UTF-8"})
+  err = proc.stderr.strip().splitlines()
+  assert proc.returncode == 2 and len(err) == 1, proc.stderr
+  assert "--prompt is not valid UTF-8 text (byte 0xff at byte 0)" in err[0] and "Fix: " in err[0]
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"a": 1}', "the top level has no key 'meta' (its keys: 'a')"),
+    ("[1, 2]", "the top level is a list, not an object with the key 'meta'"),
+    ('{"meta": {}, "samples": []}', "meta has no key 'config' (it is empty)"),
+    ('{"meta": {"config": "{}"}, "samples": [{"text": "x"}]}', "samples[0] has no key 'ids'"),
+    ("not json", "is not JSON"),
+])
+def test_genppl_on_a_file_that_is_not_a_sample_file(tmp_path, capsys, content, message):
+  path = tmp_path / "s.json"
+  path.write_text(content)
+  code = cli.main(["genppl", "--samples", str(path)])
+  err = capsys.readouterr().err.strip().splitlines()
+  assert code == 2 and len(err) == 1 and message in err[0], err
+  assert 'expected the JSON that `langflow-jax sample --out FILE` writes: {"meta": {"config": ...}' in err[0]
+  assert " Fix: " in err[0]
+
+
+def test_leftovers_of_an_abandoned_checkpoint_read_are_not_printed(capsys):
+  """A damaged step fails one array read; the others end after Orbax closed their event loop
+  and reach sys.unraisablehook (dozens of tracebacks). Without --debug they are dropped."""
+  import gc
+  import types
+
+  class RaisesInDel:
+    def __init__(self, exc):
+      self.exc = exc
+
+    def __del__(self):
+      raise self.exc
+
+  @types.coroutine
+  def pause():
+    yield
+
+  async def read_array():  # an Orbax read, closed while pending: it raises its own error
+    try:
+      await pause()
+    finally:
+      raise Exception("Encountered error while reading array index")
+
+  previous = sys.unraisablehook
+  cli._setup_logging(False)
+  try:
+    RaisesInDel(RuntimeError("Event loop is closed"))  # unraisable as soon as it is dropped
+    coro = types.FunctionType(read_array.__code__.replace(co_filename="/site-packages/orbax/serialization.py"),
+                              globals(), None, None, read_array.__closure__)()
+    coro.send(None)
+    del coro
+    gc.collect()
+    assert capsys.readouterr().err == ""
+    RaisesInDel(ValueError("ours"))
+    assert "ValueError: ours" in capsys.readouterr().err  # anything else is printed as before
+  finally:
+    sys.unraisablehook = previous
 
 
 @pytest.mark.parametrize("command", ["eval", "sample"])

@@ -1,9 +1,14 @@
+import os
+import signal
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from langflow_jax import parallel, reporting, train
-from tests.conftest import small_config
+from langflow_jax import cli, parallel, reporting, train
+from tests.conftest import ROOT, small_config
 
 
 def test_overfits_one_fixed_batch():
@@ -77,6 +82,34 @@ def test_same_seed_same_losses_bit_for_bit(tmp_path):
   strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time/") and "per_s" not in k} for r in rows]
   assert strip(a) == strip(b)
   assert any("train/ce" in r for r in a) and any("eval/ce" in r for r in a)
+
+
+HOLD_LOCK = ("import pathlib, sys, time\nfrom langflow_jax import train\n"
+             "train._RunLock(pathlib.Path(sys.argv[1])).__enter__()\nprint('locked', flush=True)\ntime.sleep(600)\n")
+
+
+def test_one_training_process_per_workdir_and_a_killed_holder_frees_it(tmp_path, capsys):
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(workdir)], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+  try:
+    assert holder.stdout.readline().strip() == "locked"
+    code = cli.main(["train", "--config", "tiny", "--workdir", str(workdir), "--config.model.hidden_size=32",
+                     "--config.model.cond_dim=16", "--config.model.n_blocks=1", "--config.model.n_heads=2",
+                     "--config.data.seq_len=32", "--config.train.batch_size=4", "--config.train.steps=2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert f"another training process (pid {holder.pid} on " in err[0] and f"kill {holder.pid}" in err[0], err
+    assert not (workdir / "checkpoints").exists() and not (workdir / "metrics.jsonl").exists()
+  finally:
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+  # the kernel released the dead holder's lock; its pid is still in the file, and does not matter
+  assert (workdir / train.LOCK_FILE).read_text().split()[0] == str(holder.pid)
+  with train._RunLock(workdir):
+    assert (workdir / train.LOCK_FILE).read_text().split()[0] == str(os.getpid())
+  assert (workdir / train.LOCK_FILE).read_text() == ""  # released at the end of a run
 
 
 def test_training_keys_never_repeat_parameter_init_keys():
