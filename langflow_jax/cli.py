@@ -262,6 +262,8 @@ def cmd_eval(args, overrides) -> int:
   from langflow_jax import evaluate, parallel
 
   parallel.maybe_initialize_distributed()
+  if args.mode is not None:
+    overrides = [*overrides, f"config.eval.mode={args.mode}"]
   result = evaluate.evaluate_workdir(args.workdir, overrides, checkpoint=args.checkpoint, data=args.data,
                                      split=args.split, name=args.name, plot=args.plot, progress=True)
   print(result.report())
@@ -338,6 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
       p.add_argument("--split", default=None, help="train | heldout | all (default eval.split; all with --data)")
       p.add_argument("--name", default=None, help="name of the JSON/PNG written under eval/")
       p.add_argument("--plot", action="store_true", help="also write the bound-vs-steps and integrand PNG")
+      p.add_argument("--mode", default=None, choices=("flow", "sc_chain_rule", "sde"),
+                     help="official eval mode (default eval.mode = flow): flow | sc_chain_rule | sde")
     if name == "aot":
       p.add_argument("--devices", type=int, required=True, help="number of devices of the target mesh")
       p.add_argument("--memory-gb", type=float, default=None, help="memory per device, to say whether it fits")

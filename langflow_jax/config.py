@@ -67,6 +67,8 @@ def base_config() -> ml_collections.ConfigDict:
       schedule_loss_weight=1.0,   # weight of the schedule-fitting regression
       ce_weight=1.0,              # weight of the token cross-entropy (the paper's loss)
       elbo_weight=0.0,            # weight of the importance-weighted ELBO integrand (0: off, the paper's recipe)
+      output_bias_init="zeros",   # zeros (official init) | unigram: the head's bias starts at the log unigram
+                                  # frequencies of the training split (a fresh run only; every method)
       mask_eps=1e-3,              # mdlm: mask rates t ~ U(mask_eps, 1) (MDLM's sampling_eps)
   ))
 
@@ -132,6 +134,7 @@ def base_config() -> ml_collections.ConfigDict:
       mode="flow",                # flow (official default: ODE, divergence past the pre-pass) | sc_chain_rule
                                   # (ODE, divergence through the pre-pass) | sde (Monte-Carlo ELBO)
       mc_samples=128,             # sde mode: noise levels drawn per sequence (official n_monte_carlo)
+      reference=True,             # also bound the context-free reference (same rows, eps and probes)
       batch_size=128,
       num_batches=0,              # 0: the whole split
       split="heldout",
@@ -323,6 +326,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(config.objective.time_sampling in ("stratified", "antithetic", "iid"),
            f"objective.time_sampling='{config.objective.time_sampling}' is unknown.",
            "use stratified, antithetic or iid.")
+  _require(config.objective.output_bias_init in ("zeros", "unigram"),
+           f"objective.output_bias_init='{config.objective.output_bias_init}' is unknown.", "use zeros or unigram.")
   _require(0.0 <= config.objective.mask_eps < 1.0,
            f"objective.mask_eps={config.objective.mask_eps} must lie in [0, 1).", "use MDLM's 1e-3.")
   _require(o.lr > 0, f"optimizer.lr={o.lr} must be positive.", "use e.g. 3e-4.")

@@ -39,6 +39,7 @@ from langflow_jax import checkpoint as ckpt_lib
 from langflow_jax import config as config_lib
 from langflow_jax import convert, diffusion, parallel, train
 from langflow_jax import likelihood as lk
+from langflow_jax import oracles
 from langflow_jax import reporting
 from langflow_jax.data import pipeline
 from langflow_jax.data.tokenizer import load_tokenizer
@@ -63,6 +64,10 @@ class EvalResult:
   integrand: dict[str, list[float]] | None = None  # gamma -> d(flow)/d(gamma), nats/token
   nats_per_token_vr: float = math.nan  # the variance-reduced estimate (same expectation)
   stderr_vr: float = math.nan
+  # The context-free reference on the same rows, eps and probes: its bound
+  # ("ode", variance-reduced), its exact value ("analytic", the unigram NLL)
+  # and their difference ("solver_bias", the integration error this protocol makes on it).
+  reference: dict[str, float] | None = None
   sweep: list[dict[str, float]] | None = None      # the bound and terms for several step counts
   files: list[str] = dataclasses.field(default_factory=list)
 
@@ -80,6 +85,7 @@ class EvalResult:
         "nats_per_token_stderr": self.stderr,
         "nats_per_token_vr": self.nats_per_token_vr,
         "nats_per_token_vr_stderr": self.stderr_vr,
+        "context_free_reference": self.reference,
         "bits_per_token": self.bits_per_token,
         "perplexity": self.perplexity,
         "terms_nats_per_token": self.terms,
@@ -100,6 +106,12 @@ class EvalResult:
         "and probes)",
         f"  variance-reduced {self.nats_per_token_vr:7.4f} +- {self.stderr_vr:.4f} nats/token  (sampled entropy of "
         "q(z_a|x) in place of its mean; same expectation)",
+        *([f"  context-free     {self.reference['ode']:7.4f} nats/token  (the same protocol on a denoiser that "
+           f"ignores context: skip term + unigram prior; exactly {self.reference['analytic']:.4f}, so the solver's "
+           f"bias here is {self.reference['solver_bias']:+.4f})",
+           f"  learned from context {self.reference['ode'] - self.nats_per_token_vr:+.4f} nats/token "
+           "(context-free reference minus the variance-reduced bound)"]
+          if self.reference else []),
         f"  reconstruction {self.terms['reconst']:9.4f} nats/token  (cross-entropy at gamma_min)",
         f"  flow           {self.terms['flow']:9.4f} nats/token  (divergence integral along the ODE)",
         f"  prior          {self.terms['prior']:9.4f} nats/token  (Gaussian prior at the noisy end)",
@@ -171,6 +183,26 @@ class _Totals:
       return None
     values = lk.flow_integrand(self.gamma_C, self.div_sum_C, self.tokens)
     return {"gamma": self.gamma_C.tolist(), "flow_nats_per_token_per_gamma": np.asarray(values).tolist()}
+
+
+def context_free_reference(model: LangFlow, data: pipeline.PackedSplit, opts: lk.BoundOptions,
+                           config: ml_collections.ConfigDict, num_batches: int,
+                           mesh: jax.sharding.Mesh | None = None) -> dict[str, float]:
+  """The bound of ``oracles.ContextFreeDenoiser`` (the model's embeddings and schedule, the
+  training split's unigram prior) on the same rows with the same seed, and its exact value."""
+  e = config.eval
+  prior = pipeline.unigram_log_prior(pipeline.load_split(config.data, "train"), config.model.vocab_size)
+  oracle = oracles.ContextFreeDenoiser(model.embedding_matrix(), model.schedule, prior)
+  # No self-conditioning, so flow and sc_chain_rule coincide; sde keeps its own estimate.
+  ref_opts = dataclasses.replace(opts, mode="sde" if opts.mode == "sde" else "flow", self_cond=False)
+  s_N = None if opts.solver == "adaptive" else np.asarray(lk.s_grid(model, opts))
+  totals = run_bound(oracle, data, ref_opts, batch_size=e.batch_size, num_batches=num_batches, seed=e.seed,
+                     s_N=s_N, mesh=mesh)
+  rows = list(pipeline.eval_batches(data, e.batch_size, num_batches))
+  analytic = oracle.analytic_nll(np.concatenate([b["ids"] for b in rows]), np.concatenate([b["mask"] for b in rows]))
+  ode = totals.variance_reduced()
+  return {"ode": ode, "analytic": analytic, "solver_bias": ode - analytic,
+          "stderr": totals.stderr(variance_reduced=True)}
 
 
 def _num_batches(split: pipeline.PackedSplit, batch_size: int, num_batches: int) -> int:
@@ -396,6 +428,8 @@ def evaluate_model(config: ml_collections.ConfigDict, model: LangFlow, *, split:
       card=protocol_card(config, model, opts, split=split, totals=totals, num_batches=n, source=source),
       seconds=seconds, integrand=totals.integrand(), nats_per_token_vr=totals.variance_reduced(),
       stderr_vr=totals.stderr(variance_reduced=True))
+  if e.get("reference", True) and isinstance(model, LangFlow):
+    result.reference = context_free_reference(model, data, opts, config, n, mesh)
   if plot:
     steps = sorted(set(int(s) for s in e.plot_steps) | ({opts.steps} if opts.solver != "adaptive" else set()))
     result.sweep, integrand = steps_sweep(model, data, opts, steps, batch_size=e.batch_size,

@@ -473,7 +473,36 @@ def _start_state(config, workdir, checkpointer, state, state_shardings, tokenize
     return state.replace(params=weights["params"], ema_params=weights["ema_params"],
                          buffers=weights["buffers"]), {"step": 0}, \
         {"restored_from": origin}
+  if config.objective.output_bias_init == "unigram":
+    train_split = pipeline.load_split(config.data, "train")
+    state = with_output_bias(state, pipeline.unigram_log_prior(train_split, config.model.vocab_size))
+    log.info("output bias initialised to the training split's log unigram frequencies")
   return state, {"step": 0}, {}
+
+
+OUTPUT_BIAS_PATH = ("output_layer", "linear", "bias")
+
+
+def with_output_bias(state: TrainState, log_prior_V: np.ndarray) -> TrainState:
+  """The head's bias (raw and EMA) set to ``log_prior_V``, its sharding kept.
+
+  With the skip term, a LangFlow whose network output is this bias alone is
+  the exact context-free posterior (uniform-prior likelihood times the
+  unigram prior); the network then only has to learn what context adds.
+  """
+  def put(path, leaf):
+    keys = tuple(getattr(k, "key", getattr(k, "name", None)) for k in path)
+    if keys[-len(OUTPUT_BIAS_PATH):] == OUTPUT_BIAS_PATH or keys[-len(OUTPUT_BIAS_PATH) - 1:-1] == OUTPUT_BIAS_PATH:
+      value = jnp.asarray(log_prior_V - log_prior_V.mean(), leaf.dtype).reshape(leaf.shape)
+      return jax.device_put(value, leaf.sharding) if isinstance(leaf, jax.Array) else value
+    return leaf
+
+  params = jax.tree_util.tree_map_with_path(put, state.params)
+  ema = jax.tree_util.tree_map_with_path(put, state.ema_params)
+  if jax.tree.leaves(params) and all(a is b for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(state.params))):
+    raise ConfigError("objective.output_bias_init=unigram: this model has no output_layer.linear.bias.",
+                      "use --config.objective.output_bias_init=zeros.")
+  return state.replace(params=params, ema_params=ema)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:

@@ -16,7 +16,8 @@ the truth is unknown. Here it is exact:
   the documents' entropy over their token count (tokenization is invertible).
 * ``posterior_logits``: the exact posterior of each position's token given
   Gaussian observations of every position (forward-backward), i.e. the
-  Bayes-optimal denoiser of LangFlow's forward process for this chain.
+  Bayes-optimal denoiser of LangFlow's forward process for this chain
+  (``oracles.MarkovDenoiser`` wraps it in the model's interface).
 """
 
 from __future__ import annotations
@@ -246,45 +247,3 @@ def log_chain_parameters(chain: MarkovChain, offset: int, vocab_size: int) -> tu
   log_t[offset + k:, offset:offset + k] = -math.log(k)
   return log_t, log_pi
 
-
-class ExactDenoiser:
-  """The Bayes-optimal LangFlow denoiser for a Markov chain, in the model's interface.
-
-  Given embeddings ``E`` [V, D] (state k is token k + ``offset``) and a noise
-  schedule, ``__call__(z, gamma)`` returns the exact posterior log marginals
-  log p(x_i | z) of z_i = alpha E[x_i] + sigma eps, so the likelihood bound
-  (``likelihood.nll_bound``) can be run on it: with an exact denoiser the bound
-  is the chain's entropy up to integration error and the prior mismatch.
-  """
-
-  self_conditioning = False
-
-  def __init__(self, chain: MarkovChain, embeddings_VxD, schedule, offset: int = 0):
-    self.schedule = schedule
-    self._e = jnp.asarray(embeddings_VxD, jnp.float32)
-    log_t, log_pi = log_chain_parameters(chain, offset, self._e.shape[0])
-    self._log_t, self._log_pi = jnp.asarray(log_t), jnp.asarray(log_pi)
-
-  @property
-  def hidden_size(self) -> int:
-    return int(self._e.shape[1])
-
-  def embedding_matrix(self) -> Array:
-    return self._e
-
-  def embed(self, ids_BxL: Array) -> Array:
-    return jnp.take(self._e, ids_BxL, axis=0)
-
-  def denoise(self, logits_BxLxV: Array, temperature: float | Array = 1.0) -> Array:
-    from langflow_jax import diffusion
-    return diffusion.denoised_embedding_from_logits(logits_BxLxV, self._e, temperature)
-
-  def __call__(self, z_BxLxD: Array, gamma_B: Array, self_cond_BxLxD: Array | None = None, **_) -> Array:
-    from langflow_jax import diffusion
-    alpha, sigma = diffusion.alpha_sigma(jnp.asarray(gamma_B, jnp.float32))
-    a, s2 = alpha[:, None, None], jnp.square(sigma)[:, None, None]
-    # log N(z; alpha e_v, sigma^2 I) up to terms that do not depend on v
-    dots = jnp.einsum("bld,vd->blv", z_BxLxD.astype(jnp.float32), self._e)
-    sq = jnp.sum(jnp.square(self._e), axis=-1)
-    ll = (a * dots - 0.5 * jnp.square(a) * sq[None, None]) / s2
-    return posterior_logits(ll, self._log_t, self._log_pi)

@@ -162,3 +162,14 @@ def eval_batches(split: PackedSplit, batch_size: int, num_batches: int = 0,
       got = split.take(rows[valid])
       ids[valid], mask[valid] = got["ids"], got["mask"]
     yield {"ids": ids, "mask": mask}
+
+
+def unigram_log_prior(split: PackedSplit, vocab_size: int, max_rows: int = 65536,
+                      smoothing: float = 0.5) -> np.ndarray:
+  """log p(v) of each token over (the first ``max_rows`` rows of) a split, add-``smoothing``
+  counts, float32 [vocab_size]: the context-free prior of the data."""
+  rows = min(len(split), max_rows)
+  taken = split.take(np.arange(rows))
+  ids = np.asarray(taken["ids"])[np.asarray(taken["mask"], bool)]
+  counts = np.bincount(ids[(ids >= 0) & (ids < vocab_size)], minlength=vocab_size).astype(np.float64)
+  return np.log((counts + smoothing) / (counts.sum() + smoothing * vocab_size)).astype(np.float32)
