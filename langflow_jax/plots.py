@@ -156,3 +156,23 @@ def bar_panels(path: str | pathlib.Path, labels: list[str], panels: dict[str, li
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3, axis="y")
   return _save(fig, path)
+
+
+def loglog_lines(path: str | pathlib.Path, series: dict[str, tuple[list[float], list[float]]], *, xlabel: str,
+                 ylabel: str, reference: float | None = None) -> str:
+  """One line per series on log-log axes (e.g. bound / entropy against training steps)."""
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(6.5, 4.2))
+  for label, (x, y) in series.items():
+    if x:
+      ax.plot(x, y, "o-", label=label)
+  if reference is not None:
+    ax.axhline(reference, color="k", lw=0.8, ls="--", label="exact entropy")
+  ax.set_xscale("log")
+  ax.set_yscale("log")
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.grid(alpha=0.3, which="both")
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  return _save(fig, path)
