@@ -13,7 +13,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade --quiet pip
-	$(PY) -m pip install --quiet -e '.[dev,data,ode]'
+	$(PY) -m pip install --quiet -e '.[dev,data,ode,serve]'
 	touch $(STAMP)
 
 demo: $(STAMP)
