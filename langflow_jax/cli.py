@@ -11,6 +11,7 @@
     langflow-jax genppl --samples samples.json                 # Gen. PPL + entropy of a sample file
     langflow-jax eval   --workdir runs/demo [--data file:my.txt] [--plot]   # likelihood bound
     langflow-jax aot    --config owt --devices 64 [--memory-gb 80]  # memory per device, no hardware
+    langflow-jax serve  --workdir RUN [--port 8000 --slots 16 --steps 32]  # OpenAI-compatible HTTP server
 
 Every subcommand is a thin wrapper around an importable function. Mistakes a
 user can make (and a full disk, missing permissions or device memory) end with
@@ -278,6 +279,15 @@ def cmd_aot(args, overrides) -> int:
   return 0
 
 
+def cmd_serve(args, overrides) -> int:
+  from langflow_jax import serve
+
+  serve.serve_workdir(args.workdir, host=args.host, port=args.port, slots=args.slots, steps=args.steps,
+                      max_steps=args.max_steps, queue=args.queue, scheduler=args.scheduler,
+                      warmup=not args.no_warmup, overrides=overrides)
+  return 0
+
+
 COMMANDS: dict[str, tuple[Callable, str]] = {
     "train": (cmd_train, "train a model (resumes from --workdir when it has checkpoints)"),
     "config": (cmd_config, "print the resolved config"),
@@ -290,6 +300,7 @@ COMMANDS: dict[str, tuple[Callable, str]] = {
     "genppl": (cmd_genppl, "generative perplexity and entropy of a sample file"),
     "eval": (cmd_eval, "the ODE likelihood bound (nats/token, terms, protocol card) of a run or checkpoint"),
     "aot": (cmd_aot, "compile the train step for N simulated devices and report memory per device"),
+    "serve": (cmd_serve, "serve a run over HTTP: OpenAI-compatible /v1/completions, streamed passes, best-of-n"),
 }
 
 
@@ -342,6 +353,20 @@ def build_parser() -> argparse.ArgumentParser:
       p.add_argument("--plot", action="store_true", help="also write the bound-vs-steps and integrand PNG")
       p.add_argument("--mode", default=None, choices=("flow", "sc_chain_rule", "sde"),
                      help="official eval mode (default eval.mode = flow): flow | sc_chain_rule | sde")
+    if name == "serve":
+      p.add_argument("--workdir", required=True, help="run directory of a LangFlow or AR run")
+      p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+      p.add_argument("--port", type=int, default=8000, help="port to bind (default 8000)")
+      p.add_argument("--slots", type=int, help="slots of the stationary batch (default: sample.batch_size)")
+      p.add_argument("--steps", type=int, help="default sampler steps of a request (default: sample.steps)")
+      p.add_argument("--max-steps", type=int, dest="max_steps", help="most steps a request may ask for "
+                                                                       "(default: max(steps, 1024))")
+      p.add_argument("--queue", type=int, help="waiting requests beyond which the server answers 429 "
+                                               "(default: 4 x slots)")
+      p.add_argument("--scheduler", default="stationary", choices=("stationary", "static"),
+                     help="stationary (continuous batching) or static (batch waits for its slowest member)")
+      p.add_argument("--no-warmup", action="store_true", dest="no_warmup",
+                     help="compile on the first requests instead of before listening")
     if name == "aot":
       p.add_argument("--devices", type=int, required=True, help="number of devices of the target mesh")
       p.add_argument("--memory-gb", type=float, default=None, help="memory per device, to say whether it fits")
