@@ -70,11 +70,11 @@ from flax import nnx
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from langflow_jax import config as config_lib  # noqa: E402
-from langflow_jax import evaluate, metrics, sampling, train  # noqa: E402
+from langflow_jax import evaluate, methods, metrics, sampling, train  # noqa: E402
 from langflow_jax.baselines import ar  # noqa: E402
 from langflow_jax.data import pipeline  # noqa: E402
 from langflow_jax.data.tokenizer import load_tokenizer  # noqa: E402
-from langflow_jax.objective import create_model  # noqa: E402
+from langflow_jax.methods import create_model  # noqa: E402
 
 METHODS = ("langflow", "ar")
 PROBE_STEPS = (2, 4)  # short runs that complete a LangFlow line fit when few grid points are affordable
@@ -215,13 +215,19 @@ def forward_flops_per_token(model: nnx.Module, length: int) -> float:
 # --------------------------------------------------------------------------- runners
 
 
+def method_run(method: str, model, length: int, batch: int, steps: int | None, key) -> Callable[[], jax.Array]:
+  """``batch`` unconditional samples of ``length`` tokens by the method's own sampler
+  (LangFlow: the official Euler sampler in ``steps`` steps; AR: the KV-cache decoder at temperature 1)."""
+  m = methods.get(method)
+  return lambda: m.generate(model, key, num=batch, length=length, steps=steps)[0]
+
+
 def langflow_run(model, length: int, batch: int, steps: int, key) -> Callable[[], jax.Array]:
-  options = sampling.SamplerOptions(steps=steps)
-  return lambda: sampling.sample(model, key, options, num=batch, seq_len=length).tokens_BxL
+  return method_run("langflow", model, length, batch, steps, key)
 
 
 def ar_run(model, length: int, batch: int, key) -> Callable[[], jax.Array]:
-  return lambda: ar.generate(model, key, length, batch_size=batch, temperature=1.0, top_p=1.0)
+  return method_run("ar", model, length, batch, None, key)
 
 
 def best_of_run(model, length: int, n: int, steps: int, requests: int, key) -> Callable[[], jax.Array]:
@@ -293,8 +299,7 @@ class Bench:
       row["tokens_per_s"] = row["batch"] * length / row["seconds"]
     missing = [k for k in [("ar", None)] + [("langflow", n) for n in a.steps] if k not in samples]
     for method, steps in missing:  # the quality batch is not one of the batches
-      run = (ar_run(models["ar"], length, q_num, self.key) if method == "ar"
-             else langflow_run(models["langflow"], length, q_num, steps, self.key))
+      run = method_run(method, models[method], length, q_num, steps, self.key)
       samples[(method, steps)] = np.asarray(run())
     return {"rows": rows, "fits": {str(b): list(f) for b, f in fits.items()}, "fit_checks": checks,
             "_fits": fits, "_samples": samples}

@@ -22,10 +22,11 @@ count and measured training time per step.
 
 Measured on the same 128 held-out sequences (8192 tokens, BOS/EOS counted):
 
-* likelihood: LangFlow's ODE bound (``common.EVAL``: Heun, 32 steps, one
-  Gaussian probe, self-conditioning, seed 1), the AR model's exact NLL
-  (teacher forcing, every token scored, the first from the start vector), and
-  MDLM's NELBO by ``mdlm.nelbo(estimator="mask_count", num_samples=64)``
+* likelihood: what ``langflow-jax eval`` reports for each run
+  (:mod:`langflow_jax.methods`): LangFlow's ODE bound (``common.EVAL``: Heun,
+  32 steps, one Gaussian probe, self-conditioning, seed 1), the AR model's
+  exact NLL (teacher forcing, every token scored, the first from the start
+  vector), and MDLM's NELBO by ``mdlm.nelbo(estimator="mask_count", num_samples=64)``
   (every mask size 1..64 once per sequence: t integrated out exactly);
   all in nats/token, PPL = exp of it (an upper bound for the two diffusion models);
 * sample quality: Gen. PPL and mean per-sample unigram entropy of 64
@@ -59,9 +60,7 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from experiments import common  # noqa: E402
-from langflow_jax import plots, sampling, train  # noqa: E402
-from langflow_jax.baselines import ar, mdlm  # noqa: E402
-from langflow_jax.data import pipeline  # noqa: E402
+from langflow_jax import methods, plots, train  # noqa: E402
 from langflow_jax.model import count_params  # noqa: E402
 
 NAME = "baselines"
@@ -73,54 +72,18 @@ VARIANTS = (
 TIMING_REPEATS, QUICK_TIMING_REPEATS = 3, 1
 
 
-def heldout_rows(config, protocol: dict) -> tuple[np.ndarray, np.ndarray]:
-  """The bound protocol's held-out sequences: the first num_batches x batch_size rows (padding masked)."""
-  batches = list(pipeline.eval_batches(common.heldout(config), protocol["batch_size"], protocol["num_batches"]))
-  return np.concatenate([b["ids"] for b in batches]), np.concatenate([b["mask"] for b in batches])
+def likelihood(workdir: pathlib.Path, protocol: dict) -> dict:
+  """nats/token on the protocol's held-out rows by the run's own method, as ``langflow-jax eval``
+  reports it (LangFlow: the ODE bound; AR: the exact NLL; MDLM: the NELBO with every mask size once), cached."""
+  r = common.langflow_bound(workdir, protocol)  # evaluate_workdir: every method's measure
+  return {"nats_per_token": r["nats_per_token"], "stderr": r["nats_per_token_stderr"], "what": r["summary"]}
 
 
-def likelihood(kind: str, model, workdir: pathlib.Path, config, protocol: dict) -> dict:
-  """nats/token on the protocol's held-out rows, and what kind of number it is."""
-  if kind == "langflow":
-    r = common.langflow_bound(workdir, protocol)
-    return {"nats_per_token": r["nats_per_token"], "stderr": r["nats_per_token_stderr"],
-            "what": f"ODE bound (heun {protocol['steps']})"}
-  ids, mask = heldout_rows(config, protocol)
-  rows = {"batch_size": protocol["batch_size"], "num_batches": protocol["num_batches"]}
-  if kind == "ar":
-    def compute():
-      b = protocol["batch_size"]
-      sums = [ar.sequence_nll(model, ids[i:i + b], mask[i:i + b], score_first=True) for i in range(0, len(ids), b)]
-      nll, count = (np.concatenate([np.asarray(x[j], np.float64) for x in sums]) for j in (0, 1))
-      per_seq = nll[count > 0] / count[count > 0]
-      return {"nats_per_token": float(nll.sum() / count.sum()),
-              "stderr": float(np.std(per_seq, ddof=1) / np.sqrt(len(per_seq))), "what": "exact NLL"}
-    return common.cached(workdir, "nll-exact", rows, compute)
-  samples = ids.shape[1]
-
-  def compute():
-    r = mdlm.nelbo(model, ids, mask, key=jax.random.PRNGKey(protocol["seed"]), num_samples=samples,
-                   estimator="mask_count", batch_size=protocol["batch_size"])
-    per_seq = r["nelbo_per_token_N"][mask.any(axis=1)]
-    return {"nats_per_token": r["nelbo"], "stderr": float(np.std(per_seq, ddof=1) / np.sqrt(len(per_seq))),
-            "what": f"NELBO (mask_count, {samples} draws)"}
-  return common.cached(workdir, f"nelbo-mask-count-{samples}", {**rows, "seed": protocol["seed"]}, compute)
-
-
-def draw_samples(kind: str, model, length: int, proto: dict, repeats: int) -> tuple[np.ndarray, float, int]:
-  """(ids [num, length], seconds per batch, network evaluations per batch)."""
+def draw_samples(method, model, length: int, proto: dict, repeats: int) -> tuple[np.ndarray, float, int]:
+  """(ids [num, length], seconds per batch, network evaluations per batch) by the method's own sampler."""
   key = jax.random.PRNGKey(proto["seed"])
-  if kind == "langflow":
-    options = sampling.SamplerOptions(steps=proto["steps"])
-    ids, seconds = common.timed(lambda: sampling.sample(model, key, options, num=proto["num"],
-                                                        seq_len=length).tokens_BxL, repeats)
-    return np.asarray(ids), seconds, options.nfe
-  if kind == "ar":
-    ids, seconds = common.timed(lambda: ar.generate(model, key, length, batch_size=proto["num"]), repeats)
-    return np.asarray(ids), seconds, length
   (ids, nfe), seconds = common.timed(
-      lambda: mdlm.generate(model, key, length, steps=proto["steps"], batch_size=proto["num"], return_nfe=True),
-      repeats)
+      lambda: method.generate(model, key, num=proto["num"], length=length, steps=proto["steps"]), repeats)
   return np.asarray(ids), seconds, int(nfe)
 
 
@@ -137,13 +100,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
   rows, results = [], {}
   for v, workdir, cfg in trained:
-    kind = cfg.objective.name
+    method = methods.for_config(cfg)
     _, model = train.load_model(workdir)
-    lik = likelihood(kind, model, workdir, cfg, protocol)
+    lik = likelihood(workdir, protocol)
 
     # Not cached: the speed is measured afresh on every run (seconds of work).
     common.log(f"[{workdir.name}] sampling {proto['num']} x {length} tokens ...")
-    ids, seconds, nfe = draw_samples(kind, model, length, proto, repeats)
+    ids, seconds, nfe = draw_samples(method, model, length, proto, repeats)
     sampled = {**common.gen_ppl(ids, scorer), "seconds": seconds, "nfe": nfe, "tokens_per_s": ids.size / seconds}
     steps_s = common.seconds_per_step(workdir)
     nats = lik["nats_per_token"]

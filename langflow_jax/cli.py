@@ -9,7 +9,7 @@
     langflow-jax sample-baseline --workdir runs/ar [--prompt TEXT]  # samples of the AR or MDLM baseline
     langflow-jax sample --workdir runs/demo --num 8 --steps 128 [--prompt TEXT | --infill TEXT]
     langflow-jax genppl --samples samples.json                 # Gen. PPL + entropy of a sample file
-    langflow-jax eval   --workdir runs/demo [--data file:my.txt] [--plot]   # likelihood bound
+    langflow-jax eval   --workdir runs/demo [--data file:my.txt] [--plot]   # likelihood (bound, NLL, NELBO)
     langflow-jax aot    --config owt --devices 64 [--memory-gb 80]  # memory per device, no hardware
     langflow-jax serve  --workdir RUN [--port 8000 --slots 16 --steps 32]  # OpenAI-compatible HTTP server
 
@@ -208,15 +208,16 @@ def _prepare_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_sample_baseline(args, overrides) -> int:
-  from langflow_jax import baselines, checkpoint, config as config_lib, parallel, train
+  from langflow_jax import checkpoint, config as config_lib, methods, parallel, train
   from langflow_jax.data.tokenizer import load_tokenizer
 
   parallel.maybe_initialize_distributed()
   config = checkpoint.saved_config(args.workdir)
   config_lib.apply_overrides(config, overrides)
+  method = methods.for_config(config)
   _, model = train.load_model(args.workdir, use_ema=config.sample.use_ema, config=config)
   length = config.sample.seq_len or config.data.seq_len
-  texts = baselines.sample_texts(model, load_tokenizer(config.data.tokenizer), config.sample, length, args.prompt)
+  texts = method.sample_texts(model, load_tokenizer(config.data.tokenizer), config.sample, length, args.prompt)
   for i, text in enumerate(texts):
     print(f"--- sample {i}\n{text}")
   return 0
@@ -298,7 +299,8 @@ COMMANDS: dict[str, tuple[Callable, str]] = {
     "sample-baseline": (cmd_sample_baseline, "sample from a trained AR or MDLM baseline (--config.sample.x=y)"),
     "sample": (cmd_sample, "generate text from a trained run (prompts, infill, best-of-n)"),
     "genppl": (cmd_genppl, "generative perplexity and entropy of a sample file"),
-    "eval": (cmd_eval, "the ODE likelihood bound (nats/token, terms, protocol card) of a run or checkpoint"),
+    "eval": (cmd_eval, "a run's likelihood with its protocol card: LangFlow's ODE bound (nats/token, terms), "
+                       "the AR baseline's exact NLL, MDLM's NELBO"),
     "aot": (cmd_aot, "compile the train step for N simulated devices and report memory per device"),
     "serve": (cmd_serve, "serve a run over HTTP: OpenAI-compatible /v1/completions, streamed passes, best-of-n"),
 }

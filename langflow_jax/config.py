@@ -123,7 +123,8 @@ def base_config() -> ml_collections.ConfigDict:
   # Device mesh; -1 takes all remaining devices (see langflow_jax/parallel.py).
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
 
-  # Likelihood bound (method §5; see langflow_jax/likelihood.py and evaluate.py).
+  # Likelihood (method §5; see langflow_jax/likelihood.py, methods.py and evaluate.py): LangFlow's bound;
+  # the AR baseline's exact NLL and MDLM's NELBO use the batch, split, EMA and seed keys.
   c.eval = ml_collections.ConfigDict(dict(
       solver="heun",              # euler | heun (official heun2) | rk4 | adaptive (diffrax Tsit5)
       steps=128,                  # fixed-grid steps; heun makes 2 evaluations per step
@@ -135,6 +136,8 @@ def base_config() -> ml_collections.ConfigDict:
                                   # (ODE, divergence through the pre-pass) | sde (Monte-Carlo ELBO)
       mc_samples=128,             # sde mode: noise levels drawn per sequence (official n_monte_carlo)
       reference=True,             # also bound the context-free reference (same rows, eps and probes)
+      nelbo_estimator="mask_count",  # mdlm runs: the NELBO's estimator, mask_count (t integrated out) | time
+      nelbo_samples=0,            # mdlm runs: draws per sequence (0: the sequence length, every mask size once)
       batch_size=128,
       num_batches=0,              # 0: the whole split
       split="heldout",
@@ -350,6 +353,7 @@ EVAL_SOLVERS = ("euler", "heun", "rk4", "adaptive")
 EVAL_ESTIMATORS = ("hutchinson_gaussian", "hutchinson_rademacher", "exact")
 EVAL_GRIDS = ("official", "gamma")
 EVAL_MODES = ("flow", "sc_chain_rule", "sde")
+NELBO_ESTIMATORS = ("mask_count", "time")
 STEP_GRIDS = ("official", "cdf", "gamma")
 SAMPLERS = ("euler", "heun", "stochastic", "multistep")
 UPDATE_DTYPES = ("auto", "float64", "float32")
@@ -391,6 +395,9 @@ def validate_eval(config: ml_collections.ConfigDict) -> None:
            "use e.g. --config.eval.batch_size=32.")
   _require(e.num_batches >= 0, f"eval.num_batches={e.num_batches} must be 0 (whole split) or positive.",
            "use --config.eval.num_batches=0.")
+  _one_of(e.get("nelbo_estimator", "mask_count"), NELBO_ESTIMATORS, "eval.nelbo_estimator")
+  _require(e.get("nelbo_samples", 0) >= 0, f"eval.nelbo_samples={e.get('nelbo_samples')} must be 0 (the sequence "
+           "length) or positive.", "use --config.eval.nelbo_samples=0.")
 
 
 def check_sampler_settings(s: Any) -> None:

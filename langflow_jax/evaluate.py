@@ -1,12 +1,16 @@
-"""Measuring a trained model with the likelihood bound: ``langflow-jax eval``.
+"""Measuring a trained model's likelihood: ``langflow-jax eval``.
 
     langflow-jax eval --workdir runs/demo [--data file:my.txt] [--split heldout] [--plot]
     langflow-jax eval --checkpoint runs/demo/checkpoints/600     # one checkpoint of a run
     langflow-jax eval --checkpoint DIR --config.data.tokenizer=gpt2 --data file:x.txt  # official release
 
+Every run the trainer makes is measured by its own method
+(:mod:`langflow_jax.methods`): a LangFlow run by the ODE likelihood bound in
+its ``eval.mode``, an AR run by its exact NLL, an MDLM run by its NELBO.
 A number without its protocol cannot be compared or reproduced, so every
 result carries a *protocol card*: dataset, split, packing, sequence length,
-solver, steps, grid, divergence estimator and probes, weights, dtypes, seed.
+the method and its settings (LangFlow: mode, solver, steps, grid, divergence
+estimator and probes), weights, dtypes, seed.
 The report is printed and written as JSON under ``eval/`` beside the
 checkpoint (``RUN/eval/<name>.json``); ``--plot`` adds ``eval/<name>.png``:
 the bound and each term against the number of steps, and the flow term's
@@ -26,7 +30,6 @@ import functools
 import json
 import math
 import pathlib
-import time
 from typing import Any, Sequence
 
 import jax
@@ -39,24 +42,36 @@ from langflow_jax import checkpoint as ckpt_lib
 from langflow_jax import config as config_lib
 from langflow_jax import convert, diffusion, parallel, train
 from langflow_jax import likelihood as lk
-from langflow_jax import oracles
-from langflow_jax import reporting
+from langflow_jax import methods
 from langflow_jax.data import pipeline
 from langflow_jax.data.tokenizer import load_tokenizer
 from langflow_jax.errors import CheckpointError, ConfigError
 from langflow_jax.model import LangFlow, count_params
 from langflow_jax.objective import token_cross_entropy
 
-TERMS = ("reconst", "flow", "prior")
+# The names the library gave these before they moved there (notebooks and scripts use them).
+TERMS = lk.TERMS
+run_bound = lk.run_bound
+steps_sweep = lk.steps_sweep
+context_free_reference = lk.context_free_reference
+_Totals = lk.BoundTotals
+_num_batches = lk.num_eval_batches
+
+# How the report names each term of a likelihood (a term not listed is printed by its key).
+TERM_LINES = {
+    "reconst": ("reconstruction", "cross-entropy at gamma_min"),
+    "flow": ("flow", "divergence integral along the ODE"),
+    "prior": ("prior", "Gaussian prior at the noisy end"),
+}
 
 
 @dataclasses.dataclass
 class EvalResult:
-  """The bound on one dataset split, its terms and its protocol card."""
+  """A method's likelihood on one dataset split (LangFlow: the bound and its terms) and its protocol card."""
 
   nats_per_token: float
   stderr: float                    # standard error of nats_per_token over the sequences
-  terms: dict[str, float]          # reconst, flow, prior in nats per token (they sum to the bound)
+  terms: dict[str, float]          # nats per token; they sum to nats_per_token (LangFlow: reconst, flow, prior)
   num_tokens: int
   num_sequences: int
   card: dict[str, Any]
@@ -70,6 +85,11 @@ class EvalResult:
   reference: dict[str, float] | None = None
   sweep: list[dict[str, float]] | None = None      # the bound and terms for several step counts
   files: list[str] = dataclasses.field(default_factory=list)
+  method: str = "langflow"         # config.objective.name of the evaluated run
+  measure: str = "bound"           # what the number is: bound | exact NLL | NELBO
+  summary: str = ""                # the measure and its protocol in a few words, e.g. "ODE bound (heun 128)"
+  upper_bound: bool = True         # an upper bound on the NLL (perplexity <=) or the NLL itself
+  stderr_covers: str = "text, eps and probes"  # what the standard error covers
 
   @property
   def bits_per_token(self) -> float:
@@ -81,6 +101,9 @@ class EvalResult:
 
   def to_json(self) -> dict[str, Any]:
     return {
+        "method": self.method,
+        "measure": self.measure,
+        "summary": self.summary,
         "nats_per_token": self.nats_per_token,
         "nats_per_token_stderr": self.stderr,
         "nats_per_token_vr": self.nats_per_token_vr,
@@ -100,165 +123,31 @@ class EvalResult:
   def report(self) -> str:
     c = self.card
     lines = [
-        f"bound on {c['data']} ({c['split']}): {self.nats_per_token:.4f} nats/token = "
-        f"{self.bits_per_token:.4f} bits/token, perplexity <= {self.perplexity:.2f}",
-        f"  standard error {self.stderr:9.4f} nats/token  (over the {self.num_sequences} sequences: text, eps "
-        "and probes)",
-        f"  variance-reduced {self.nats_per_token_vr:7.4f} +- {self.stderr_vr:.4f} nats/token  (sampled entropy of "
-        "q(z_a|x) in place of its mean; same expectation)",
-        *([f"  context-free     {self.reference['ode']:7.4f} nats/token  (the same protocol on a denoiser that "
-           f"ignores context: skip term + unigram prior; exactly {self.reference['analytic']:.4f}, so the solver's "
-           f"bias here is {self.reference['solver_bias']:+.4f})",
-           f"  learned from context {self.reference['ode'] - self.nats_per_token_vr:+.4f} nats/token "
-           "(context-free reference minus the variance-reduced bound)"]
-          if self.reference else []),
-        f"  reconstruction {self.terms['reconst']:9.4f} nats/token  (cross-entropy at gamma_min)",
-        f"  flow           {self.terms['flow']:9.4f} nats/token  (divergence integral along the ODE)",
-        f"  prior          {self.terms['prior']:9.4f} nats/token  (Gaussian prior at the noisy end)",
-        "protocol card:",
+        f"{self.measure} on {c['data']} ({c['split']}): {self.nats_per_token:.4f} nats/token = "
+        f"{self.bits_per_token:.4f} bits/token, perplexity {'<=' if self.upper_bound else '='} {self.perplexity:.2f}",
+        f"  standard error {self.stderr:9.4f} nats/token  (over the {self.num_sequences} sequences: "
+        f"{self.stderr_covers})",
     ]
+    if not math.isnan(self.nats_per_token_vr):
+      lines.append(f"  variance-reduced {self.nats_per_token_vr:7.4f} +- {self.stderr_vr:.4f} nats/token  (sampled "
+                   "entropy of q(z_a|x) in place of its mean; same expectation)")
+    if self.reference:
+      lines += [f"  context-free     {self.reference['ode']:7.4f} nats/token  (the same protocol on a denoiser that "
+                f"ignores context: skip term + unigram prior; exactly {self.reference['analytic']:.4f}, so the "
+                f"solver's bias here is {self.reference['solver_bias']:+.4f})",
+                f"  learned from context {self.reference['ode'] - self.nats_per_token_vr:+.4f} nats/token "
+                "(context-free reference minus the variance-reduced bound)"]
+    if len(self.terms) > 1:
+      for key, value in self.terms.items():
+        label, note = TERM_LINES.get(key, (key, ""))
+        lines.append(f"  {label:<14} {value:9.4f} nats/token" + (f"  ({note})" if note else ""))
+    lines.append("protocol card:")
     lines += [f"  {k:<17} {v}" for k, v in c.items()]
     lines += [f"wrote {f}" for f in self.files]
     return "\n".join(lines)
 
 
-# --------------------------------------------------------------------------- running the bound
-
-
-@dataclasses.dataclass
-class _Totals:
-  """Host-side float64 sums over batches."""
-
-  sums: dict[str, float] = dataclasses.field(default_factory=lambda: {t: 0.0 for t in TERMS})
-  tokens: float = 0.0
-  sequences: int = 0
-  evals: int = 0
-  steps: int = 0
-  gamma_C: np.ndarray | None = None
-  div_sum_C: np.ndarray | None = None
-  seq_totals: list[float] = dataclasses.field(default_factory=list)
-  seq_totals_vr: list[float] = dataclasses.field(default_factory=list)
-  seq_tokens: list[float] = dataclasses.field(default_factory=list)
-
-  def add(self, terms: lk.BoundTerms, info: lk.SolveInfo) -> None:
-    terms, info = parallel.to_host((terms, info))  # every process gets every row
-    for t in TERMS:
-      self.sums[t] += float(np.sum(np.asarray(getattr(terms, f"{t}_B"), np.float64)))
-    self.tokens += float(np.sum(terms.num_tokens_B))
-    self.sequences += int(np.sum(terms.num_tokens_B > 0))
-    valid = np.asarray(terms.num_tokens_B) > 0
-    self.seq_totals += np.asarray(terms.total_B, np.float64)[valid].tolist()
-    self.seq_totals_vr += np.asarray(terms.total_vr_B, np.float64)[valid].tolist()
-    self.seq_tokens += np.asarray(terms.num_tokens_B, np.float64)[valid].tolist()
-    self.evals = max(self.evals, int(info.num_evals))
-    self.steps = max(self.steps, int(info.num_steps))
-    if info.gamma_C.size:
-      div = np.sum(np.asarray(info.div_CxB, np.float64), axis=1)
-      self.gamma_C = np.asarray(info.gamma_C)
-      self.div_sum_C = div if self.div_sum_C is None else self.div_sum_C + div
-
-  def per_token(self) -> dict[str, float]:
-    return {t: v / max(self.tokens, 1.0) for t, v in self.sums.items()}
-
-  def variance_reduced(self) -> float:
-    """The bound with the sampled entropy of q(z_a | x) (nats/token)."""
-    return float(np.sum(self.seq_totals_vr) / max(self.tokens, 1.0))
-
-  def stderr(self, variance_reduced: bool = False) -> float:
-    """Standard error of sum(total) / sum(tokens) over sequences (delta method).
-
-    It covers the text, eps and probe draws together; with one eps draw per
-    sequence the official estimate of a single sequence scatters by
-    ~sqrt(L D / 2) nats, most of which the variance-reduced one cancels.
-    """
-    t = np.asarray(self.seq_totals_vr if variance_reduced else self.seq_totals)
-    n = np.asarray(self.seq_tokens)
-    if len(t) < 2:
-      return math.nan
-    residual = t - n * (t.sum() / n.sum())
-    return float(math.sqrt(len(t) / (len(t) - 1) * np.sum(residual**2)) / n.sum())
-
-  def integrand(self) -> dict[str, list[float]] | None:
-    if self.gamma_C is None:
-      return None
-    values = lk.flow_integrand(self.gamma_C, self.div_sum_C, self.tokens)
-    return {"gamma": self.gamma_C.tolist(), "flow_nats_per_token_per_gamma": np.asarray(values).tolist()}
-
-
-def context_free_reference(model: LangFlow, data: pipeline.PackedSplit, opts: lk.BoundOptions,
-                           config: ml_collections.ConfigDict, num_batches: int,
-                           mesh: jax.sharding.Mesh | None = None) -> dict[str, float]:
-  """The bound of ``oracles.ContextFreeDenoiser`` (the model's embeddings and schedule, the
-  training split's unigram prior) on the same rows with the same seed, and its exact value."""
-  e = config.eval
-  prior = pipeline.unigram_log_prior(pipeline.load_split(config.data, "train"), config.model.vocab_size)
-  oracle = oracles.ContextFreeDenoiser(model.embedding_matrix(), model.schedule, prior)
-  # No self-conditioning, so flow and sc_chain_rule coincide; sde keeps its own estimate.
-  ref_opts = dataclasses.replace(opts, mode="sde" if opts.mode == "sde" else "flow", self_cond=False)
-  s_N = None if opts.solver == "adaptive" else np.asarray(lk.s_grid(model, opts))
-  totals = run_bound(oracle, data, ref_opts, batch_size=e.batch_size, num_batches=num_batches, seed=e.seed,
-                     s_N=s_N, mesh=mesh)
-  rows = list(pipeline.eval_batches(data, e.batch_size, num_batches))
-  analytic = oracle.analytic_nll(np.concatenate([b["ids"] for b in rows]), np.concatenate([b["mask"] for b in rows]))
-  ode = totals.variance_reduced()
-  return {"ode": ode, "analytic": analytic, "solver_bias": ode - analytic,
-          "stderr": totals.stderr(variance_reduced=True)}
-
-
-def _num_batches(split: pipeline.PackedSplit, batch_size: int, num_batches: int) -> int:
-  whole = -(-len(split) // batch_size)
-  return whole if num_batches <= 0 else min(num_batches, whole)
-
-
-def run_bound(model: LangFlow, split: pipeline.PackedSplit, opts: lk.BoundOptions, *, batch_size: int,
-              num_batches: int, seed: int, s_N: np.ndarray | None = None, progress: bool = False,
-              mesh: jax.sharding.Mesh | None = None) -> _Totals:
-  """Sums of the bound's terms over the first ``num_batches`` batches of ``split``.
-
-  Batch i uses key fold_in(PRNGKey(seed), i): the same seed and batching give
-  the same number, on any mesh. With ``mesh`` the batches are sharded over
-  data x fsdp and each process loads only its rows (as the trainer does).
-  """
-  fn = lk.make_bound_fn(model, opts, mesh)
-  key = jax.random.PRNGKey(seed)
-  totals = _Totals()
-  n = _num_batches(split, batch_size, num_batches)
-  index, count = (0, 1) if mesh is None else parallel.data_shard(mesh)
-  bar = reporting.Progress(n, 0, progress)
-  try:
-    for i, local in enumerate(pipeline.eval_batches(split, batch_size, n, index, count)):
-      batch = local if mesh is None else parallel.global_batch(local, mesh)
-      terms, info = fn(batch["ids"], batch["mask"], jax.random.fold_in(key, i), s_N=s_N)
-      if not bool(info.ok):
-        raise ConfigError(
-            f"the adaptive solver reached eval.max_steps={opts.max_steps} before the noisy end.",
-            "raise --config.eval.max_steps or loosen --config.eval.rtol/atol.")
-      totals.add(terms, info)
-      bar.update(1, nats_per_token=f"{sum(totals.per_token().values()):.4f}")
-  finally:
-    bar.close()
-  return totals
-
-
-def steps_sweep(model: LangFlow, split: pipeline.PackedSplit, opts: lk.BoundOptions, steps: Sequence[int], *,
-                batch_size: int, num_batches: int, seed: int,
-                mesh: jax.sharding.Mesh | None = None) -> tuple[list[dict[str, float]], dict | None]:
-  """The bound and its terms for several step counts (same data and seed), and
-  the flow integrand of the longest run.
-
-  All grids are padded to the longest, so one compilation serves the sweep.
-  The adaptive solver is swept as Heun.
-  """
-  fixed = opts if opts.solver != "adaptive" else dataclasses.replace(opts, solver="heun")
-  steps = sorted(steps)
-  grids = lk.padded_s_grids(model, fixed, steps)
-  rows = []
-  for n, s_N in zip(steps, grids):
-    totals = run_bound(model, split, fixed, batch_size=batch_size, num_batches=num_batches, seed=seed, s_N=s_N,
-                       mesh=mesh)
-    per = totals.per_token()
-    rows.append({"steps": int(n), "solver": fixed.solver, "total": sum(per.values()), **per})
-  return rows, totals.integrand()
+# --------------------------------------------------------------------------- the denoising curve
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "self_cond"))
@@ -296,7 +185,7 @@ def denoising_curve(model: LangFlow, split: pipeline.PackedSplit, gamma_G: Seque
   graphdef, state = nnx.split(model)
   key = jax.random.PRNGKey(seed)
   sums, tokens = np.zeros(gamma_G.shape, np.float64), 0.0
-  n = _num_batches(split, batch_size, num_batches)
+  n = lk.num_eval_batches(split, batch_size, num_batches)
   for i, batch in enumerate(pipeline.eval_batches(split, batch_size, n)):
     sums += np.asarray(_curve_sums(graphdef, state, batch["ids"], batch["mask"], jax.random.fold_in(key, i),
                                    gamma_G, self_cond=bool(self_cond)), np.float64)
@@ -307,26 +196,13 @@ def denoising_curve(model: LangFlow, split: pipeline.PackedSplit, gamma_G: Seque
 # --------------------------------------------------------------------------- the protocol card
 
 
-def protocol_card(config: ml_collections.ConfigDict, model: LangFlow, opts: lk.BoundOptions, *, split: str,
-                  totals: _Totals, num_batches: int, source: dict[str, Any]) -> dict[str, Any]:
-  """Everything that changes the number, in the order a reader needs it."""
+def protocol_card(config: ml_collections.ConfigDict, model: nnx.Module, lik: methods.Likelihood, *, split: str,
+                  source: dict[str, Any]) -> dict[str, Any]:
+  """Everything that changes the number, in the order a reader needs it: the data, then the
+  method's own rows (LangFlow: mode, solver, steps, grid, estimator, self-conditioning), then
+  the weights, dtypes and seed."""
   d, e = config.data, config.eval
-  grid = np.asarray(lk.gamma_grid(model, opts))
-  lo, hi = float(grid[0]), float(grid[-1])
-  if opts.solver == "adaptive":
-    solver = f"adaptive (diffrax Tsit5, rtol {opts.rtol:g}, atol {opts.atol:g}, max {opts.max_steps} steps)"
-    steps = f"{totals.steps} accepted (largest batch), {totals.evals} evaluations"
-  else:
-    solver = {"heun": "heun (explicit trapezoid, official heun2)", "euler": "euler",
-              "rk4": "rk4 (3/8 rule)"}[opts.solver]
-    steps = f"{opts.steps} ({totals.evals} evaluations per batch)"
-  estimator = opts.estimator if opts.estimator == "exact" else \
-      f"{opts.estimator} (forward-mode JVP), {opts.probes} probe(s) per evaluation"
-  mode = {"flow": "flow (official default): ODE bound, divergence past the self-conditioning pre-pass",
-          "sc_chain_rule": "sc_chain_rule: ODE bound, divergence through the self-conditioning pre-pass",
-          "sde": f"sde: Monte-Carlo ELBO, {opts.mc_samples} noise levels per sequence from the schedule"}[opts.mode]
-  if opts.mode == "sde":
-    solver = steps = estimator = "none (no ODE in sde mode)"
+  method_rows = {k: v for k, v in lik.card.items() if k != "seed"}
   return {
       "data": d.name,
       "split": split,
@@ -334,21 +210,15 @@ def protocol_card(config: ml_collections.ConfigDict, model: LangFlow, opts: lk.B
       "seq_len": int(d.seq_len),
       "packing": "wrapped: [BOS] chunk [EOS] blocks, separators counted" if d.wrap
                  else "one document per row, padding masked",
-      "sequences": totals.sequences,
-      "tokens": int(totals.tokens),
-      "batches": f"{num_batches} x {e.batch_size} sequences",
-      "mode": mode,
-      "solver": solver,
-      "steps": steps,
-      "grid": f"{opts.grid} (gamma {lo:.4f} -> {hi:.4f}; z_0 drawn at gamma_min)",
-      "estimator": estimator,
-      "self_cond": ("off" if not (opts.self_cond and model.self_conditioning) else
-                    "pre-pass at every evaluation" + {"flow": ", excluded from the divergence",
-                                                      "sc_chain_rule": ", inside the divergence"}.get(opts.mode, "")),
+      "sequences": lik.num_sequences,
+      "tokens": int(lik.num_tokens),
+      "batches": f"{lik.num_batches} x {e.batch_size} sequences",
+      "method": config.objective.name,
+      **method_rows,
       "weights": source["weights"],
       "checkpoint": source["checkpoint"],
       "dtype": f"model matmuls {config.model.compute_dtype}; likelihood float32",
-      "seed": f"{e.seed} (one eps draw per sequence; key folded with the batch index)",
+      "seed": lik.card.get("seed", str(e.seed)),
       "parameters": count_params(model),
   }
 
@@ -395,51 +265,40 @@ def write_plot(path: pathlib.Path, result: EvalResult) -> str:
 # --------------------------------------------------------------------------- entry points
 
 
-def evaluate_model(config: ml_collections.ConfigDict, model: LangFlow, *, split: str | None = None,
+def evaluate_model(config: ml_collections.ConfigDict, model: nnx.Module, *, split: str | None = None,
                    source: dict[str, Any] | None = None, plot: bool = False,
                    progress: bool = False, mesh: jax.sharding.Mesh | None = None) -> EvalResult:
-  """The bound of ``model`` on ``config.data`` (split ``split`` or ``config.eval.split``).
+  """The likelihood of ``model`` on ``config.data`` (split ``split`` or ``config.eval.split``) by
+  its method (``config.objective.name``): LangFlow's bound, the AR baseline's exact NLL or MDLM's NELBO.
 
   It runs sharded on ``mesh`` (default: the mesh of ``config.mesh``); the
   model's weights are placed there by the sharding rules.
   """
   config_lib.validate_eval(config)
+  method = methods.for_config(config)
+  method.check_model(model)
   e = config.eval
   split = split or e.split
-  opts = lk.BoundOptions.from_config(e)
   mesh = parallel.make_mesh(config.mesh) if mesh is None else mesh
   parallel.check_batch(e.batch_size, mesh, what="eval.batch_size")
   parallel.shard_model(model, mesh)
   tokenizer = load_tokenizer(config.data.tokenizer)
   train.check_data_matches_model(config, tokenizer)
   data = pipeline.load_split(config.data, split, tokenizer)
-  n = _num_batches(data, e.batch_size, e.num_batches)
-  start = time.perf_counter()
-  # The grid is passed in, so a sweep padded to the same length reuses the compilation.
-  s_N = None if opts.solver == "adaptive" else np.asarray(lk.s_grid(model, opts))
-  totals = run_bound(model, data, opts, batch_size=e.batch_size, num_batches=n, seed=e.seed, s_N=s_N,
-                     progress=progress, mesh=mesh)
-  seconds = time.perf_counter() - start
-  per = totals.per_token()
+  lik = method.likelihood(model, data, config, mesh=mesh, progress=progress, sweep=plot)
   source = source or {"weights": "as given", "checkpoint": "(in memory)"}
-  result = EvalResult(
-      nats_per_token=sum(per.values()), stderr=totals.stderr(), terms=per, num_tokens=int(totals.tokens),
-      num_sequences=totals.sequences,
-      card=protocol_card(config, model, opts, split=split, totals=totals, num_batches=n, source=source),
-      seconds=seconds, integrand=totals.integrand(), nats_per_token_vr=totals.variance_reduced(),
-      stderr_vr=totals.stderr(variance_reduced=True))
-  if e.get("reference", True) and isinstance(model, LangFlow):
-    result.reference = context_free_reference(model, data, opts, config, n, mesh)
-  if plot:
-    steps = sorted(set(int(s) for s in e.plot_steps) | ({opts.steps} if opts.solver != "adaptive" else set()))
-    result.sweep, integrand = steps_sweep(model, data, opts, steps, batch_size=e.batch_size,
-                                          num_batches=min(e.plot_batches, n), seed=e.seed, mesh=mesh)
-    result.integrand = result.integrand or integrand  # the adaptive solver keeps no trace
-  return result
+  x = lik.extra
+  return EvalResult(
+      nats_per_token=lik.nats_per_token, stderr=lik.stderr, terms=lik.terms, num_tokens=lik.num_tokens,
+      num_sequences=lik.num_sequences, card=protocol_card(config, model, lik, split=split, source=source),
+      seconds=lik.seconds, integrand=x.get("integrand"), nats_per_token_vr=x.get("nats_per_token_vr", math.nan),
+      stderr_vr=x.get("stderr_vr", math.nan), reference=x.get("reference"), sweep=x.get("sweep"),
+      method=method.name, measure=lik.measure, summary=lik.summary, upper_bound=lik.upper_bound,
+      stderr_covers=lik.stderr_covers)
 
 
 def load_for_eval(workdir: str | pathlib.Path | None, checkpoint: str | pathlib.Path | None,
-                  overrides: Sequence[str] = ()) -> tuple[ml_collections.ConfigDict, LangFlow, dict, pathlib.Path]:
+                  overrides: Sequence[str] = ()) -> tuple[ml_collections.ConfigDict, nnx.Module, dict, pathlib.Path]:
   """(config, model, source description, output directory) for a run or a checkpoint.
 
   ``checkpoint`` is a step directory of a run (``RUN/checkpoints/600``) or an
@@ -476,14 +335,8 @@ def load_for_eval(workdir: str | pathlib.Path | None, checkpoint: str | pathlib.
 
 
 def default_name(config: ml_collections.ConfigDict, split: str) -> str:
-  e = config.eval
   data = "".join(c if c.isalnum() else "-" for c in config.data.name.split("/")[-1]).strip("-")[:40]
-  run = f"adaptive-rtol{e.rtol:g}" if e.solver == "adaptive" else f"{e.solver}{e.steps}"
-  if e.get("mode", "flow") == "sde":
-    run = f"sde{e.mc_samples}"
-  elif e.get("mode", "flow") != "flow":
-    run += f"-{e.mode}"
-  return f"{data}_{split}_{run}"
+  return f"{data}_{split}_{methods.for_config(config).likelihood_tag(config)}"
 
 
 def evaluate_workdir(workdir: str | pathlib.Path | None = None, overrides: Sequence[str] = (), *,
@@ -509,6 +362,6 @@ def evaluate_workdir(workdir: str | pathlib.Path | None = None, overrides: Seque
     path = out_dir / f"{name}.json"
     path.write_text(json.dumps(result.to_json(), indent=2) + "\n")
     result.files.append(str(path))
-    if plot:
+    if plot and (result.sweep or result.integrand):
       result.files.append(write_plot(out_dir / f"{name}.png", result))
   return result

@@ -48,7 +48,9 @@ import numpy as np
 from flax import nnx
 
 from langflow_jax import config as config_lib
-from langflow_jax import diffusion, parallel
+from langflow_jax import diffusion, oracles, parallel, reporting
+from langflow_jax.data import pipeline
+from langflow_jax.data.prepare import PackedSplit
 from langflow_jax.errors import ConfigError
 from langflow_jax.model import LangFlow
 from langflow_jax.objective import token_cross_entropy
@@ -59,6 +61,7 @@ Array = jax.Array
 SOLVERS = config_lib.EVAL_SOLVERS
 GRIDS = config_lib.EVAL_GRIDS
 ESTIMATORS = config_lib.EVAL_ESTIMATORS
+TERMS = ("reconst", "flow", "prior")  # the bound's three terms, in nats; they sum to it
 # Above this many coordinates per sequence the exact trace (one JVP each, at
 # every vector-field evaluation) is refused: use a Hutchinson estimator.
 MAX_EXACT_DIM = 16384
@@ -543,6 +546,180 @@ def padded_s_grids(model: LangFlow, opts: BoundOptions, steps: Sequence[int]) ->
     s = np.asarray(s_grid(model, dataclasses.replace(opts, steps=int(n))))
     rows.append(np.concatenate([s, np.full((n_max - n,), s[-1], np.float32)]))
   return np.stack(rows)
+
+
+# --------------------------------------------------------------------------- over a dataset split
+
+
+def ratio_stderr(totals_N: Sequence[float], tokens_N: Sequence[float]) -> float:
+  """Standard error of sum(totals) / sum(tokens) over N sequences (delta method); NaN for N < 2."""
+  t, n = np.asarray(totals_N, np.float64), np.asarray(tokens_N, np.float64)
+  if len(t) < 2:
+    return math.nan
+  residual = t - n * (t.sum() / n.sum())
+  return float(math.sqrt(len(t) / (len(t) - 1) * np.sum(residual**2)) / n.sum())
+
+
+@dataclasses.dataclass
+class BoundTotals:
+  """Host-side float64 sums of the bound's terms over batches, and each sequence's total."""
+
+  sums: dict[str, float] = dataclasses.field(default_factory=lambda: {t: 0.0 for t in TERMS})
+  tokens: float = 0.0
+  sequences: int = 0
+  evals: int = 0
+  steps: int = 0
+  gamma_C: np.ndarray | None = None
+  div_sum_C: np.ndarray | None = None
+  seq_totals: list[float] = dataclasses.field(default_factory=list)
+  seq_totals_vr: list[float] = dataclasses.field(default_factory=list)
+  seq_tokens: list[float] = dataclasses.field(default_factory=list)
+
+  def add(self, terms: BoundTerms, info: SolveInfo) -> None:
+    terms, info = parallel.to_host((terms, info))  # every process gets every row
+    for t in TERMS:
+      self.sums[t] += float(np.sum(np.asarray(getattr(terms, f"{t}_B"), np.float64)))
+    self.tokens += float(np.sum(terms.num_tokens_B))
+    self.sequences += int(np.sum(terms.num_tokens_B > 0))
+    valid = np.asarray(terms.num_tokens_B) > 0
+    self.seq_totals += np.asarray(terms.total_B, np.float64)[valid].tolist()
+    self.seq_totals_vr += np.asarray(terms.total_vr_B, np.float64)[valid].tolist()
+    self.seq_tokens += np.asarray(terms.num_tokens_B, np.float64)[valid].tolist()
+    self.evals = max(self.evals, int(info.num_evals))
+    self.steps = max(self.steps, int(info.num_steps))
+    if info.gamma_C.size:
+      div = np.sum(np.asarray(info.div_CxB, np.float64), axis=1)
+      self.gamma_C = np.asarray(info.gamma_C)
+      self.div_sum_C = div if self.div_sum_C is None else self.div_sum_C + div
+
+  def per_token(self) -> dict[str, float]:
+    return {t: v / max(self.tokens, 1.0) for t, v in self.sums.items()}
+
+  def variance_reduced(self) -> float:
+    """The bound with the sampled entropy of q(z_a | x) (nats/token)."""
+    return float(np.sum(self.seq_totals_vr) / max(self.tokens, 1.0))
+
+  def stderr(self, variance_reduced: bool = False) -> float:
+    """Standard error of sum(total) / sum(tokens) over sequences (delta method).
+
+    It covers the text, eps and probe draws together; with one eps draw per
+    sequence the official estimate of a single sequence scatters by
+    ~sqrt(L D / 2) nats, most of which the variance-reduced one cancels.
+    """
+    return ratio_stderr(self.seq_totals_vr if variance_reduced else self.seq_totals, self.seq_tokens)
+
+  def integrand(self) -> dict[str, list[float]] | None:
+    if self.gamma_C is None:
+      return None
+    values = flow_integrand(self.gamma_C, self.div_sum_C, self.tokens)
+    return {"gamma": self.gamma_C.tolist(), "flow_nats_per_token_per_gamma": np.asarray(values).tolist()}
+
+
+def num_eval_batches(split: PackedSplit, batch_size: int, num_batches: int) -> int:
+  """The batches an evaluation of ``split`` runs: ``num_batches``, at most the whole split (0: all)."""
+  whole = -(-len(split) // batch_size)
+  return whole if num_batches <= 0 else min(num_batches, whole)
+
+
+def run_bound(model: LangFlow, split: PackedSplit, opts: BoundOptions, *, batch_size: int,
+              num_batches: int, seed: int, s_N: np.ndarray | None = None, progress: bool = False,
+              mesh: jax.sharding.Mesh | None = None) -> BoundTotals:
+  """Sums of the bound's terms over the first ``num_batches`` batches of ``split``.
+
+  Batch i uses key fold_in(PRNGKey(seed), i): the same seed and batching give
+  the same number, on any mesh. With ``mesh`` the batches are sharded over
+  data x fsdp and each process loads only its rows (as the trainer does).
+  """
+  fn = make_bound_fn(model, opts, mesh)
+  key = jax.random.PRNGKey(seed)
+  totals = BoundTotals()
+  n = num_eval_batches(split, batch_size, num_batches)
+  index, count = (0, 1) if mesh is None else parallel.data_shard(mesh)
+  bar = reporting.Progress(n, 0, progress)
+  try:
+    for i, local in enumerate(pipeline.eval_batches(split, batch_size, n, index, count)):
+      batch = local if mesh is None else parallel.global_batch(local, mesh)
+      terms, info = fn(batch["ids"], batch["mask"], jax.random.fold_in(key, i), s_N=s_N)
+      if not bool(info.ok):
+        raise ConfigError(
+            f"the adaptive solver reached eval.max_steps={opts.max_steps} before the noisy end.",
+            "raise --config.eval.max_steps or loosen --config.eval.rtol/atol.")
+      totals.add(terms, info)
+      bar.update(1, nats_per_token=f"{sum(totals.per_token().values()):.4f}")
+  finally:
+    bar.close()
+  return totals
+
+
+def steps_sweep(model: LangFlow, split: PackedSplit, opts: BoundOptions, steps: Sequence[int], *,
+                batch_size: int, num_batches: int, seed: int,
+                mesh: jax.sharding.Mesh | None = None) -> tuple[list[dict[str, float]], dict | None]:
+  """The bound and its terms for several step counts (same data and seed), and
+  the flow integrand of the longest run.
+
+  All grids are padded to the longest, so one compilation serves the sweep.
+  The adaptive solver is swept as Heun.
+  """
+  fixed = opts if opts.solver != "adaptive" else dataclasses.replace(opts, solver="heun")
+  steps = sorted(steps)
+  grids = padded_s_grids(model, fixed, steps)
+  rows = []
+  for n, s_N in zip(steps, grids):
+    totals = run_bound(model, split, fixed, batch_size=batch_size, num_batches=num_batches, seed=seed, s_N=s_N,
+                       mesh=mesh)
+    per = totals.per_token()
+    rows.append({"steps": int(n), "solver": fixed.solver, "total": sum(per.values()), **per})
+  return rows, totals.integrand()
+
+
+def context_free_reference(model: LangFlow, data: PackedSplit, opts: BoundOptions,
+                           config: ml_collections.ConfigDict, num_batches: int,
+                           mesh: jax.sharding.Mesh | None = None) -> dict[str, float]:
+  """The bound of ``oracles.ContextFreeDenoiser`` (the model's embeddings and schedule, the
+  training split's unigram prior) on the same rows with the same seed, and its exact value."""
+  e = config.eval
+  prior = pipeline.unigram_log_prior(pipeline.load_split(config.data, "train"), config.model.vocab_size)
+  oracle = oracles.ContextFreeDenoiser(model.embedding_matrix(), model.schedule, prior)
+  # No self-conditioning, so flow and sc_chain_rule coincide; sde keeps its own estimate.
+  ref_opts = dataclasses.replace(opts, mode="sde" if opts.mode == "sde" else "flow", self_cond=False)
+  s_N = None if opts.solver == "adaptive" else np.asarray(s_grid(model, opts))
+  totals = run_bound(oracle, data, ref_opts, batch_size=e.batch_size, num_batches=num_batches, seed=e.seed,
+                     s_N=s_N, mesh=mesh)
+  rows = list(pipeline.eval_batches(data, e.batch_size, num_batches))
+  analytic = oracle.analytic_nll(np.concatenate([b["ids"] for b in rows]), np.concatenate([b["mask"] for b in rows]))
+  ode = totals.variance_reduced()
+  return {"ode": ode, "analytic": analytic, "solver_bias": ode - analytic,
+          "stderr": totals.stderr(variance_reduced=True)}
+
+
+def bound_card(model: LangFlow, opts: BoundOptions, totals: BoundTotals) -> dict[str, str]:
+  """The bound's rows of the protocol card: mode, solver, steps, grid, estimator, self-conditioning."""
+  grid = np.asarray(gamma_grid(model, opts))
+  lo, hi = float(grid[0]), float(grid[-1])
+  if opts.solver == "adaptive":
+    solver = f"adaptive (diffrax Tsit5, rtol {opts.rtol:g}, atol {opts.atol:g}, max {opts.max_steps} steps)"
+    steps = f"{totals.steps} accepted (largest batch), {totals.evals} evaluations"
+  else:
+    solver = {"heun": "heun (explicit trapezoid, official heun2)", "euler": "euler",
+              "rk4": "rk4 (3/8 rule)"}[opts.solver]
+    steps = f"{opts.steps} ({totals.evals} evaluations per batch)"
+  estimator = opts.estimator if opts.estimator == "exact" else \
+      f"{opts.estimator} (forward-mode JVP), {opts.probes} probe(s) per evaluation"
+  mode = {"flow": "flow (official default): ODE bound, divergence past the self-conditioning pre-pass",
+          "sc_chain_rule": "sc_chain_rule: ODE bound, divergence through the self-conditioning pre-pass",
+          "sde": f"sde: Monte-Carlo ELBO, {opts.mc_samples} noise levels per sequence from the schedule"}[opts.mode]
+  if opts.mode == "sde":
+    solver = steps = estimator = "none (no ODE in sde mode)"
+  return {
+      "mode": mode,
+      "solver": solver,
+      "steps": steps,
+      "grid": f"{opts.grid} (gamma {lo:.4f} -> {hi:.4f}; z_0 drawn at gamma_min)",
+      "estimator": estimator,
+      "self_cond": ("off" if not (opts.self_cond and model.self_conditioning) else
+                    "pre-pass at every evaluation" + {"flow": ", excluded from the divergence",
+                                                      "sc_chain_rule": ", inside the divergence"}.get(opts.mode, "")),
+  }
 
 
 def flow_integrand(gamma_C: Array, div_sum_C: Array, num_tokens: float) -> Array:

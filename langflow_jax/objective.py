@@ -12,26 +12,19 @@ the second pass, the only one that is trained.
 
 Each objective returns an :class:`ObjectiveOutput` whose terms are sums with
 explicit denominators, so micro-batches and devices combine exactly. The
-objective also decides the model it trains (:data:`MODELS`,
-:func:`create_model`): ``ar`` trains the causal baseline of
-:mod:`langflow_jax.baselines.ar` with next-token CE, ``mdlm`` the masked
-diffusion baseline of :mod:`langflow_jax.baselines.mdlm` with its NELBO.
+baselines' objectives (next-token CE, the MDLM NELBO) live with their models
+in :mod:`langflow_jax.baselines`; :mod:`langflow_jax.methods` says which
+objective and model each ``objective.name`` trains.
 """
 
 from __future__ import annotations
-
-from typing import Callable
 
 import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
 
-from flax import nnx
-
 from langflow_jax import diffusion
-from langflow_jax import model as model_lib
-from langflow_jax.baselines import ar, mdlm
 from langflow_jax.errors import ConfigError
 from langflow_jax.model import LangFlow
 
@@ -135,7 +128,7 @@ def langflow_objective(model: LangFlow, ids_BxL: Array, mask_BxL: Array, key: Ar
   elbo_B = jnp.zeros_like(gamma_B)
   if cfg.elbo_weight > 0:
     elbo_B = elbo_integrand(model, logits, e_BxLxD, gamma_B, mask)
-  return _output(ce_BxL, tokens_B, fit_B, sc_B, gamma_B, elbo_B)
+  return objective_output(ce_BxL, tokens_B, fit_B, sc_B, gamma_B, elbo_B)
 
 
 def elbo_integrand(model: LangFlow, logits_BxLxV: Array, e_BxLxD: Array, gamma_B: Array,
@@ -153,7 +146,7 @@ def elbo_integrand(model: LangFlow, logits_BxLxV: Array, e_BxLxD: Array, gamma_B
   return 0.5 * jnp.exp(jax.lax.stop_gradient(log_w_B)) * sq_B
 
 
-def _output(ce_BxL: Array, tokens_B: Array, fit_B: Array, sc_B: Array, gamma_B: Array,
+def objective_output(ce_BxL: Array, tokens_B: Array, fit_B: Array, sc_B: Array, gamma_B: Array,
             elbo_B: Array | None = None) -> ObjectiveOutput:
   """Summed terms from masked per-token CE and per-sequence extras."""
   has_tokens_B = (tokens_B > 0).astype(jnp.float32)
@@ -169,46 +162,6 @@ def _output(ce_BxL: Array, tokens_B: Array, fit_B: Array, sc_B: Array, gamma_B: 
   return ObjectiveOutput(terms=terms, gamma_B=gamma_B, ce_per_token_B=ce_per_token_B)
 
 
-def ar_objective(model: ar.ARTransformer, ids_BxL: Array, mask_BxL: Array, key: Array, *,
-                 cfg: ml_collections.ConfigDict, skip_scale: Array | float = 1.0,
-                 train: bool = True) -> ObjectiveOutput:
-  """Next-token CE of the causal baseline, teacher-forced, over every valid token.
-
-  Position 0 is predicted from the start vector, so the token count equals
-  LangFlow's. There is no noise level (``gamma_B`` is 0), no schedule fit and
-  no self-conditioning; ``cfg`` and ``skip_scale`` are unused.
-  """
-  del cfg, skip_scale
-  mask = mask_BxL.astype(jnp.float32)
-  logits = model(ids_BxL, dropout_key=key if train else None)
-  ce_BxL = token_cross_entropy(logits, ids_BxL) * mask
-  zeros_B = jnp.zeros(ids_BxL.shape[:1], jnp.float32)
-  return _output(ce_BxL, jnp.sum(mask, axis=-1), zeros_B, zeros_B, zeros_B)
-
-
-def mdlm_objective(model: mdlm.MaskedDiffusionLM, ids_BxL: Array, mask_BxL: Array, key: Array, *,
-                   cfg: ml_collections.ConfigDict, skip_scale: Array | float = 1.0,
-                   train: bool = True) -> ObjectiveOutput:
-  """MDLM's continuous-time NELBO for the absorbing process with alpha_t = 1 - t.
-
-  One t ~ U(eps, 1) per sequence (``objective.mask_eps``, drawn by
-  ``objective.time_sampling``); each valid token is masked with probability
-  t and the masked tokens' CE is weighted by -alpha'_t / (1 - alpha_t) = 1/t.
-  ``ce_sum`` is that weighted sum, so the CE the trainer reports (train and
-  held-out) is the NELBO in nats per token, an upper bound on the NLL, and
-  ``gamma_B`` holds t. No schedule fit, no self-conditioning; ``skip_scale``
-  is unused.
-  """
-  del skip_scale
-  k_t, k_mask, k_drop = jax.random.split(key, 3)
-  u_B = sample_uniform(k_t, ids_BxL.shape[0], cfg.time_sampling)
-  t_B = cfg.mask_eps + (1.0 - cfg.mask_eps) * u_B
-  masked = mdlm.random_mask(k_mask, t_B, mask_BxL)
-  nll_BxL = mdlm.masked_nll(model, ids_BxL, masked, dropout_key=k_drop if train else None)
-  zeros_B = jnp.zeros_like(t_B)
-  return _output(nll_BxL / t_B[:, None], jnp.sum(mask_BxL.astype(jnp.float32), axis=-1), zeros_B, zeros_B, t_B)
-
-
 def total_loss(terms: LossTerms, cfg: ml_collections.ConfigDict, num_tokens: Array,
                num_seqs: Array) -> Array:
   """Scalar to differentiate: token-mean CE plus the weighted schedule fit.
@@ -222,31 +175,6 @@ def total_loss(terms: LossTerms, cfg: ml_collections.ConfigDict, num_tokens: Arr
   if cfg.elbo_weight > 0:
     loss = loss + cfg.elbo_weight * terms.elbo_sum / jnp.maximum(num_tokens, 1.0)
   return loss
-
-
-OBJECTIVES: dict[str, Callable[..., ObjectiveOutput]] = {
-    "langflow": langflow_objective,
-    "ar": ar_objective,
-    "mdlm": mdlm_objective,
-}
-
-# The model each objective trains; objectives not listed train a LangFlow.
-MODELS: dict[str, Callable[[ml_collections.ConfigDict, int], nnx.Module]] = {
-    "langflow": model_lib.create_model,
-    "ar": ar.create_model,
-    "mdlm": mdlm.create_model,
-}
-
-
-def create_model(config: ml_collections.ConfigDict, seed: int = 0) -> nnx.Module:
-  """A fresh model of the kind ``config.objective.name`` trains."""
-  return MODELS.get(config.objective.name, model_lib.create_model)(config, seed)
-
-
-def get_objective(name: str) -> Callable[..., ObjectiveOutput]:
-  if name not in OBJECTIVES:
-    raise ConfigError(f"unknown objective '{name}'.", f"set --config.objective.name to one of {sorted(OBJECTIVES)}.")
-  return OBJECTIVES[name]
 
 
 def skip_warmup_scale(step: Array, warmup_steps: int) -> Array:
@@ -272,3 +200,11 @@ def add_terms(a: LossTerms, b: LossTerms) -> LossTerms:
 def zero_terms() -> LossTerms:
   z = jnp.zeros((), jnp.float32)
   return LossTerms(z, z, z, z, z, z)
+
+
+def create_model(config: ml_collections.ConfigDict, seed: int = 0):
+  """A fresh model of the kind ``config.objective.name`` trains: :func:`langflow_jax.methods.create_model`
+  (kept here for code written before the method registry)."""
+  from langflow_jax import methods  # the registry imports this module
+
+  return methods.create_model(config, seed)

@@ -38,13 +38,14 @@ from flax import nnx
 
 from langflow_jax import checkpoint as ckpt_lib
 from langflow_jax import config as config_lib
+from langflow_jax import methods
 from langflow_jax import objective as objective_lib
 from langflow_jax import parallel, reporting
 from langflow_jax.data import pipeline
 from langflow_jax.data.tokenizer import load_tokenizer
 from langflow_jax.errors import CheckpointError, ConfigError, NonFiniteLossError, UserError
+from langflow_jax.methods import create_model
 from langflow_jax.model import count_params
-from langflow_jax.objective import create_model
 
 log = logging.getLogger(__name__)
 Array = jax.Array
@@ -189,7 +190,7 @@ def make_grad_fn(config: ml_collections.ConfigDict, parts: ModelParts) -> Callab
   on a few of them). Terms are sums with whole-batch denominators, so the
   result does not depend on ``accum``.
   """
-  objective = objective_lib.get_objective(config.objective.name)
+  objective = methods.for_config(config).objective
   obj_cfg = config.objective
   accum = int(config.train.grad_accum)
 
@@ -268,7 +269,7 @@ def make_eval_step(config: ml_collections.ConfigDict, parts: ModelParts,
   With ``mesh`` (and the parameters' shardings) it is jitted with explicit
   shardings like the train step.
   """
-  objective = objective_lib.get_objective(config.objective.name)
+  objective = methods.for_config(config).objective
 
   def eval_step(params: nnx.State, batch: dict[str, Array], key: Array) -> objective_lib.LossTerms:
     model = parts.merge(params)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from langflow_jax import cli, objective, parallel, reporting, train
+from langflow_jax import cli, methods, objective, parallel, reporting, train
 from langflow_jax.baselines import ar
 from langflow_jax.errors import ConfigError
 from langflow_jax.model import create_model as create_langflow
@@ -29,14 +29,14 @@ def random_model(cfg=None, seed=0) -> ar.ARTransformer:
 
   @jax.jit
   def make():
-    model = objective.create_model(cfg or ar_config(), seed=seed)
+    model = methods.create_model(cfg or ar_config(), seed=seed)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     leaves, treedef = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.PRNGKey(seed + 100), len(leaves))
     leaves = [x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
     return jax.tree.unflatten(treedef, leaves), rest
 
-  graphdef = nnx.graphdef(nnx.eval_shape(lambda: objective.create_model(cfg or ar_config(), seed=seed)))
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: methods.create_model(cfg or ar_config(), seed=seed)))
   return nnx.merge(graphdef, *make())
 
 
@@ -49,7 +49,7 @@ def model():
 
 
 def test_objective_name_selects_the_causal_model():
-  abstract = lambda cfg: nnx.eval_shape(lambda: objective.create_model(cfg))
+  abstract = lambda cfg: nnx.eval_shape(lambda: methods.create_model(cfg))
   assert isinstance(abstract(ar_config()), ar.ARTransformer)
   assert not isinstance(abstract(small_config()), ar.ARTransformer)
 
@@ -138,8 +138,8 @@ def test_parameters_carry_logical_axes_the_sharding_rules_know(model):
 def test_ar_objective_scores_every_valid_token(model):
   ids = jax.random.randint(jax.random.PRNGKey(7), (B, L), 0, V)
   mask = jnp.ones((B, L), bool).at[1, 12:].set(False)
-  out = jax.jit(lambda ids, mask: objective.ar_objective(model, ids, mask, jax.random.PRNGKey(0),
-                                                         cfg=ar_config().objective))(ids, mask)
+  out = jax.jit(lambda ids, mask: ar.objective(model, ids, mask, jax.random.PRNGKey(0),
+                                                cfg=ar_config().objective))(ids, mask)
   ce = np.asarray(objective.token_cross_entropy(forward(model, ids), ids)) * np.asarray(mask)
   assert float(out.terms.num_tokens) == float(mask.sum()) and float(out.terms.num_seqs) == B
   np.testing.assert_allclose(float(out.terms.ce_sum), ce.sum(), rtol=1e-5)

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from langflow_jax import checkpoint as ckpt_lib
-from langflow_jax import cli, evaluate, train
+from langflow_jax import cli, evaluate, methods, train
+from langflow_jax import likelihood as lk
 from tests.conftest import small_config
 
 EVAL_ARGS = ["--config.eval.steps=4", "--config.eval.batch_size=4", "--config.eval.num_batches=2",
@@ -89,9 +90,12 @@ def test_eval_mistakes_are_one_line(capsys, args, message):
 def test_card_and_name_for_the_adaptive_solver(run):
   workdir, _ = run
   config, model, source, out_dir = evaluate.load_for_eval(workdir, None, ["config.eval.solver=adaptive"])
-  opts = evaluate.lk.BoundOptions.from_config(config.eval)
-  totals = evaluate._Totals(tokens=64.0, sequences=2, evals=45, steps=7)
-  card = evaluate.protocol_card(config, model, opts, split="heldout", totals=totals, num_batches=1, source=source)
+  opts = lk.BoundOptions.from_config(config.eval)
+  totals = lk.BoundTotals(tokens=64.0, sequences=2, evals=45, steps=7)
+  lik = methods.Likelihood(measure="bound", summary="", upper_bound=True, nats_per_token=1.0, stderr=0.1, stderr_covers="",
+                           terms={}, num_tokens=64, num_sequences=2, num_batches=1, seconds=0.0,
+                           card=lk.bound_card(model, opts, totals))
+  card = evaluate.protocol_card(config, model, lik, split="heldout", source=source)
   assert card["solver"].startswith("adaptive (diffrax Tsit5, rtol 0.001")
   assert card["steps"] == "7 accepted (largest batch), 45 evaluations"
   assert card["weights"] == "EMA" and card["checkpoint"].endswith("checkpoints/2")

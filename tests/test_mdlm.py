@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from langflow_jax import baselines, cli, config as config_lib, objective, parallel, reporting, train
+from langflow_jax import cli, config as config_lib, methods, parallel, reporting, train
 from langflow_jax.baselines import mdlm
 from langflow_jax.errors import ConfigError
 from langflow_jax.model import create_model as create_langflow
@@ -33,13 +33,13 @@ def models() -> tuple[mdlm.MaskedDiffusionLM, mdlm.MaskedDiffusionLM]:
 
   @jax.jit
   def make():
-    _, params, rest = nnx.split(objective.create_model(cfg), nnx.Param, ...)
+    _, params, rest = nnx.split(methods.create_model(cfg), nnx.Param, ...)
     leaves, treedef = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.PRNGKey(100), len(leaves))
     noisy = [x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
     return params, jax.tree.unflatten(treedef, noisy), rest
 
-  graphdef = nnx.graphdef(nnx.eval_shape(lambda: objective.create_model(cfg)))
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: methods.create_model(cfg)))
   fresh, noisy, rest = make()
   return nnx.merge(graphdef, fresh, rest), nnx.merge(graphdef, noisy, rest)
 
@@ -59,12 +59,12 @@ def forward(model, xt):
   return _forward(model, jnp.asarray(padded))[:len(xt)]
 
 
-train_loss = nnx.jit(lambda model, ids, valid, key: objective.mdlm_objective(
+train_loss = nnx.jit(lambda model, ids, valid, key: mdlm.objective(
     model, ids, valid, key, cfg=mdlm_config().objective, train=False))
 
 
 def test_objective_name_selects_the_masked_diffusion_model():
-  m = nnx.eval_shape(lambda: objective.create_model(mdlm_config()))
+  m = nnx.eval_shape(lambda: methods.create_model(mdlm_config()))
   assert isinstance(m, mdlm.MaskedDiffusionLM) and m.mask_id == V
   assert m.vocab_embed.embedding.shape == (V + 1, 32)  # the [MASK] row
 
@@ -217,7 +217,7 @@ def test_two_step_sampler_follows_the_reverse_process(model):
 
 
 def test_parameters_carry_logical_axes_and_match_the_ar_baseline():
-  model = nnx.eval_shape(lambda: objective.create_model(mdlm_config()))
+  model = nnx.eval_shape(lambda: methods.create_model(mdlm_config()))
   flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
   for path, var in flat:
     axes = var.get_metadata().get("logical_axes")
@@ -225,7 +225,7 @@ def test_parameters_carry_logical_axes_and_match_the_ar_baseline():
     assert all(a in parallel.LOGICAL_RULES for a in axes), (path, axes)
   cfg = mdlm_config()
   cfg.objective.name = "ar"
-  ar_model = nnx.eval_shape(lambda: objective.create_model(cfg))
+  ar_model = nnx.eval_shape(lambda: methods.create_model(cfg))
   shapes = lambda m: {".".join(map(str, p)): v.shape for p, v in nnx.to_flat_state(nnx.state(m, nnx.Param))}
   mine, theirs = shapes(model), shapes(ar_model)
   assert set(theirs) - set(mine) == {"start_embedding"} and set(mine) <= set(theirs)
@@ -273,8 +273,8 @@ def test_user_mistakes_are_config_errors(model):
   cfg = small_config()
   with pytest.raises(ConfigError, match="did not train the masked diffusion baseline"):
     mdlm.sample_texts(nnx.eval_shape(lambda: create_langflow(cfg)), None, cfg.sample, 8)
-  with pytest.raises(ConfigError, match="did not train a baseline"):
-    baselines.sample_texts(nnx.eval_shape(lambda: create_langflow(cfg)), None, cfg.sample, 8)
+  with pytest.raises(ConfigError, match="unknown objective 'mdml'"):
+    methods.get("mdml")
   cfg.objective.mask_eps = 1.0
   with pytest.raises(ConfigError, match="mask_eps"):
     config_lib.validate(cfg)

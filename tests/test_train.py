@@ -32,19 +32,24 @@ def test_overfits_one_fixed_batch():
 
 
 def test_grad_accumulation_equals_full_batch(monkeypatch):
+  from langflow_jax import methods
   from langflow_jax import objective as O
 
-  def deterministic(model, ids, mask, key, *, cfg, skip_scale=1.0, train=True):
-    # clean embeddings at a fixed noise level: no randomness, so micro-batching
-    # is the only difference between the two runs
-    gamma = jnp.full((ids.shape[0],), 2.0)
-    logits = model(model.embed(ids), gamma, skip_scale=skip_scale)
-    ce = O.token_cross_entropy(logits, ids) * mask
-    t = O.LossTerms(ce.sum(), mask.sum().astype(jnp.float32), jnp.float32(0), jnp.float32(ids.shape[0]),
-                    jnp.float32(0))
-    return O.ObjectiveOutput(t, gamma, ce.sum(-1) / 32)
+  class Deterministic(methods.LangFlowMethod):
+    """A LangFlow trained on clean embeddings at a fixed noise level: no randomness, so
+    micro-batching is the only difference between the two runs."""
 
-  monkeypatch.setitem(O.OBJECTIVES, "deterministic", deterministic)
+    name = "deterministic"
+
+    def objective(self, model, ids, mask, key, *, cfg, skip_scale=1.0, train=True):
+      gamma = jnp.full((ids.shape[0],), 2.0)
+      logits = model(model.embed(ids), gamma, skip_scale=skip_scale)
+      ce = O.token_cross_entropy(logits, ids) * mask
+      t = O.LossTerms(ce.sum(), mask.sum().astype(jnp.float32), jnp.float32(0), jnp.float32(ids.shape[0]),
+                      jnp.float32(0))
+      return O.ObjectiveOutput(t, gamma, ce.sum(-1) / 32)
+
+  monkeypatch.setitem(methods.METHODS, "deterministic", Deterministic())
   cfg = small_config(vocab_size=64)
   cfg.objective.name = "deterministic"
   mesh = parallel.make_mesh(cfg.mesh)

@@ -41,6 +41,7 @@ import numpy as np
 from flax import nnx
 
 from langflow_jax.errors import ConfigError
+from langflow_jax.objective import ObjectiveOutput, objective_output, token_cross_entropy
 from langflow_jax.model import (DTYPES, PreLNBlock, ScaleOnlyLayerNorm, TokenEmbedding, check_heads,
                                 check_length, dot_product_attention, dropout, linear, normalized_rows,
                                 rotary_inv_freq, rotary_qkv, rotary_tables)
@@ -179,6 +180,23 @@ class ARTransformer(PlainTransformer):
 def create_model(config: ml_collections.ConfigDict, seed: int = 0) -> ARTransformer:
   """A freshly initialised AR baseline for ``config.model``."""
   return ARTransformer(config.model, rngs=nnx.Rngs(params=seed))
+
+
+def objective(model: ARTransformer, ids_BxL: Array, mask_BxL: Array, key: Array, *,
+              cfg: ml_collections.ConfigDict, skip_scale: Array | float = 1.0,
+              train: bool = True) -> ObjectiveOutput:
+  """Next-token CE of the causal baseline, teacher-forced, over every valid token.
+
+  Position 0 is predicted from the start vector, so the token count equals
+  LangFlow's. There is no noise level (``gamma_B`` is 0), no schedule fit and
+  no self-conditioning; ``cfg`` and ``skip_scale`` are unused.
+  """
+  del cfg, skip_scale
+  mask = mask_BxL.astype(jnp.float32)
+  logits = model(ids_BxL, dropout_key=key if train else None)
+  ce_BxL = token_cross_entropy(logits, ids_BxL) * mask
+  zeros_B = jnp.zeros(ids_BxL.shape[:1], jnp.float32)
+  return objective_output(ce_BxL, jnp.sum(mask, axis=-1), zeros_B, zeros_B, zeros_B)
 
 
 # --------------------------------------------------------------------------- decoding

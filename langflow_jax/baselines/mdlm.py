@@ -8,15 +8,15 @@ trained on the continuous-time NELBO
 
     NELBO(x) = E_{t ~ U(0, 1), x_t} [ (1 / t) * sum_{masked l} -log p_theta(x_l | x_t) ],
 
-an upper bound on -log p(x) (nats per sequence; ``objective.name=mdlm`` in
-:mod:`langflow_jax.objective` draws t from ``U(eps, 1)`` as MDLM does).
+an upper bound on -log p(x) (nats per sequence; :func:`objective`, what
+``objective.name=mdlm`` trains, draws t from ``U(eps, 1)`` as MDLM does).
 
 The network is the AR baseline's family (:mod:`langflow_jax.baselines.ar`):
 pre-LN blocks with RoPE and the width, heads, MLP, dropout and compute dtype of
 ``config.model``, plain scale-only layer norms, an untied zero-initialised
 head over the V real tokens, and the same parameter names and
 ``logical_axes``, so the trainer, EMA, checkpoints, sharding rules and
-``train.load_model`` handle it unchanged. Differences from the AR model:
+``checkpoint.load_model`` handle it unchanged. Differences from the AR model:
 attention is bidirectional, the embedding table has V + 1 rows, there is no
 start vector, and the output goes through MDLM's SUBS parameterisation.
 
@@ -54,11 +54,13 @@ import numpy as np
 from flax import nnx
 
 from langflow_jax.baselines.ar import CausalBlock, PlainTransformer, choose_tokens, generation_prompt
+from langflow_jax.config import NELBO_ESTIMATORS
 from langflow_jax.errors import ConfigError
 from langflow_jax.model import check_length
+from langflow_jax.objective import ObjectiveOutput, objective_output, sample_uniform
 
 Array = jax.Array
-ESTIMATORS = ("time", "mask_count")
+ESTIMATORS = NELBO_ESTIMATORS  # the one list, in config.py
 
 
 class BidirectionalBlock(CausalBlock):
@@ -128,6 +130,30 @@ def masked_nll(model: MaskedDiffusionLM, ids_BxL: Array, masked_BxL: Array, *,
   logits = model.logits(xt_BxL, dropout_key=dropout_key)
   nll_BxL = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, ids_BxL[..., None], axis=-1)[..., 0]
   return jnp.where(masked_BxL, nll_BxL, 0.0)
+
+
+def objective(model: MaskedDiffusionLM, ids_BxL: Array, mask_BxL: Array, key: Array, *,
+              cfg: ml_collections.ConfigDict, skip_scale: Array | float = 1.0,
+              train: bool = True) -> ObjectiveOutput:
+  """MDLM's continuous-time NELBO for the absorbing process with alpha_t = 1 - t.
+
+  One t ~ U(eps, 1) per sequence (``objective.mask_eps``, drawn by
+  ``objective.time_sampling``); each valid token is masked with probability
+  t and the masked tokens' CE is weighted by -alpha'_t / (1 - alpha_t) = 1/t.
+  ``ce_sum`` is that weighted sum, so the CE the trainer reports (train and
+  held-out) is the NELBO in nats per token, an upper bound on the NLL, and
+  ``gamma_B`` holds t. No schedule fit, no self-conditioning; ``skip_scale``
+  is unused.
+  """
+  del skip_scale
+  k_t, k_mask, k_drop = jax.random.split(key, 3)
+  u_B = sample_uniform(k_t, ids_BxL.shape[0], cfg.time_sampling)
+  t_B = cfg.mask_eps + (1.0 - cfg.mask_eps) * u_B
+  masked = random_mask(k_mask, t_B, mask_BxL)
+  nll_BxL = masked_nll(model, ids_BxL, masked, dropout_key=k_drop if train else None)
+  zeros_B = jnp.zeros_like(t_B)
+  return objective_output(nll_BxL / t_B[:, None], jnp.sum(mask_BxL.astype(jnp.float32), axis=-1), zeros_B,
+                          zeros_B, t_B)
 
 
 # --------------------------------------------------------------------------- likelihood bound
