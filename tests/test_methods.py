@@ -1,0 +1,91 @@
+"""The method registry: one interface for LangFlow, AR and MDLM; `eval` on every run the trainer makes."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from langflow_jax import cli, methods, train
+from langflow_jax.baselines import ar, mdlm
+from langflow_jax.data import pipeline
+from langflow_jax.errors import ConfigError
+from langflow_jax.model import LangFlow
+from tests.conftest import small_config
+
+EVAL_ARGS = ["--config.eval.batch_size=4", "--config.eval.num_batches=2", "--config.eval.nelbo_samples=4"]
+
+
+def test_every_objective_name_is_a_method_with_its_model():
+  assert set(methods.METHODS) == {"langflow", "ar", "mdlm"}
+  for name, model_class in (("langflow", LangFlow), ("ar", ar.ARTransformer), ("mdlm", mdlm.MaskedDiffusionLM)):
+    cfg = small_config()
+    cfg.objective.name = name
+    method = methods.for_config(cfg)
+    assert method.name == name and method.model_class is model_class
+    model = nnx.eval_shape(lambda: methods.create_model(cfg))
+    assert isinstance(model, model_class)
+    method.check_model(model)
+  with pytest.raises(ConfigError, match="unknown objective 'arr'.*one of \\['ar', 'langflow', 'mdlm'\\]"):
+    methods.get("arr")
+  with pytest.raises(ConfigError, match="trains a ARTransformer, but the model is a LangFlow"):
+    methods.get("ar").check_model(nnx.eval_shape(lambda: methods.create_model(small_config())))
+
+
+@pytest.fixture(scope="module", params=["ar", "mdlm"])
+def baseline_run(request, tmp_path_factory):
+  """A tiny run of a baseline, trained by the trainer for two steps."""
+  cfg = small_config()
+  cfg.objective.name = request.param
+  cfg.train.update(steps=2, log_every=1, eval_every=2, checkpoint_every=2)
+  workdir = tmp_path_factory.mktemp(request.param) / "run"
+  train.train_and_evaluate(cfg, workdir)
+  return request.param, workdir
+
+
+def test_eval_cli_measures_a_baseline_run_by_its_own_method(baseline_run, capsys):
+  name, workdir = baseline_run
+  assert cli.main(["eval", "--workdir", str(workdir), "--plot", *EVAL_ARGS]) == 0
+  out = capsys.readouterr().out
+  measure, tag = {"ar": ("exact NLL", "nll"), "mdlm": ("NELBO", "nelbo-mask_count4")}[name]
+  assert out.startswith(f"{measure} on sotu (heldout): ") and "protocol card" in out
+  assert ("perplexity <=" in out) == (name == "mdlm")  # the NELBO bounds the NLL; the AR's is exact
+  saved = json.loads((workdir / "eval" / f"sotu_heldout_{tag}.json").read_text())
+  assert saved["method"] == name and saved["measure"] == measure
+  assert np.isfinite(saved["nats_per_token"]) and 0 < saved["nats_per_token_stderr"] < saved["nats_per_token"]
+  assert saved["terms_nats_per_token"] == {("nll" if name == "ar" else "nelbo"): saved["nats_per_token"]}
+  card = saved["card"]
+  assert card["method"] == name and card["batches"] == "2 x 4 sequences" and card["weights"] == "EMA"
+  assert card["tokens"] == saved["num_tokens"] == 8 * 32  # wrapped rows: every position counts
+  assert "solver" not in card and saved["sweep"] is None  # nothing of the ODE bound
+  assert not (workdir / "eval" / f"sotu_heldout_{tag}.png").exists()  # nothing to plot
+
+
+def test_baseline_likelihood_is_the_model_s_own_figure(baseline_run):
+  """The registry's number is the baseline's library call on the same rows."""
+  name, workdir = baseline_run
+  config, model = train.load_model(workdir)
+  for arg in EVAL_ARGS:
+    key, _, value = arg[len("--config."):].partition("=")
+    config.eval[key.split(".")[1]] = int(value)
+  data = pipeline.load_split(config.data, "heldout")
+  lik = methods.for_config(config).likelihood(model, data, config)
+  rows = list(pipeline.eval_batches(data, 4, 2))
+  ids, mask = np.concatenate([b["ids"] for b in rows]), np.concatenate([b["mask"] for b in rows])
+  if name == "ar":
+    nll, count = ar.sequence_nll(model, ids, mask, score_first=True)
+    expected = float(np.sum(nll) / np.sum(count))
+  else:
+    expected = mdlm.nelbo(model, ids, mask, key=jax.random.PRNGKey(config.eval.seed), num_samples=4,
+                          estimator="mask_count", batch_size=4)["nelbo"]
+  np.testing.assert_allclose(lik.nats_per_token, expected, rtol=1e-6)
+  assert lik.num_sequences == 8 and lik.num_batches == 2
+
+
+def test_the_registry_samples_every_method(baseline_run):
+  name, workdir = baseline_run
+  config, model = train.load_model(workdir)
+  method = methods.for_config(config)
+  ids, nfe = method.generate(model, jax.random.PRNGKey(0), num=2, length=8, steps=4)
+  assert np.asarray(ids).shape == (2, 8) and 1 <= int(nfe) <= 8
