@@ -288,7 +288,7 @@ class Service:
     max_tokens = get("max_tokens", default_tokens, _is_int, "an integer")
     if not 1 <= max_tokens <= room:
       raise BadRequest("max_tokens", f"'max_tokens'={max_tokens} is beyond the length: samples have {self.length} "
-                                     f"positions and the prompt{' and suffix' if suffix_ids else ''} take "
+                                     f"positions and the prompt{' and suffix take' if suffix_ids else ' takes'} "
                                      f"{self.length - room}, so use 1 to {room}.")
     cond_ids = cond_fixed = None
     if prompt_ids:
