@@ -8,7 +8,8 @@ tick. Each slot carries its own state: for LangFlow its z, self-conditioning
 input, step counter, its own step grid (padded to ``max_steps``, so one
 compiled shape serves every mix of step counts), sampler, temperature, noise
 keys and its prompt or infill template (the sampler's position
-conditioning); for the AR baseline its KV cache rows, position and key.
+conditioning); for the AR baseline its KV cache rows, position and key; for
+MDLM its tokens, step and proposal keys.
 
 Scheduling (``scheduler``):
 
@@ -33,8 +34,10 @@ D))``), every update is the sampler's, per slot. The one difference: the
 ``stochastic`` sampler's churn noise of candidates j >= 1 is drawn per
 candidate (``fold_in(k_step, j)``) instead of as row j of one batch-shaped
 draw, so its best-of candidates other than the first are other draws from the
-same distribution (single candidates match exactly). The AR backend matches
-``ar.generate`` the same way (candidate 0 exactly; j >= 1 per-candidate keys).
+same distribution (single candidates match exactly). The AR and MDLM backends
+match ``ar.generate`` / ``mdlm.generate`` the same way (candidate 0 exactly;
+j >= 1 per-candidate keys; MDLM's proposal keys count each slot's own
+changes, where the batch sampler counts the batch's).
 
 Events go to each job's ``on_event`` callback, called on the engine thread:
 a :class:`PassEvent` every ``stream_every``-th pass before the last (the
@@ -462,11 +465,120 @@ class ARSlots:
     return -np.asarray(logprob_RxL, np.float64)[:, p:p + job.passes].mean(axis=1)
 
 
+# --------------------------------------------------------------------------- MDLM slots
+
+
+def _mdlm_admit(st, slot_idx_R, x_L, key, temperature, top_p, *, rows: int):
+  k_unmask, k_token = jax.random.split(key)  # as mdlm.ancestral_sample
+  bc = lambda x: jnp.broadcast_to(x, (rows,) + jnp.shape(x))
+  new = dict(x=bc(x_L), lp=jnp.zeros((rows,) + x_L.shape, jnp.float32), k_unmask=bc(k_unmask), k_token=bc(k_token),
+             version=jnp.zeros((rows,), jnp.int32), temperature=bc(temperature), top_p=bc(top_p),
+             cand=jnp.arange(rows, dtype=jnp.int32))
+  return {name: st[name].at[slot_idx_R].set(value.astype(st[name].dtype), mode="drop") for name, value in new.items()}
+
+
+def _mdlm_tick(graphdef, params, st, i_S, n_S, active_S, *, k: int):
+  """One step of MDLM's ancestral sampler per slot (step i of n: unmask with probability 1/(n - i))."""
+  from langflow_jax.baselines import ar
+
+  model = nnx.merge(graphdef, params)
+  sub = {name: value[:k] for name, value in st.items()}
+  i, n, act = i_S[:k], n_S[:k], active_S[:k]
+  x = sub["x"]
+  logp = model(x)  # SUBS log-probabilities [k, L, V]
+
+  def per_candidate(key, step, cand):
+    key = jax.random.fold_in(key, step)
+    return jnp.where(cand == 0, key, jax.random.fold_in(key, cand))
+
+  def propose(lp, key, temperature, top_p):
+    greedy = temperature == 0
+    scaled = lp / jnp.where(greedy, 1.0, temperature)
+    scaled = jnp.where(top_p < 1.0, ar.nucleus_filter(scaled, top_p), scaled)
+    drawn = jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
+    return jnp.where(greedy, jnp.argmax(lp, axis=-1).astype(jnp.int32), drawn)
+
+  k_token = jax.vmap(per_candidate)(sub["k_token"], sub["version"], sub["cand"])
+  proposal = jax.vmap(propose)(logp, k_token, sub["temperature"], sub["top_p"])
+  k_unmask = jax.vmap(per_candidate)(sub["k_unmask"], i, sub["cand"])
+  p_unmask = 1.0 / jnp.maximum(n - i, 1)
+  draw = jax.vmap(lambda key, p: jax.random.bernoulli(key, p, x.shape[1:]))(k_unmask, p_unmask)
+  unmask = draw & (x == model.mask_id) & act[:, None]
+  chosen_lp = jnp.take_along_axis(logp, proposal[..., None], axis=-1)[..., 0]
+  x_new = jnp.where(unmask, proposal, x)
+  new = dict(sub, x=x_new, lp=jnp.where(unmask, chosen_lp, sub["lp"]),
+             version=sub["version"] + jnp.any(unmask, axis=-1).astype(jnp.int32))
+  st = {name: st[name].at[:k].set(new[name]) for name in st}
+  return st, jnp.where(x_new == model.mask_id, proposal, x_new), new["lp"], None
+
+
+class MDLMSlots:
+  """S masked-diffusion (MDLM) samplers side by side: per-slot tokens, step and proposal keys."""
+
+  kind = "mdlm"
+
+  def __init__(self, model, *, slots: int, length: int):
+    self.model = model
+    self.num_slots, self.length = int(slots), int(length)
+    self._graphdef, self._params = nnx.split(model)
+    self._ticks: dict[int, Callable] = {}
+    self._admits: dict[int, Callable] = {}
+    self.reset()
+
+  def reset(self) -> None:
+    s, l = self.num_slots, self.length
+    self._state = dict(x=jnp.full((s, l), self.model.mask_id, jnp.int32), lp=jnp.zeros((s, l), jnp.float32),
+                       k_unmask=jnp.zeros((s, 2), jnp.uint32), k_token=jnp.zeros((s, 2), jnp.uint32),
+                       version=jnp.zeros((s,), jnp.int32), temperature=jnp.ones((s,), jnp.float32),
+                       top_p=jnp.ones((s,), jnp.float32), cand=jnp.zeros((s,), jnp.int32))
+
+  def _admit_fn(self, rows: int):
+    if rows not in self._admits:
+      self._admits[rows] = jax.jit(functools.partial(_mdlm_admit, rows=rows), donate_argnums=0)
+    return self._admits[rows]
+
+  def admit(self, job: Job, slots: list[int]) -> None:
+    x = np.full((self.length,), self.model.mask_id, np.int32)
+    if job.cond_ids is not None:
+      fixed = np.asarray(job.cond_fixed, bool)
+      x[fixed] = np.asarray(job.cond_ids, np.int32)[fixed]
+    rows = _bucket(job.rows, self.num_slots)
+    idx = np.full((rows,), self.num_slots, np.int32)
+    idx[:len(slots)] = slots
+    job.keys = jax.random.PRNGKey(job.seed)  # as sample-baseline / mdlm.generate
+    self._state = self._admit_fn(rows)(self._state, jnp.asarray(idx), jnp.asarray(x), job.keys,
+                                       jnp.float32(job.temperature), jnp.float32(job.top_p))
+
+  def tick(self, k: int, i_S: np.ndarray, n_S: np.ndarray, active_S: np.ndarray, jobs: list[Job]):
+    if k not in self._ticks:
+      self._ticks[k] = jax.jit(functools.partial(_mdlm_tick, self._graphdef, k=k), donate_argnums=1)
+    self._state, tokens, lp, _ = self._ticks[k](self._params, self._state, jnp.asarray(i_S), jnp.asarray(n_S),
+                                                 jnp.asarray(active_S))
+    return tokens, lp, None
+
+  def warmup(self, samplers=()) -> None:
+    del samplers
+    x = jnp.zeros((self.length,), jnp.int32)
+    for rows in sorted({_bucket(r, self.num_slots) for r in range(1, self.num_slots + 1)}):
+      self._state = self._admit_fn(rows)(self._state, jnp.full((rows,), self.num_slots, jnp.int32), x,
+                                         jax.random.PRNGKey(0), jnp.float32(1), jnp.float32(1))
+    zeros = np.zeros((self.num_slots,), np.int32)
+    for k in sorted({_bucket(r, self.num_slots) for r in range(1, self.num_slots + 1)}):
+      out = self.tick(k, zeros, zeros + 2, np.zeros((self.num_slots,), bool), [])
+    jax.block_until_ready(out[0])
+
+  def score(self, job: Job, tokens_RxL: np.ndarray, logprob_RxL: np.ndarray) -> np.ndarray:
+    """Mean negative log-probability of the generated tokens when they were unmasked (lower is better)."""
+    free = ~np.asarray(job.cond_fixed, bool) if job.cond_fixed is not None else np.ones(tokens_RxL.shape[1], bool)
+    return -np.asarray(logprob_RxL, np.float64)[:, free].mean(axis=1)
+
+
 # --------------------------------------------------------------------------- the engine
 
 
 class Engine:
-  """Slots, a bounded queue and the loop thread over a backend (:class:`LangFlowSlots`, :class:`ARSlots`)."""
+  """Slots, a bounded queue and the loop thread over a backend (:class:`LangFlowSlots`, :class:`ARSlots`,
+  :class:`MDLMSlots`)."""
 
   def __init__(self, backend, *, queue_limit: int | None = None, scheduler: str = "stationary",
                static_wait_s: float = 0.05):

@@ -21,6 +21,10 @@ the ``serve`` extra). Endpoints:
   The AR baseline streams new text (``"replace": false``) as usual.
 * ``GET /health``, ``GET /metrics`` (Prometheus text), ``GET /v1/models``.
 
+The MDLM baseline is served the same way (``steps``, ``top_p``, ``suffix``;
+each event shows the unmasked tokens with the current proposals in the
+masked positions).
+
 Every bad field is a 400 whose JSON error names it (``error.param``); a full
 queue is a 429 with ``Retry-After``; SIGTERM stops accepting connections,
 finishes the requests in flight, then exits 0.
@@ -59,7 +63,7 @@ DEFAULT_ONLY = {"echo": (False, None), "logprobs": (None, 0), "presence_penalty"
 IGNORED = ("model", "user", "stream_options")
 COMMON_FIELDS = ("prompt", "suffix", "max_tokens", "n", "best_of", "temperature", "seed", "stream", "stream_every",
                  *IGNORED, *DEFAULT_ONLY)
-KIND_FIELDS = {"langflow": ("steps", "sampler", "score", "top_p"), "ar": ("top_p",)}
+KIND_FIELDS = {"langflow": ("steps", "sampler", "score", "top_p"), "ar": ("top_p",), "mdlm": ("steps", "top_p")}
 
 
 class BadRequest(Exception):
@@ -256,14 +260,16 @@ class Service:
       top_p = get("top_p", 1.0, _is_number, "a number")
       if top_p != 1:
         raise BadRequest("top_p", "'top_p' must be 1 for LangFlow (its sampler has no nucleus).")
-    else:
+    else:  # the baselines draw tokens: AR one per position, MDLM by unmasking
       temperature = get("temperature", self.default_temperature, _is_number, "a number")
       if not 0 <= temperature <= 100:
         raise BadRequest("temperature", f"'temperature'={temperature} must lie in [0, 100] (0: greedy).")
       top_p = get("top_p", self.default_top_p, _is_number, "a number")
       if not 0 < top_p <= 1:
         raise BadRequest("top_p", f"'top_p'={top_p} must lie in (0, 1].")
-      steps, sampler, score = 0, "ar", "logprob"
+      steps = int_in("steps", self.default_steps, 1, self.max_steps, " (the server's --max-steps)") \
+          if self.kind == "mdlm" else 0
+      sampler, score = self.kind, "logprob"
 
     prompt = self._text(req, "prompt")
     suffix = self._text(req, "suffix")
@@ -275,8 +281,8 @@ class Service:
                                  f"{self.length} positions; shorten it to fewer than {self.length} tokens.",
                        "prompt_too_long")
     suffix_ids = self._encode(suffix, "suffix")
-    if suffix_ids and self.kind != "langflow":
-      raise BadRequest("suffix", "'suffix' (infill) needs the LangFlow model; the AR baseline only continues.")
+    if suffix_ids and self.kind == "ar":
+      raise BadRequest("suffix", "'suffix' (infill) needs a diffusion model; the AR baseline only continues.")
     if suffix_ids and not prompt_ids:
       prompt_ids = [self.tokenizer.bos_id]
     p = len(prompt_ids)
@@ -331,7 +337,7 @@ class Service:
   # ---- running a request
 
   def job(self, plan: Plan, on_event) -> engine_lib.Job:
-    return engine_lib.Job(rows=plan.best_of, passes=plan.steps if self.kind == "langflow" else plan.max_tokens,
+    return engine_lib.Job(rows=plan.best_of, passes=plan.max_tokens if self.kind == "ar" else plan.steps,
                           seed=plan.seed, sampler=plan.sampler if self.kind == "langflow" else "euler",
                           temperature=plan.temperature, top_p=plan.top_p, cond_ids=plan.cond_ids,
                           cond_fixed=plan.cond_fixed, stream_every=plan.stream_every if plan.stream else 0,
@@ -367,6 +373,8 @@ class Service:
     out = {"seed": plan.seed, "best_of": plan.best_of}
     if self.kind == "langflow":
       out.update(steps=plan.steps, sampler=plan.sampler)
+    elif self.kind == "mdlm":
+      out.update(steps=plan.steps)
     return out
 
 
@@ -485,7 +493,7 @@ async def _events(service: Service, plan: Plan, job: engine_lib.Job, queue: asyn
                   started: float) -> AsyncIterator[str]:
   """The SSE stream of one request; closing it early (the client left) cancels the job."""
   head = service.head(cid)
-  replace = service.kind == "langflow"
+  replace = service.kind != "ar"  # the diffusion models refine the whole output
   sent = [""] * plan.n
   first = True
   finished = False
@@ -628,9 +636,10 @@ def service_from_workdir(workdir: str, *, slots: int | None = None, steps: int |
     backend = engine_lib.ARSlots(model, slots=slots, length=length)
     kind = "ar"
   elif isinstance(model, mdlm.MaskedDiffusionLM):
-    raise UserError("serving an MDLM run is not supported yet.", "serve a LangFlow or an AR run.")
+    backend = engine_lib.MDLMSlots(model, slots=slots, length=length)
+    kind = "mdlm"
   else:
-    raise UserError(f"cannot serve a {type(model).__name__}.", "serve a LangFlow or an AR run.")
+    raise UserError(f"cannot serve a {type(model).__name__}.", "serve a LangFlow, AR or MDLM run.")
   engine = engine_lib.Engine(backend, queue_limit=queue, scheduler=scheduler, static_wait_s=static_wait_s)
   if warmup:
     engine.warmup((sc.sampler,) if kind == "langflow" else ())
@@ -651,8 +660,8 @@ def serve_workdir(workdir: str, *, host: str = "127.0.0.1", port: int = 8000, pr
   e = service.engine
   print_fn(f"[serve] {service.kind} model {service.model_name}: {e.num_slots} slots x {service.length} tokens, "
            f"{e.scheduler} batch, queue {e.queue_limit}" + (
-               f", {service.default_steps} steps by default (at most {service.max_steps}), sampler "
-               f"{service.default_sampler}" if service.kind == "langflow" else "")
+               f", {service.default_steps} steps by default (at most {service.max_steps})" if service.kind != "ar" else "")
+           + (f", sampler {service.default_sampler}" if service.kind == "langflow" else "")
            + f"; ready in {time.monotonic() - t0:.1f} s")
   print_fn(f"[serve] listening on http://{host}:{port}  (POST /v1/completions, GET /health, GET /metrics)")
   app = create_app(service)
