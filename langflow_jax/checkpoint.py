@@ -3,7 +3,7 @@
 A run directory keeps its checkpoints under ``checkpoints/<step>/``, each with
 two items:
 
-* ``state``: the :class:`~langflow_jax.train.TrainState` pytree (params, EMA,
+* ``state``: the :class:`~langflow_jax.train_state.TrainState` pytree (params, EMA,
   optimizer state, step, RNG key), restored onto whatever mesh the caller
   asks for (abstract target with shardings), so a different device count or
   mesh shape is fine;
@@ -41,10 +41,14 @@ from typing import Any
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from flax import nnx
 
 from langflow_jax import __version__
 from langflow_jax import config as config_lib
+from langflow_jax import parallel
+from langflow_jax.data.tokenizer import fingerprint, load_tokenizer
 from langflow_jax.errors import CheckpointError, environment_error
+from langflow_jax.train_state import ModelParts, TrainState, abstract_train_state, make_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -454,8 +458,6 @@ def saved_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
 
 def tokenizer_meta(tokenizer) -> dict:
   """What a checkpoint records about its tokenizer (see :func:`check_tokenizer`)."""
-  from langflow_jax.data.tokenizer import fingerprint
-
   return {"name": tokenizer.name, "vocab_size": int(tokenizer.vocab_size), "fingerprint": fingerprint(tokenizer)}
 
 
@@ -480,3 +482,45 @@ def with_shardings(abstract: Any, shardings: Any) -> Any:
 def meta_json(config: ml_collections.ConfigDict, data_state: dict, extra: dict | None = None) -> dict:
   return {"config": config_lib.to_json(config), "data_state": json.loads(json.dumps(data_state)),
           **(extra or {})}
+
+
+# --------------------------------------------------------------------------- a run's model
+
+
+def load_state(workdir: str | pathlib.Path, config: ml_collections.ConfigDict | None = None,
+               step: int | None = None, mesh: jax.sharding.Mesh | None = None
+               ) -> tuple[ml_collections.ConfigDict, ModelParts, TrainState, dict]:
+  """(config, model parts, full train state, metadata) of a run's newest readable
+  checkpoint (or of a step directory), on one device, or placed on ``mesh`` by
+  the sharding rules (every process reads only its shards). Clear errors for a
+  missing or empty workdir, a damaged checkpoint, or a ``config`` that does not fit it."""
+  checkpointer, newest = open_run(workdir)
+  step = newest if step is None else step
+  if config is None:
+    config = config_lib.from_json(checkpointer.read_meta(step)["config"])
+  tx = make_optimizer(config.optimizer, config.train.steps)
+  graphdef, abstract_state = abstract_train_state(config, tx)
+  if mesh is None:
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract_state)
+  else:
+    abstract = with_shardings(abstract_state, parallel.tree_shardings(abstract_state, mesh))
+  state, meta, _ = checkpointer.restore(abstract, step, config=config)
+  return config, ModelParts(graphdef, state.buffers), state, meta
+
+
+def load_model(workdir: str | pathlib.Path, use_ema: bool = True,
+               config: ml_collections.ConfigDict | None = None,
+               step: int | None = None, mesh: jax.sharding.Mesh | None = None
+               ) -> tuple[ml_collections.ConfigDict, nnx.Module]:
+  """The trained model (EMA weights by default) and config of a training run: the
+  model its ``objective.name`` trains (:mod:`langflow_jax.methods`: a LangFlow, the AR or the MDLM baseline).
+
+  ``config`` (default: the one saved with the checkpoint) may change data,
+  eval and sample keys; its tokenizer must be the checkpoint's. ``step`` picks
+  a checkpoint; the default is the newest readable one. With ``mesh`` the
+  weights are restored sharded by the rules (for sharded sampling and eval).
+  """
+  config, parts, state, meta = load_state(workdir, config, step, mesh)
+  check_tokenizer(meta, tokenizer_meta(load_tokenizer(config.data.tokenizer)), str(workdir))
+  return config, parts.merge(state.ema_params if use_ema else state.params)

@@ -208,14 +208,14 @@ def _prepare_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_sample_baseline(args, overrides) -> int:
-  from langflow_jax import checkpoint, config as config_lib, methods, parallel, train
+  from langflow_jax import checkpoint, config as config_lib, methods, parallel
   from langflow_jax.data.tokenizer import load_tokenizer
 
   parallel.maybe_initialize_distributed()
   config = checkpoint.saved_config(args.workdir)
   config_lib.apply_overrides(config, overrides)
   method = methods.for_config(config)
-  _, model = train.load_model(args.workdir, use_ema=config.sample.use_ema, config=config)
+  _, model = checkpoint.load_model(args.workdir, use_ema=config.sample.use_ema, config=config)
   length = config.sample.seq_len or config.data.seq_len
   texts = method.sample_texts(model, load_tokenizer(config.data.tokenizer), config.sample, length, args.prompt)
   for i, text in enumerate(texts):
@@ -224,10 +224,10 @@ def cmd_sample_baseline(args, overrides) -> int:
 
 
 def cmd_sample(args, overrides) -> int:
-  from langflow_jax import parallel, sampling
+  from langflow_jax import parallel, sample
 
   parallel.maybe_initialize_distributed()
-  sampling.generate_from_workdir(
+  sample.generate_from_workdir(
       args.workdir, num=args.num, steps=args.steps, prompt=args.prompt, infill=args.infill,
       best_of=args.best_of, show_steps=args.show_steps, sampler=args.sampler, temperature=args.temperature,
       seed=args.seed, out=args.out, score=args.score, overrides=overrides)
@@ -235,11 +235,11 @@ def cmd_sample(args, overrides) -> int:
 
 
 def cmd_genppl(args, overrides) -> int:
-  from langflow_jax import metrics
+  from langflow_jax import genppl
 
   if overrides:
     raise ConfigError("genppl takes no --config overrides.", "pass --samples and --scorer only.")
-  result = metrics.gen_ppl_report(args.samples, args.scorer, reference=not args.no_reference)
+  result = genppl.gen_ppl_report(args.samples, args.scorer, reference=not args.no_reference)
   if args.json:
     print(json.dumps(result, indent=2))
   return 0

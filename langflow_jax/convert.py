@@ -224,7 +224,7 @@ def convert_official(source: str | pathlib.Path, workdir: str | pathlib.Path) ->
   state (the release holds the evaluated weights), with a fresh optimizer.
   """
   from langflow_jax import checkpoint as ckpt_lib
-  from langflow_jax import train
+  from langflow_jax import train_state
 
   config, model = load_official(source)
   if config.model.vocab_size in _PROTOCOLS:
@@ -233,8 +233,8 @@ def convert_official(source: str | pathlib.Path, workdir: str | pathlib.Path) ->
   checkpointer = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(workdir), async_save=False)
   if checkpointer.latest_step() is not None:
     raise CheckpointError(f"{workdir} already holds checkpoints.", "convert into a new, empty --workdir.")
-  tx = train.make_optimizer(config.optimizer, config.train.steps)
-  state = train.state_from_model(model, tx, config.train.seed)
+  tx = train_state.make_optimizer(config.optimizer, config.train.steps)
+  state = train_state.state_from_model(model, tx, config.train.seed)
   meta = ckpt_lib.meta_json(config, {"step": 0}, {"converted_from": str(pathlib.Path(source).resolve())})
   checkpointer.save(0, state, meta, force=True)
   checkpointer.close()
@@ -246,9 +246,9 @@ def export_official(workdir: str | pathlib.Path, out_dir: str | pathlib.Path, us
   """Writes a run's weights (EMA by default) as ``config.json`` + ``model.safetensors``."""
   from safetensors.numpy import save_file
 
-  from langflow_jax import train
+  from langflow_jax import checkpoint as ckpt_lib
 
-  config, model = train.load_model(workdir, use_ema=use_ema)
+  config, model = ckpt_lib.load_model(workdir, use_ema=use_ema)
   if config.schedule.name != "gumbel" or not config.model.use_skip:
     raise CheckpointError(
         f"the official layout needs the Gumbel schedule and skip logits (this run: schedule "

@@ -40,11 +40,11 @@ from flax import nnx
 
 from langflow_jax import checkpoint as ckpt_lib
 from langflow_jax import config as config_lib
-from langflow_jax import convert, diffusion, parallel, train
+from langflow_jax import convert, diffusion, parallel
 from langflow_jax import likelihood as lk
 from langflow_jax import methods
 from langflow_jax.data import pipeline
-from langflow_jax.data.tokenizer import load_tokenizer
+from langflow_jax.data.tokenizer import check_matches_model, load_tokenizer
 from langflow_jax.errors import CheckpointError, ConfigError
 from langflow_jax.model import LangFlow, count_params
 from langflow_jax.objective import token_cross_entropy
@@ -283,7 +283,7 @@ def evaluate_model(config: ml_collections.ConfigDict, model: nnx.Module, *, spli
   parallel.check_batch(e.batch_size, mesh, what="eval.batch_size")
   parallel.shard_model(model, mesh)
   tokenizer = load_tokenizer(config.data.tokenizer)
-  train.check_data_matches_model(config, tokenizer)
+  check_matches_model(config, tokenizer)
   data = pipeline.load_split(config.data, split, tokenizer)
   lik = method.likelihood(model, data, config, mesh=mesh, progress=progress, sweep=plot)
   source = source or {"weights": "as given", "checkpoint": "(in memory)"}
@@ -328,7 +328,7 @@ def load_for_eval(workdir: str | pathlib.Path | None, checkpoint: str | pathlib.
   mesh = parallel.make_mesh(config.mesh)
   if step is None:
     step = ckpt_lib.open_run(workdir)[0].latest_step()
-  config, model = train.load_model(workdir, use_ema=config.eval.use_ema, config=config, step=step, mesh=mesh)
+  config, model = ckpt_lib.load_model(workdir, use_ema=config.eval.use_ema, config=config, step=step, mesh=mesh)
   weights = "EMA" if config.eval.use_ema else "raw (no EMA)"
   source = {"weights": weights, "checkpoint": str(ckpt_lib.checkpoint_dir(workdir) / str(step))}
   return config, model, source, pathlib.Path(workdir).expanduser() / "eval"

@@ -14,7 +14,7 @@ Each objective returns an :class:`ObjectiveOutput` whose terms are sums with
 explicit denominators, so micro-batches and devices combine exactly. The
 baselines' objectives (next-token CE, the MDLM NELBO) live with their models
 in :mod:`langflow_jax.baselines`; :mod:`langflow_jax.methods` says which
-objective and model each ``objective.name`` trains.
+objective and model each ``objective.name`` trains (``methods.create_model``).
 """
 
 from __future__ import annotations
@@ -200,11 +200,3 @@ def add_terms(a: LossTerms, b: LossTerms) -> LossTerms:
 def zero_terms() -> LossTerms:
   z = jnp.zeros((), jnp.float32)
   return LossTerms(z, z, z, z, z, z)
-
-
-def create_model(config: ml_collections.ConfigDict, seed: int = 0):
-  """A fresh model of the kind ``config.objective.name`` trains: :func:`langflow_jax.methods.create_model`
-  (kept here for code written before the method registry)."""
-  from langflow_jax import methods  # the registry imports this module
-
-  return methods.create_model(config, seed)

@@ -15,7 +15,6 @@ bit for bit, and a resumed run continues exactly.
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import fcntl
 import logging
@@ -28,7 +27,6 @@ import sys
 import time
 from typing import Any, Callable
 
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -41,128 +39,19 @@ from langflow_jax import config as config_lib
 from langflow_jax import methods
 from langflow_jax import objective as objective_lib
 from langflow_jax import parallel, reporting
+from langflow_jax.checkpoint import load_model, load_state  # noqa: F401 (their home before checkpoint.py)
 from langflow_jax.data import pipeline
-from langflow_jax.data.tokenizer import load_tokenizer
+from langflow_jax.data.tokenizer import check_matches_model, load_tokenizer
 from langflow_jax.errors import CheckpointError, ConfigError, NonFiniteLossError, UserError
 from langflow_jax.methods import create_model
 from langflow_jax.model import count_params
+# The train state and optimizer live in train_state.py; these names stay importable from here.
+from langflow_jax.train_state import (TRAIN_KEY_SALT, ModelParts, TrainState, abstract_train_state,  # noqa: F401
+                                      ema_update, fresh_train_state, learning_rate_schedule, make_optimizer,
+                                      split_model, state_from_model, training_root_key)
 
 log = logging.getLogger(__name__)
 Array = jax.Array
-
-
-@flax.struct.dataclass
-class TrainState:
-  step: Array
-  params: nnx.State
-  ema_params: nnx.State
-  opt_state: optax.OptState
-  rng: Array  # raw uint32[2] key: the root of every per-step key
-  buffers: nnx.State  # non-trainable model buffers (RoPE frequencies), saved as loaded
-
-
-@dataclasses.dataclass
-class ModelParts:
-  """The static half of the model (graph and non-trainable buffers)."""
-
-  graphdef: Any
-  rest: nnx.State
-
-  @classmethod
-  def from_state(cls, graphdef: Any, state: "TrainState") -> "ModelParts":
-    # A copy: the train step donates the state, buffers included.
-    return cls(graphdef, jax.tree.map(jnp.copy, state.buffers))
-
-  def merge(self, params: nnx.State) -> nnx.Module:
-    return nnx.merge(self.graphdef, params, self.rest)
-
-
-# --------------------------------------------------------------------------- optimizer
-
-
-def learning_rate_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
-  """Linear warm-up to ``lr``, then constant, cosine or linear decay."""
-  warmup = max(int(cfg.warmup_steps), 0)
-  decay_steps = max(total_steps - warmup, 1)
-  end = cfg.lr * cfg.min_lr_ratio
-  if cfg.decay == "constant":
-    after = optax.constant_schedule(cfg.lr)
-  elif cfg.decay == "cosine":
-    after = optax.cosine_decay_schedule(cfg.lr, decay_steps, alpha=cfg.min_lr_ratio)
-  elif cfg.decay == "linear":
-    after = optax.linear_schedule(cfg.lr, end, decay_steps)
-  else:
-    raise ConfigError(f"unknown optimizer.decay '{cfg.decay}'.", "use constant, cosine or linear.")
-  if warmup == 0:
-    return after
-  return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warmup), after], [warmup])
-
-
-def _param_labels(params: nnx.State) -> nnx.State:
-  """'schedule' for the noise-schedule parameters, 'network' for the rest."""
-  def label(path, _):
-    return "schedule" if path and getattr(path[0], "key", None) == "schedule" else "network"
-  return jax.tree_util.tree_map_with_path(label, params)
-
-
-def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
-  """AdamW (decay on matrices only) with clipping; the schedule gets its own lr scale."""
-  lr = learning_rate_schedule(cfg, total_steps)
-  decay_mask = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)
-  network = optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                        mask=decay_mask)
-  sched = optax.adam(lambda step: lr(step) * cfg.schedule_lr_scale, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
-  parts = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
-  parts.append(optax.multi_transform({"network": network, "schedule": sched}, _param_labels))
-  return optax.chain(*parts)
-
-
-def ema_update(ema: nnx.State, params: nnx.State, step: Array, decay: float) -> nnx.State:
-  """EMA with the usual warm-up: the effective decay is min(decay, (1+t)/(10+t))."""
-  t = step.astype(jnp.float32)
-  d = jnp.minimum(decay, (1.0 + t) / (10.0 + t))
-  return jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, ema, params)
-
-
-# --------------------------------------------------------------------------- state
-
-
-def split_model(model: nnx.Module) -> tuple[ModelParts, nnx.State]:
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  return ModelParts(graphdef, rest), params
-
-
-def fresh_train_state(config: ml_collections.ConfigDict, tx: optax.GradientTransformation) -> TrainState:
-  """A newly initialised state (call under jit or eval_shape)."""
-  return state_from_model(create_model(config, seed=config.train.seed), tx, config.train.seed)
-
-
-def state_from_model(model: nnx.Module, tx: optax.GradientTransformation, seed: int) -> TrainState:
-  """Step 0 with ``model``'s weights as both raw and EMA parameters."""
-  parts, params = split_model(model)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
-                    opt_state=tx.init(params), rng=training_root_key(seed), buffers=parts.rest)
-
-
-# nnx.Rngs(params=seed) draws its i-th init key as fold_in(PRNGKey(seed), i); the
-# per-step keys fold_in(root, step) must not repeat those, so the root is salted.
-TRAIN_KEY_SALT = 0x74726E  # "trn"
-
-
-def training_root_key(seed: int) -> Array:
-  return jax.random.fold_in(jax.random.PRNGKey(seed), TRAIN_KEY_SALT)
-
-
-def model_buffers(config: ml_collections.ConfigDict) -> nnx.State:
-  """A fresh model's non-trainable buffers (RoPE frequencies); jit drops the unused init."""
-  return jax.jit(lambda: split_model(create_model(config, seed=0))[0].rest)()
-
-
-def abstract_train_state(config: ml_collections.ConfigDict, tx: optax.GradientTransformation):
-  """(graphdef, abstract TrainState) with no arrays allocated."""
-  abstract_state = jax.eval_shape(lambda: fresh_train_state(config, tx))
-  graphdef = nnx.graphdef(nnx.eval_shape(lambda: create_model(config, seed=config.train.seed)))
-  return graphdef, abstract_state
 
 
 def init_train_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
@@ -296,14 +185,6 @@ def evaluate_loss(eval_step, params, split: pipeline.PackedSplit, config, mesh) 
 
 
 # --------------------------------------------------------------------------- loop
-
-
-def check_data_matches_model(config: ml_collections.ConfigDict, tokenizer) -> None:
-  if tokenizer.vocab_size != config.model.vocab_size:
-    raise ConfigError(
-        f"tokenizer '{config.data.tokenizer}' has {tokenizer.vocab_size} tokens but model.vocab_size="
-        f"{config.model.vocab_size}.",
-        f"set --config.model.vocab_size={tokenizer.vocab_size} (new runs) or use the model's tokenizer.")
 
 
 def host_metrics(metrics: dict, config: ml_collections.ConfigDict) -> dict[str, float]:
@@ -526,7 +407,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   if config.train.restore_from and not ckpt_lib.checkpoint_dir(workdir).is_dir():
     ckpt_lib.locate(config.train.restore_from)  # a missing start run, before anything is created
   tokenizer = load_tokenizer(config.data.tokenizer)
-  check_data_matches_model(config, tokenizer)
+  check_matches_model(config, tokenizer)
   train_split = pipeline.load_split(config.data, "train", tokenizer)
   heldout_split = pipeline.load_split(config.data, "heldout", tokenizer)
   _check_workdir(workdir)
@@ -662,42 +543,3 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh: jax.s
 
     summary["plots"] = plots.training_plots(workdir, getattr(parts.merge(state.params), "schedule", None))
   return summary
-
-
-def load_state(workdir: str | pathlib.Path, config: ml_collections.ConfigDict | None = None,
-               step: int | None = None, mesh: jax.sharding.Mesh | None = None
-               ) -> tuple[ml_collections.ConfigDict, ModelParts, TrainState, dict]:
-  """(config, model parts, full train state, metadata) of a run's newest readable
-  checkpoint (or of a step directory), on one device, or placed on ``mesh`` by
-  the sharding rules (every process reads only its shards). Clear errors for a
-  missing or empty workdir, a damaged checkpoint, or a ``config`` that does not fit it."""
-  checkpointer, newest = ckpt_lib.open_run(workdir)
-  step = newest if step is None else step
-  if config is None:
-    config = config_lib.from_json(checkpointer.read_meta(step)["config"])
-  tx = make_optimizer(config.optimizer, config.train.steps)
-  graphdef, abstract_state = abstract_train_state(config, tx)
-  if mesh is None:
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract_state)
-  else:
-    abstract = ckpt_lib.with_shardings(abstract_state, parallel.tree_shardings(abstract_state, mesh))
-  state, meta, _ = checkpointer.restore(abstract, step, config=config)
-  return config, ModelParts(graphdef, state.buffers), state, meta
-
-
-def load_model(workdir: str | pathlib.Path, use_ema: bool = True,
-               config: ml_collections.ConfigDict | None = None,
-               step: int | None = None, mesh: jax.sharding.Mesh | None = None
-               ) -> tuple[ml_collections.ConfigDict, nnx.Module]:
-  """The trained model (EMA weights by default) and config of a training run:
-  a LangFlow, or the model its objective trains (``ar``: the causal baseline).
-
-  ``config`` (default: the one saved with the checkpoint) may change data,
-  eval and sample keys; its tokenizer must be the checkpoint's. ``step`` picks
-  a checkpoint; the default is the newest readable one. With ``mesh`` the
-  weights are restored sharded by the rules (for sharded sampling and eval).
-  """
-  config, parts, state, meta = load_state(workdir, config, step, mesh)
-  ckpt_lib.check_tokenizer(meta, ckpt_lib.tokenizer_meta(load_tokenizer(config.data.tokenizer)), str(workdir))
-  return config, parts.merge(state.ema_params if use_ema else state.params)

@@ -192,7 +192,7 @@ def test_user_mistakes_are_config_errors(model):
 def test_genppl_scores_samples_with_an_ar_run(ar_run, tmp_path, capsys):
   """``genppl --scorer ar:RUN_DIR``: the AR baseline's Gen. PPL, ids scored as they are."""
   from langflow_jax import config as config_lib
-  from langflow_jax import metrics
+  from langflow_jax import genppl
 
   cfg, _, workdir = ar_run
   _, model = train.load_model(workdir)
@@ -209,6 +209,6 @@ def test_genppl_scores_samples_with_an_ar_run(ar_run, tmp_path, capsys):
   nll = sum(float(ar.sequence_nll(model, np.asarray([s]))[0][0]) for s in ids)
   assert result["samples"]["scored_tokens"] == 31 + 19 + 31
   np.testing.assert_allclose(result["samples"]["nll_per_token"], nll / 81, rtol=1e-5)
-  assert "ar" in metrics.SCORER_LOADERS
+  assert "ar" in genppl.SCORER_LOADERS
   assert cli.main(["genppl", "--samples", str(samples), "--scorer", "ar"]) == 2
   assert "--scorer ar needs a run directory" in capsys.readouterr().err

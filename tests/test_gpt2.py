@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from langflow_jax import gpt2, metrics
+from langflow_jax import genppl, gpt2, metrics
 from langflow_jax.config import base_config
 from langflow_jax.errors import CheckpointError
 
@@ -95,7 +95,7 @@ def test_loader_accepts_hf_variants_and_rejects_incomplete(hf_dir, tmp_path):
 def test_gpt2_scorer_retokenizes_and_scores(hf_dir):
   config = base_config()
   config.data.tokenizer = "sotu-bpe8k"
-  scorer, description = metrics.SCORER_LOADERS["gpt2"](str(hf_dir), config)
+  scorer, description = genppl.SCORER_LOADERS["gpt2"](str(hf_dir), config)
   assert "GPT-2" in description
   from langflow_jax.data.tokenizer import load_tokenizer
 

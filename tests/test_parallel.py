@@ -465,7 +465,7 @@ def _two_processes_eval_and_sample(workdir: str) -> dict:
   each process loading its own eval rows), against this process alone on one device."""
   import jax
 
-  from langflow_jax import evaluate, sampling, train
+  from langflow_jax import evaluate, sample, sampling, train
   from langflow_jax import likelihood as lk
   from langflow_jax.data import pipeline
 
@@ -473,7 +473,7 @@ def _two_processes_eval_and_sample(workdir: str) -> dict:
   eval_args = ["config.eval.solver=euler", "config.eval.steps=2", "config.eval.batch_size=8",
                "config.eval.num_batches=1", *mesh_args]
   result = evaluate.evaluate_workdir(workdir, eval_args, write=True)
-  samples = sampling.generate_from_workdir(workdir, num=4, steps=3, overrides=[*mesh_args, "config.sample.score=ce"],
+  samples = sample.generate_from_workdir(workdir, num=4, steps=3, overrides=[*mesh_args, "config.sample.score=ce"],
                                            print_fn=None)
   config, local = train.load_model(workdir)  # this process's first device only
   split = pipeline.load_split(config.data, "heldout")

@@ -23,6 +23,7 @@ pytest.importorskip("starlette")
 uvicorn = pytest.importorskip("uvicorn")
 
 from langflow_jax import engine, sampling, serve  # noqa: E402
+from langflow_jax import sample as sample_app  # noqa: E402
 from tests.conftest import ROOT, small_config  # noqa: E402
 
 L = 32  # small_config's length
@@ -222,8 +223,8 @@ def test_completion_matches_the_sample_command(lf_run, client):
                                extra_body={"steps": STEPS})
   (choice,) = out.choices
   assert choice.finish_reason == "length" and isinstance(choice.text, str)
-  ref = sampling.generate_from_workdir(str(lf_run), num=1, steps=STEPS, prompt="The Congress shall", seed=7,
-                                       print_fn=None)["samples"][0]["ids"]
+  ref = sample_app.generate_from_workdir(str(lf_run), num=1, steps=STEPS, prompt="The Congress shall", seed=7,
+                                         print_fn=None)["samples"][0]["ids"]
   p = out.usage.prompt_tokens
   assert choice.token_ids == ref[p:p + 10]
   assert out.usage.completion_tokens == 10 and out.model == "lf"
@@ -260,8 +261,8 @@ def test_best_of_picks_the_lowest_score_as_sample_does(lf_run, client):
   (choice,) = body["choices"]
   scores = body["candidate_scores"]
   assert len(scores) == 3 and choice["candidate"] == int(np.argmin(scores)) and choice["score"] == min(scores)
-  ref = sampling.generate_from_workdir(str(lf_run), num=1, steps=STEPS, prompt="The Congress shall", best_of=3,
-                                       seed=4, print_fn=None)["samples"][0]
+  ref = sample_app.generate_from_workdir(str(lf_run), num=1, steps=STEPS, prompt="The Congress shall", best_of=3,
+                                         seed=4, print_fn=None)["samples"][0]
   p = body["usage"]["prompt_tokens"]
   assert choice["token_ids"] == ref["ids"][p:]
   assert choice["score"] == pytest.approx(ref["score"], abs=1e-4)

@@ -22,7 +22,6 @@ and brings nothing here, since a batch is one memory-mapped gather.
 
 from __future__ import annotations
 
-import os
 import pathlib
 from typing import Iterator
 
@@ -32,14 +31,10 @@ import numpy as np
 
 from langflow_jax.data import prepare
 from langflow_jax.data.prepare import PackedSplit, RowMask, pack_padded, pack_wrapped  # noqa: F401 (API)
-from langflow_jax.data.tokenizer import Tokenizer, load_tokenizer
+from langflow_jax.data.tokenizer import Tokenizer, cache_dir, load_tokenizer
 from langflow_jax.errors import ConfigError, DataError
 
 PREPARED = prepare.PREPARED_PREFIX
-
-
-def cache_dir() -> pathlib.Path:
-  return pathlib.Path(os.environ.get("LANGFLOW_JAX_CACHE", pathlib.Path.home() / ".cache" / "langflow_jax"))
 
 
 def _check_prepared(manifest: dict, data_cfg: ml_collections.ConfigDict, tokenizer: Tokenizer | None,

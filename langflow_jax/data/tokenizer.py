@@ -33,7 +33,7 @@ import os
 import pathlib
 from typing import Callable, Protocol, Sequence
 
-from langflow_jax.errors import DataError
+from langflow_jax.errors import ConfigError, DataError
 
 ASSETS = pathlib.Path(__file__).resolve().parent / "assets"
 EOS_TOKEN = "<|endoftext|>"
@@ -204,10 +204,13 @@ class WordPieceTokenizer(_TokenizersMethods):
 BERT_VOCAB_ENV = "LANGFLOW_JAX_BERT_VOCAB"
 
 
+def cache_dir() -> pathlib.Path:
+  """The one cache location of the package (tokenizer files, prepared data): ``$LANGFLOW_JAX_CACHE``."""
+  return pathlib.Path(os.environ.get("LANGFLOW_JAX_CACHE", pathlib.Path.home() / ".cache" / "langflow_jax"))
+
+
 def bert_vocab_candidates() -> list[pathlib.Path]:
   """Where ``bert-base-uncased``'s vocab.txt is looked for, in order."""
-  from langflow_jax.data.pipeline import cache_dir  # the one cache location
-
   out = []
   if os.environ.get(BERT_VOCAB_ENV):
     out.append(pathlib.Path(os.environ[BERT_VOCAB_ENV]).expanduser())
@@ -255,6 +258,15 @@ def load_tokenizer(name: str) -> Tokenizer:
     return HFTokenizer(path.stem, path)
   raise DataError(f"unknown tokenizer '{name}'.",
                   f"use one of {sorted(TOKENIZERS)}, a tokenizers .json file or a WordPiece vocab.txt.")
+
+
+def check_matches_model(config, tokenizer: Tokenizer) -> None:
+  """``data.tokenizer`` must have the model's ``vocab_size`` tokens (``config`` is the full config)."""
+  if tokenizer.vocab_size != config.model.vocab_size:
+    raise ConfigError(
+        f"tokenizer '{config.data.tokenizer}' has {tokenizer.vocab_size} tokens but model.vocab_size="
+        f"{config.model.vocab_size}.",
+        f"set --config.model.vocab_size={tokenizer.vocab_size} (new runs) or use the model's tokenizer.")
 
 
 _PROBE_TEXT = "The Congress shall have Power; 1790, \u201cquoted\u201d -- caf\u00e9 \u00fcber \u65e5\u672c 42.5%"
