@@ -175,8 +175,10 @@ def _lf_admit(st, slot_idx_R, k_noise, k_cond, key_loop, ids_L, fixed_L, grid_N,
   return {name: st[name].at[slot_idx_R].set(value.astype(st[name].dtype), mode="drop") for name, value in new.items()}
 
 
-def _lf_tick(graphdef, params, st, i_S, n_S, active_S, *, k: int, heun: bool, stochastic: bool, update_dtype: str):
-  """One pass of every slot in the prefix [0, k): the sampler's step, per slot."""
+def _lf_tick(graphdef, params, st, i_S, n_S, active_S, *, k: int, heun: bool, stochastic: bool, update_dtype: str,
+             emit: bool = True):
+  """One pass of every slot in the prefix [0, k): the sampler's step, per slot. Without ``emit`` (no job
+  streams or ends this tick) the argmax tokens and their log-probabilities are not computed."""
   model = nnx.merge(graphdef, params)
   emb = model.embedding_matrix()
   dt = jnp.dtype(update_dtype)
@@ -240,10 +242,12 @@ def _lf_tick(graphdef, params, st, i_S, n_S, active_S, *, k: int, heun: bool, st
   u = col(upd)
   new = dict(sub, z=jnp.where(u, z_new, sub["z"]), s=jnp.where(u, s_new, s),
              x_prev=jnp.where(u, x_hat, sub["x_prev"]), h_prev=jnp.where(upd, h, sub["h_prev"]))
+  st = {name: st[name].at[:k].set(new[name]) for name in st}
+  if not emit:
+    return st, None, None, g_t
   tokens = jnp.where(sub["fixed"], sub["ids"], jnp.argmax(logits, axis=-1).astype(jnp.int32))
   logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
   token_logprob = jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]
-  st = {name: st[name].at[:k].set(new[name]) for name in st}
   return st, tokens, token_logprob, g_t
 
 
@@ -301,13 +305,14 @@ class LangFlowSlots:
                                                     with_cond=with_cond), donate_argnums=0)
     return self._admits[key]
 
-  def tick(self, k: int, i_S: np.ndarray, n_S: np.ndarray, active_S: np.ndarray, jobs: list[Job]):
+  def tick(self, k: int, i_S: np.ndarray, n_S: np.ndarray, active_S: np.ndarray, jobs: list[Job],
+           emit: bool = True):
     heun = any(j.sampler == "heun" for j in jobs)
     stochastic = any(j.sampler == "stochastic" for j in jobs)
-    key = (k, heun, stochastic)
+    key = (k, heun, stochastic, emit)
     if key not in self._ticks:
       self._ticks[key] = jax.jit(functools.partial(_lf_tick, self._graphdef, k=k, heun=heun, stochastic=stochastic,
-                                                   update_dtype=self.update_dtype), donate_argnums=1)
+                                                   update_dtype=self.update_dtype, emit=emit), donate_argnums=1)
     args = (self._params, self._state, jnp.asarray(i_S), jnp.asarray(n_S), jnp.asarray(active_S))
     if self.update_dtype == "float64":
       with jax.enable_x64(True):
@@ -328,8 +333,9 @@ class LangFlowSlots:
     zeros = np.zeros((self.num_slots,), np.int32)
     for k in sorted({_bucket(r, self.num_slots) for r in range(1, self.num_slots + 1)}):
       for name in samplers:
-        out = self.tick(k, zeros, zeros + 2, np.zeros((self.num_slots,), bool), [Job(sampler=name)])
-    jax.block_until_ready(out)
+        for emit in (False, True):
+          out = self.tick(k, zeros, zeros + 2, np.zeros((self.num_slots,), bool), [Job(sampler=name)], emit)
+    jax.block_until_ready(out[2])
 
   def score(self, job: Job, tokens_RxL: np.ndarray, logprob_RxL: np.ndarray) -> np.ndarray:
     """The scorer ``job.score`` of the candidates (nats per generated token, lower is better), with the
@@ -436,7 +442,8 @@ class ARSlots:
                                        jnp.int32(prompt[p - 1]), job.keys, jnp.float32(job.temperature),
                                        jnp.float32(job.top_p))
 
-  def tick(self, k: int, i_S: np.ndarray, n_S: np.ndarray, active_S: np.ndarray, jobs: list[Job]):
+  def tick(self, k: int, i_S: np.ndarray, n_S: np.ndarray, active_S: np.ndarray, jobs: list[Job],
+           emit: bool = True):
     """One token per busy slot: slot s feeds its last token at position prompt_len + passes done."""
     del n_S
     pos = np.zeros((self.num_slots,), np.int32)
@@ -549,7 +556,8 @@ class MDLMSlots:
     self._state = self._admit_fn(rows)(self._state, jnp.asarray(idx), jnp.asarray(x), job.keys,
                                        jnp.float32(job.temperature), jnp.float32(job.top_p))
 
-  def tick(self, k: int, i_S: np.ndarray, n_S: np.ndarray, active_S: np.ndarray, jobs: list[Job]):
+  def tick(self, k: int, i_S: np.ndarray, n_S: np.ndarray, active_S: np.ndarray, jobs: list[Job],
+           emit: bool = True):
     if k not in self._ticks:
       self._ticks[k] = jax.jit(functools.partial(_mdlm_tick, self._graphdef, k=k), donate_argnums=1)
     self._state, tokens, lp, _ = self._ticks[k](self._params, self._state, jnp.asarray(i_S), jnp.asarray(n_S),
@@ -767,9 +775,11 @@ class Engine:
       i_S[j.slots] = j.done_passes
       n_S[j.slots] = j.passes
     k = _bucket(int(np.flatnonzero(active)[-1]) + 1, s)
+    emit = any(j.done_passes + 1 >= j.passes or (j.stream_every and (j.done_passes + 1) % j.stream_every == 0)
+               for j in jobs)
     t0 = time.monotonic()
     try:
-      tokens, logprob, gamma = self.backend.tick(k, i_S, n_S, active, jobs)
+      tokens, logprob, gamma = self.backend.tick(k, i_S, n_S, active, jobs, emit)
       gamma_host = None if gamma is None else np.asarray(gamma)  # waits for the tick
       if gamma is None:
         jax.block_until_ready(tokens)
