@@ -42,7 +42,7 @@ from langflow_jax import checkpoint as ckpt_lib
 from langflow_jax import config as config_lib
 from langflow_jax import convert, diffusion, parallel
 from langflow_jax import likelihood as lk
-from langflow_jax import methods
+from langflow_jax import methods, plots
 from langflow_jax.data import pipeline
 from langflow_jax.data.tokenizer import check_matches_model, load_tokenizer
 from langflow_jax.errors import CheckpointError, ConfigError
@@ -223,45 +223,6 @@ def protocol_card(config: ml_collections.ConfigDict, model: nnx.Module, lik: met
   }
 
 
-# --------------------------------------------------------------------------- plots
-
-
-def write_plot(path: pathlib.Path, result: EvalResult) -> str:
-  """Bound and terms vs steps (left) and the flow integrand vs gamma (right)."""
-  import matplotlib
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-
-  fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-  if result.sweep:
-    steps = [r["steps"] for r in result.sweep]
-    for key, label in (("total", "bound"), ("reconst", "reconstruction"), ("flow", "flow"), ("prior", "prior")):
-      ax1.plot(steps, [r[key] for r in result.sweep], "o-", label=label)
-    ax1.set_xscale("log", base=2)
-    ax1.set_xlabel(f"steps ({result.sweep[0]['solver']})")
-    ax1.set_ylabel("nats / token")
-    ax1.set_title("bound and terms vs steps", fontsize=10)
-    ax1.grid(alpha=0.3)
-    ax1.legend(fontsize=8)
-  if result.integrand:
-    gamma = np.asarray(result.integrand["gamma"])
-    values = np.asarray(result.integrand["flow_nats_per_token_per_gamma"])
-    order = np.argsort(gamma, kind="stable")
-    ax2.plot(gamma[order], values[order], ".-", ms=3)
-    ax2.set_xlabel("gamma = log(sigma^2 / alpha^2)")
-    ax2.set_ylabel("d flow / d gamma  (nats / token)")
-    ax2.set_title("flow integrand (alpha/2) div x_hat", fontsize=10)
-    ax2.grid(alpha=0.3)
-  c = result.card
-  fig.suptitle(f"{c['data']} ({c['split']}): {result.nats_per_token:.3f} nats/token", fontsize=10)
-  fig.tight_layout()
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return str(path)
-
-
 # --------------------------------------------------------------------------- entry points
 
 
@@ -363,5 +324,8 @@ def evaluate_workdir(workdir: str | pathlib.Path | None = None, overrides: Seque
     path.write_text(json.dumps(result.to_json(), indent=2) + "\n")
     result.files.append(str(path))
     if plot and (result.sweep or result.integrand):
-      result.files.append(write_plot(out_dir / f"{name}.png", result))
+      c = result.card
+      result.files.append(plots.bound_plot(
+          out_dir / f"{name}.png", result.sweep, result.integrand,
+          title=f"{c['data']} ({c['split']}): {result.nats_per_token:.3f} nats/token"))
   return result

@@ -6,7 +6,9 @@ For token ids x (L positions, width D) the bound, in nats per sequence, is
     flow    = int_a^b (alpha/2) div_z x_hat(z, gamma) dgamma  along the probability-flow ODE
     prior   = ||z_b||^2 / (2 sigma_b^2) - (#valid tokens) D/2
 
-with a = gamma_min (clean end) and b ~ gamma_max (noisy end). Its expectation
+with a = gamma_min (clean end) and b ~ gamma_max (noisy end): one function each,
+:func:`reconstruction_term`, :func:`flow_term` and :func:`prior_term`, which
+:func:`nll_bound` adds up. Its expectation
 over eps bounds -log p(x); for the Bayes-optimal denoiser it is exact up to
 the prior mismatch at b and the integration error.
 
@@ -215,7 +217,7 @@ def gamma_grid(model: LangFlow, opts: BoundOptions) -> Array:
   """gamma_0 < ... < gamma_n, the fixed grid (or the adaptive solver's interval ends)."""
   n = opts.steps
   if opts.grid == "official":
-    return model.schedule.gamma(likelihood_u_grid(n)).astype(jnp.float32)
+    return model.schedule.icdf(likelihood_u_grid(n)).astype(jnp.float32)
   lo, hi = model.schedule.endpoints()
   u = jnp.asarray(np.linspace(0.0, 1.0, n + 1, dtype=np.float32))
   return (lo + (hi - lo) * u).astype(jnp.float32)
@@ -362,50 +364,12 @@ def nll_bound(model: LangFlow, ids_BxL: Array, mask_BxL: Array | None, key: Arra
   eps = parallel.constrain(eps, ("batch", "length", None))
   z0 = diffusion.add_noise(e_BxLxD, gamma0_B, eps)
 
-  # Reconstruction at gamma_min, with the self-conditioning pre-pass.
-  x_sc = None
-  if opts.self_cond and model.self_conditioning:
-    x_sc = jax.lax.stop_gradient(model.denoise(model(z0, gamma0_B, None)))
-  logits = model(z0, gamma0_B, x_sc)
-  reconst_B = jnp.sum(token_cross_entropy(logits, ids_BxL) * m_BxL, axis=-1)
-
-  def field(s, state, x):
-    gamma = -2.0 * jnp.log(s)
-    _, sigma = diffusion.alpha_sigma(gamma)
-    gamma_B = jnp.full((b,), gamma, jnp.float32)
-    probe = _call_probes(x, opts, (b, l, d))
-    x_hat, div_B = denoiser_and_divergence(model, sigma * state[1], gamma_B, mask_BxL, probe, opts)
-    return (sigma * div_B, x_hat), gamma, div_B
-
-  state0 = (jnp.zeros((b,), jnp.float32), z0 / sigma0)
+  reconst_B = reconstruction_term(model, z0, gamma0_B, ids_BxL, m_BxL, opts.self_cond)
   s_N = s_grid(model, opts) if s_N is None else jnp.asarray(s_N, jnp.float32)
-  if opts.solver == "adaptive":
-    shape = (opts.probes, b, l, d)
-    if opts.estimator == "exact":
-      fixed = None
-    elif probes is not None:
-      fixed = jnp.asarray(probes, jnp.float32).reshape(shape)
-    else:
-      fixed = draw_probes(k_probe, opts.estimator, shape)
-    state, attempted, accepted, ok = _integrate_adaptive(field, state0, s_N[0], s_N[-1], fixed, opts)
-    # Tsit5 is first-same-as-last: 6 new evaluations per attempted step, plus
-    # one at the start and two for the automatic initial step size.
-    info = SolveInfo(gamma_C=jnp.zeros((0,)), div_CxB=jnp.zeros((0, b)),
-                     num_evals=6 * attempted + 3, num_steps=accepted, ok=ok)
-  else:
-    tableau = TABLEAUS[opts.solver]
-    n = s_N.shape[0] - 1
-    source = _probe_source(opts, (b, l, d), n * tableau.stages, k_probe, probes)
-    state, gamma_C, div_CxB = _integrate_fixed(field, state0, s_N, tableau, source)
-    steps = jnp.sum(s_N[1:] != s_N[:-1])  # zero-length padding steps do not count
-    info = SolveInfo(gamma_C=gamma_C, div_CxB=div_CxB, num_evals=steps * tableau.stages,
-                     num_steps=steps, ok=jnp.asarray(True))
-
-  a_B, y_BxLxD = state
-  flow_B = -a_B
+  flow_B, y_BxLxD, info = flow_term(model, z0 / sigma0, mask_BxL, k_probe, opts, s_N, probes=probes)
+  prior_B = prior_term(y_BxLxD, m_BxL)
   tokens_B = jnp.sum(m_BxL, axis=-1)
-  prior_B = 0.5 * jnp.sum(jnp.square(y_BxLxD) * m_BxL[:, :, None], axis=(1, 2)) - tokens_B * (d / 2)
-  entropy_dev_B = 0.5 * jnp.sum(jnp.square(eps) * m_BxL[:, :, None], axis=(1, 2)) - tokens_B * (d / 2)
+  entropy_dev_B = prior_term(eps, m_BxL)  # the same Gaussian form, of the drawn eps
   return BoundTerms(reconst_B, flow_B, prior_B, tokens_B, entropy_dev_B), info
 
 
@@ -416,6 +380,60 @@ def reconstruction_term(model: LangFlow, z0_BxLxD: Array, gamma0_B: Array, ids_B
   if self_cond and model.self_conditioning:
     x_sc = jax.lax.stop_gradient(model.denoise(model(z0_BxLxD, gamma0_B, None)))
   return jnp.sum(token_cross_entropy(model(z0_BxLxD, gamma0_B, x_sc), ids_BxL) * m_BxL, axis=-1)
+
+
+def flow_term(model: LangFlow, y0_BxLxD: Array, mask_BxL: Array, key: Array, opts: BoundOptions, s_N: Array, *,
+              probes: Array | None = None) -> tuple[Array, Array, SolveInfo]:
+  """int_a^b (alpha/2) div_z x_hat dgamma per sequence: the probability-flow ODE from y = z_a / sigma_a.
+
+  The ODE runs in y = z / sigma over the grid ``s_N`` of s = exp(-gamma/2) (the
+  adaptive solver uses its two ends), carrying the log-density change A with
+  dA/ds = sigma div; the flow term is -A at the noisy end. ``key`` draws the
+  probes unless ``probes`` gives them (see :func:`nll_bound`). Returns the flow
+  term, y at the noisy end (the prior's argument) and what the solver did.
+  """
+  b, l, d = y0_BxLxD.shape
+
+  def field(s, state, x):
+    gamma = -2.0 * jnp.log(s)
+    _, sigma = diffusion.alpha_sigma(gamma)
+    gamma_B = jnp.full((b,), gamma, jnp.float32)
+    probe = _call_probes(x, opts, (b, l, d))
+    x_hat, div_B = denoiser_and_divergence(model, sigma * state[1], gamma_B, mask_BxL, probe, opts)
+    return (sigma * div_B, x_hat), gamma, div_B
+
+  state0 = (jnp.zeros((b,), jnp.float32), y0_BxLxD)
+  if opts.solver == "adaptive":
+    shape = (opts.probes, b, l, d)
+    if opts.estimator == "exact":
+      fixed = None
+    elif probes is not None:
+      fixed = jnp.asarray(probes, jnp.float32).reshape(shape)
+    else:
+      fixed = draw_probes(key, opts.estimator, shape)
+    state, attempted, accepted, ok = _integrate_adaptive(field, state0, s_N[0], s_N[-1], fixed, opts)
+    # Tsit5 is first-same-as-last: 6 new evaluations per attempted step, plus
+    # one at the start and two for the automatic initial step size.
+    info = SolveInfo(gamma_C=jnp.zeros((0,)), div_CxB=jnp.zeros((0, b)),
+                     num_evals=6 * attempted + 3, num_steps=accepted, ok=ok)
+  else:
+    tableau = TABLEAUS[opts.solver]
+    n = s_N.shape[0] - 1
+    source = _probe_source(opts, (b, l, d), n * tableau.stages, key, probes)
+    state, gamma_C, div_CxB = _integrate_fixed(field, state0, s_N, tableau, source)
+    steps = jnp.sum(s_N[1:] != s_N[:-1])  # zero-length padding steps do not count
+    info = SolveInfo(gamma_C=gamma_C, div_CxB=div_CxB, num_evals=steps * tableau.stages,
+                     num_steps=steps, ok=jnp.asarray(True))
+  a_B, y_BxLxD = state
+  return -a_B, y_BxLxD, info
+
+
+def prior_term(y_BxLxD: Array, m_BxL: Array) -> Array:
+  """The Gaussian prior at the noisy end per sequence: ||y_b||^2 / 2 - (#valid tokens) D / 2, where
+  y_b = z_b / sigma_b, over the valid positions."""
+  d = y_BxLxD.shape[-1]
+  tokens_B = jnp.sum(m_BxL, axis=-1)
+  return 0.5 * jnp.sum(jnp.square(y_BxLxD) * m_BxL[:, :, None], axis=(1, 2)) - tokens_B * (d / 2)
 
 
 def sde_bound(model: LangFlow, ids_BxL: Array, mask_BxL: Array | None, key: Array, opts: BoundOptions, *,
@@ -449,7 +467,7 @@ def sde_bound(model: LangFlow, ids_BxL: Array, mask_BxL: Array | None, key: Arra
 
   def draw(total_B, xs):
     n_BxLxD, u_B = xs
-    gamma_B = model.schedule.gamma(u_B)
+    gamma_B = model.schedule.icdf(u_B)
     z = diffusion.add_noise(e_BxLxD, gamma_B, n_BxLxD)
     x_sc = model.denoise(model(z, gamma_B, None)) if use_sc else None
     x_hat = model.denoise(model(z, gamma_B, x_sc))

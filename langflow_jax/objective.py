@@ -96,7 +96,7 @@ def langflow_objective(model: LangFlow, ids_BxL: Array, mask_BxL: Array, key: Ar
 
   # Noise levels from the schedule; no gradient flows through the inverse CDF.
   u_B = sample_uniform(k_u, b, cfg.time_sampling)
-  gamma_B = jax.lax.stop_gradient(model.schedule.gamma(u_B))
+  gamma_B = jax.lax.stop_gradient(model.schedule.icdf(u_B))
 
   e_BxLxD = model.embed(ids_BxL)
   eps = jax.random.normal(k_eps, e_BxLxD.shape, jnp.float32)

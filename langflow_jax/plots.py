@@ -176,3 +176,32 @@ def loglog_lines(path: str | pathlib.Path, series: dict[str, tuple[list[float], 
   ax.legend(fontsize=7)
   fig.tight_layout()
   return _save(fig, path)
+
+
+def bound_plot(path: str | pathlib.Path, sweep: list[dict[str, float]] | None,
+               integrand: dict[str, list[float]] | None, *, title: str) -> str:
+  """``eval --plot``: the bound and its terms against the step count (left; the rows of
+  ``likelihood.steps_sweep``) and the flow integrand against gamma (right)."""
+  plt = _pyplot()
+  fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+  if sweep:
+    steps = [r["steps"] for r in sweep]
+    for key, label in (("total", "bound"), ("reconst", "reconstruction"), ("flow", "flow"), ("prior", "prior")):
+      ax1.plot(steps, [r[key] for r in sweep], "o-", label=label)
+    ax1.set_xscale("log", base=2)
+    ax1.set_xlabel(f"steps ({sweep[0]['solver']})")
+    ax1.set_ylabel("nats / token")
+    ax1.set_title("bound and terms vs steps", fontsize=10)
+    ax1.grid(alpha=0.3)
+    ax1.legend(fontsize=8)
+  if integrand:
+    gamma = np.asarray(integrand["gamma"])
+    values = np.asarray(integrand["flow_nats_per_token_per_gamma"])
+    order = np.argsort(gamma, kind="stable")
+    ax2.plot(gamma[order], values[order], ".-", ms=3)
+    ax2.set_xlabel("gamma = log(sigma^2 / alpha^2)")
+    ax2.set_ylabel("d flow / d gamma  (nats / token)")
+    ax2.set_title("flow integrand (alpha/2) div x_hat", fontsize=10)
+    ax2.grid(alpha=0.3)
+  fig.suptitle(title, fontsize=10)
+  return _save(fig, path)

@@ -92,6 +92,18 @@ def check_out_file(out: str) -> None:
                     fix) from e
 
 
+def set_sample_keys(config, **flags) -> None:
+  """``config.sample.<key> = value`` for every flag given (not None), with the key's type checked."""
+  for key, value in flags.items():
+    if value is None:
+      continue
+    kind = type(config.sample[key])
+    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else kind):
+      raise ConfigError(f"--{key.replace('_', '-')} {value!r}: expected {'an' if kind is int else 'a'} "
+                        f"{kind.__name__}.", f"give a value like the default, {config.sample[key]!r}.")
+    config.sample[key] = kind(value)
+
+
 def generate_from_workdir(workdir: str, *, num: int | None = None, steps: int | None = None,
                           prompt: str | None = None, infill: str | None = None, best_of: int | None = None,
                           show_steps: bool = False, sampler: str | None = None, temperature: float | None = None,
@@ -118,14 +130,13 @@ def generate_from_workdir(workdir: str, *, num: int | None = None, steps: int | 
     raise ConfigError(f"`sample` runs LangFlow's sampler, but {workdir} trained the {method.label} baseline "
                       f"(objective.name={method.name}).",
                       f"sample it with `langflow-jax sample-baseline --workdir {workdir}`.")
-  flags = dict(num=num, best_of=best_of, seed=seed, score=score, sampler=sampler, steps=steps,
-               temperature=temperature)
-  config_lib.apply_overrides(config, [*overrides, *(f"config.sample.{k}={v}" for k, v in flags.items()
-                                                     if v is not None)])
+  config_lib.apply_overrides(config, overrides)
+  set_sample_keys(config, num=num, best_of=best_of, seed=seed, score=score, sampler=sampler, steps=steps,
+                  temperature=temperature)
   config_lib.validate_sample(config)
   sc = config.sample
   num, best_of, seed = int(sc.num), int(sc.best_of), int(sc.seed)
-  options = SamplerOptions.from_config(sc, trace=show_steps or None)
+  options = SamplerOptions.from_config(sc, trace=bool(show_steps))
   get_scorer(sc.score)
   tokenizer = load_tokenizer(config.data.tokenizer)
   seq_len = int(sc.seq_len or config.data.seq_len)

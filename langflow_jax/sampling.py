@@ -142,9 +142,9 @@ class SampleOutput:
 def step_grid(schedule: NoiseSchedule, steps: int, grid: str = "official") -> np.ndarray:
   """The N gamma values the sampler visits, noisy to clean, float32."""
   if grid == "official":
-    gammas = schedule.gamma(sampler_u_grid(steps))
+    gammas = schedule.icdf(sampler_u_grid(steps))
   elif grid == "cdf":
-    gammas = schedule.gamma(linspace_f32(1.0, 0.0, steps))
+    gammas = schedule.icdf(linspace_f32(1.0, 0.0, steps))
   elif grid == "gamma":
     lo, hi = (float(g) for g in schedule.endpoints())
     gammas = linspace_f32(hi, lo, steps)
@@ -389,7 +389,7 @@ def denoise_score(model: LangFlow, out: SampleOutput, generated_BxL: Array, key:
   b = tokens.shape[0]
   e = model.embed(tokens)
   u = (jnp.arange(levels, dtype=jnp.float32) + 0.5) / levels
-  gammas = model.schedule.gamma(u)
+  gammas = model.schedule.icdf(u)
   keys = jax.random.split(key, levels)
 
   def one(total, xs):

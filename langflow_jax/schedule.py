@@ -47,7 +47,7 @@ class NoiseSchedule(nnx.Module):
   def endpoints(self) -> tuple[Array, Array]:
     raise NotImplementedError
 
-  def gamma(self, u: Array) -> Array:
+  def icdf(self, u: Array) -> Array:
     """Inverse CDF: monotone map from [0, 1] onto [gamma_min, gamma_max]."""
     raise NotImplementedError
 
@@ -98,7 +98,7 @@ class GumbelSchedule(NoiseSchedule):
     gamma_max = mu - jnp.float32(math.log(self.cutoff)) * beta
     return gamma_min, gamma_max
 
-  def gamma(self, u: Array) -> Array:
+  def icdf(self, u: Array) -> Array:
     # torch's Gumbel(mu, beta).icdf(u) then clamp, op for op in float32 (method §4.3):
     # the naive mu - beta*log(-log u) is off by up to 1e-2 near u = 1.
     u = jnp.asarray(u, jnp.float32)
@@ -159,7 +159,7 @@ class FixedSchedule(NoiseSchedule):
 class LinearSchedule(FixedSchedule):
   """gamma = gamma_min + u (gamma_max - gamma_min): uniform in log-SNR."""
 
-  def gamma(self, u: Array) -> Array:
+  def icdf(self, u: Array) -> Array:
     u = jnp.clip(jnp.asarray(u, jnp.float32), 0.0, 1.0)
     return jnp.float32(self.gamma_min) + u * jnp.float32(self.gamma_max - self.gamma_min)
 
@@ -180,7 +180,7 @@ class CosineSchedule(FixedSchedule):
     t = lambda g: 2.0 / math.pi * math.atan(math.exp(g / 2.0))
     return t(self.gamma_min), t(self.gamma_max)
 
-  def gamma(self, u: Array) -> Array:
+  def icdf(self, u: Array) -> Array:
     t0, t1 = self._t_range()
     u = jnp.clip(jnp.asarray(u, jnp.float32), 0.0, 1.0)
     t = t0 + u * (t1 - t0)

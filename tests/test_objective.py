@@ -45,7 +45,7 @@ def test_ce_matches_manual_computation():
   key = jax.random.PRNGKey(3)
   out = O.langflow_objective(model, ids, jnp.ones_like(ids, bool), key, cfg=cfg.objective, train=False)
   k_u, k_eps, _, _, _ = jax.random.split(key, 5)
-  gamma = model.schedule.gamma(jax.random.uniform(k_u, (4,)))
+  gamma = model.schedule.icdf(jax.random.uniform(k_u, (4,)))
   e = model.embed(ids)
   z = diffusion.add_noise(e, gamma, jax.random.normal(k_eps, e.shape))
   logp = jax.nn.log_softmax(model(z, gamma), -1)
@@ -70,7 +70,7 @@ def test_self_conditioning_first_pass_is_stop_gradient():
   # The same loss with the first pass computed from frozen parameters.
   frozen = nnx.merge(graphdef, params, rest)
   k_u, k_eps, _, k_d1, _ = jax.random.split(key, 5)
-  gamma = frozen.schedule.gamma(O.sample_uniform(k_u, 4, "stratified"))
+  gamma = frozen.schedule.icdf(O.sample_uniform(k_u, 4, "stratified"))
   z = diffusion.add_noise(frozen.embed(ids), gamma, jax.random.normal(k_eps, (4, 16, 32)))
   x_hat = frozen.denoise(frozen(z, gamma, None, dropout_key=k_d1))
 

@@ -36,13 +36,13 @@ def test_schedule_matches(official, reference):
   lo, hi = sched.endpoints()
   np.testing.assert_allclose(float(lo), reference["gamma_min"], rtol=1e-6)
   np.testing.assert_allclose(float(hi), reference["gamma_max"], rtol=1e-6)
-  np.testing.assert_allclose(np.asarray(sched.gamma(reference["prop_u"])), reference["prop_icdf"], rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(sched.icdf(reference["prop_u"])), reference["prop_icdf"], rtol=1e-6)
   np.testing.assert_allclose(np.asarray(sched.log_density(reference["prop_gamma"])), reference["prop_log_pdf"],
                              rtol=1e-6)
   np.testing.assert_allclose(np.asarray(sched.cdf(reference["prop_gamma"])), reference["prop_cdf"], atol=1e-7)
-  grid = sched.gamma(S.sampler_u_grid(int(reference["sample_num_steps"])))
+  grid = sched.icdf(S.sampler_u_grid(int(reference["sample_num_steps"])))
   np.testing.assert_allclose(np.asarray(grid), reference["sample_gammas"], rtol=1e-6)
-  s_grid = np.exp(-0.5 * np.asarray(sched.gamma(S.likelihood_u_grid(int(reference["nll_n_steps"])))))
+  s_grid = np.exp(-0.5 * np.asarray(sched.icdf(S.likelihood_u_grid(int(reference["nll_n_steps"])))))
   np.testing.assert_allclose(s_grid, reference["nll_s_grid"], rtol=1e-6)
 
 
