@@ -23,7 +23,7 @@ def official(fixture_dir):
 
 def _official_run(model, reference, solver):
   n = int(reference["nll_n_steps"])
-  opts = lk.BoundOptions(solver=solver, steps=n, grid="official")
+  opts = lk.BoundOptions(solver=solver, steps=n, grid="official", mode="flow")
   fn = lk.make_bound_fn(model, opts)
   return fn(reference["nll_ids"], None, jax.random.PRNGKey(0), eps=reference["nll_eps"],
             probes=reference["nll_probes"])
