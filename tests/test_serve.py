@@ -333,7 +333,8 @@ def test_full_queue_answers_429_and_the_rest_complete(lf_run):
       with c.stream("POST", "/v1/completions", json={"steps": 16384, "stream": True, "stream_every": 1,
                                                      "seed": 0}) as a:
         assert a.status_code == 200
-        first = next(line for line in a.iter_lines() if line.startswith("data: "))
+        lines = a.iter_lines()  # kept: a dropped line iterator closes the connection (and cancels A)
+        first = next(line for line in lines if line.startswith("data: "))
         assert json.loads(first[6:])["pass"] == 1
         b_result = {}
         b = threading.Thread(target=lambda: b_result.update(r=httpx.post(f"{server.url}/v1/completions",
@@ -348,6 +349,7 @@ def test_full_queue_answers_429_and_the_rest_complete(lf_run):
       # leaving A's stream cancels it; B gets the slot
       b.join(120)
       assert b_result["r"].status_code == 200
+      assert service.engine.stats()["cancelled"] == 1  # A, when its client left
       assert 'status="429"' in c.get("/metrics").text
   finally:
     server.stop()
