@@ -66,7 +66,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from langflow_jax import diffusion, sampling
+from langflow_jax import diffusion, parallel, sampling
 
 Array = jax.Array
 log = logging.getLogger(__name__)
@@ -257,12 +257,22 @@ class LangFlowSlots:
   kind = "langflow"
 
   def __init__(self, model, *, slots: int, length: int, max_steps: int, grid: str = "official", churn: float = 0.0,
-               update_dtype: str = "auto"):
+               update_dtype: str = "auto", mesh: jax.sharding.Mesh | None = None):
     self.model = model
     self.num_slots, self.length, self.max_steps = int(slots), int(length), int(max_steps)
     self.grid_name, self.churn = grid, float(churn)
     self.update_dtype = sampling.SamplerOptions(update_dtype=update_dtype).resolved_update_dtype()
     self._graphdef, self._params = nnx.split(model)
+    # With a mesh the slots shard over its data x fsdp axes (the weights by the sharding rules), and a
+    # tick runs at least one slot per shard.
+    self.mesh = mesh
+    self.min_bucket = 1
+    if mesh is not None:
+      shards = parallel.data_parallel_size(mesh)
+      if slots % shards:
+        raise ValueError(f"{slots} slots do not divide over the mesh's {shards} data shards")
+      self.min_bucket = shards
+      self._params = jax.device_put(self._params, parallel.tree_shardings(self._params, mesh))
     self._grids: dict[int, np.ndarray] = {}
     self._ticks: dict[tuple, Callable] = {}
     self._admits: dict[tuple, Callable] = {}
@@ -276,6 +286,22 @@ class LangFlowSlots:
                        fixed=jnp.zeros((s, l), bool), eps=z(), temperature=jnp.ones((s,), jnp.float32),
                        churn=jnp.zeros((s,), jnp.float32), sampler=jnp.zeros((s,), jnp.int32),
                        key=jnp.zeros((s, 2), jnp.uint32), cand=jnp.zeros((s,), jnp.int32))
+    if self.mesh is not None:
+      self._state = jax.device_put(self._state, self._state_shardings())
+
+  def _state_shardings(self):
+    return {name: parallel.rows_sharding(self.mesh, value.ndim, self.num_slots) for name, value in self._state.items()}
+
+  def _jit(self, fn, donate: int, k: int | None = None, emit: bool = True):
+    """jit; on a mesh with the slots' shardings pinned (the state keeps its layout from tick to tick)."""
+    if self.mesh is None:
+      return jax.jit(fn, donate_argnums=donate)
+    state = self._state_shardings()
+    if k is None:
+      return jax.jit(fn, donate_argnums=donate, out_shardings=state)
+    rows = lambda ndim: parallel.rows_sharding(self.mesh, ndim, k)
+    tokens = (rows(2), rows(2)) if emit else (None, None)
+    return jax.jit(fn, donate_argnums=donate, out_shardings=(state, *tokens, rows(1)))
 
   def grid(self, steps: int) -> np.ndarray:
     """The job's step grid, padded with its last level to ``max_steps``."""
@@ -301,8 +327,8 @@ class LangFlowSlots:
   def _admit_fn(self, rows: int, with_cond: bool):
     key = (rows, with_cond)
     if key not in self._admits:
-      self._admits[key] = jax.jit(functools.partial(_lf_admit, rows=rows, hidden=self.model.hidden_size,
-                                                    with_cond=with_cond), donate_argnums=0)
+      self._admits[key] = self._jit(functools.partial(_lf_admit, rows=rows, hidden=self.model.hidden_size,
+                                                      with_cond=with_cond), 0)
     return self._admits[key]
 
   def tick(self, k: int, i_S: np.ndarray, n_S: np.ndarray, active_S: np.ndarray, jobs: list[Job],
@@ -311,8 +337,8 @@ class LangFlowSlots:
     stochastic = any(j.sampler == "stochastic" for j in jobs)
     key = (k, heun, stochastic, emit)
     if key not in self._ticks:
-      self._ticks[key] = jax.jit(functools.partial(_lf_tick, self._graphdef, k=k, heun=heun, stochastic=stochastic,
-                                                   update_dtype=self.update_dtype, emit=emit), donate_argnums=1)
+      self._ticks[key] = self._jit(functools.partial(_lf_tick, self._graphdef, k=k, heun=heun, stochastic=stochastic,
+                                                     update_dtype=self.update_dtype, emit=emit), 1, k, emit)
     args = (self._params, self._state, jnp.asarray(i_S), jnp.asarray(n_S), jnp.asarray(active_S))
     if self.update_dtype == "float64":
       with jax.enable_x64(True):
@@ -331,7 +357,7 @@ class LangFlowSlots:
             self._state, jnp.full((rows,), self.num_slots, jnp.int32), k, k, k, ids, jnp.zeros_like(ids, bool),
             jnp.asarray(self.grid(2)), jnp.float32(1), jnp.float32(0), jnp.int32(0))
     zeros = np.zeros((self.num_slots,), np.int32)
-    for k in sorted({_bucket(r, self.num_slots) for r in range(1, self.num_slots + 1)}):
+    for k in sorted({max(_bucket(r, self.num_slots), self.min_bucket) for r in range(1, self.num_slots + 1)}):
       for name in samplers:
         for emit in (False, True):
           out = self.tick(k, zeros, zeros + 2, np.zeros((self.num_slots,), bool), [Job(sampler=name)], emit)
@@ -774,7 +800,7 @@ class Engine:
     for j in jobs:
       i_S[j.slots] = j.done_passes
       n_S[j.slots] = j.passes
-    k = _bucket(int(np.flatnonzero(active)[-1]) + 1, s)
+    k = max(_bucket(int(np.flatnonzero(active)[-1]) + 1, s), getattr(self.backend, "min_bucket", 1))
     emit = any(j.done_passes + 1 >= j.passes or (j.stream_every and (j.done_passes + 1) % j.stream_every == 0)
                for j in jobs)
     t0 = time.monotonic()

@@ -589,9 +589,9 @@ def metrics_text(service: Service) -> str:
 
 def _check_overrides(overrides: Sequence[str]) -> None:
   for item in overrides:
-    if not item.lstrip("-").startswith("config.sample."):
-      raise ConfigError(f"`serve` takes only --config.sample.* overrides, got '{item}'.",
-                        "the model is fixed by the checkpoint; change sampling keys only.")
+    if not item.lstrip("-").startswith(("config.sample.", "config.mesh.")):
+      raise ConfigError(f"`serve` takes only --config.sample.* and --config.mesh.* overrides, got '{item}'.",
+                        "the model is fixed by the checkpoint; change sampling (or mesh) keys only.")
 
 
 def service_from_workdir(workdir: str, *, slots: int | None = None, steps: int | None = None,
@@ -599,9 +599,11 @@ def service_from_workdir(workdir: str, *, slots: int | None = None, steps: int |
                          static_wait_s: float = 0.05, warmup: bool = True, overrides: Sequence[str] = ()) -> Service:
   """Loads a run (EMA weights) and builds its engine and service. ``slots`` defaults to the run's
   ``sample.batch_size``, ``steps`` to ``sample.steps``, ``max_steps`` to max(steps, 1024)."""
+  import jax
+
   from langflow_jax import checkpoint as ckpt_lib
   from langflow_jax import config as config_lib
-  from langflow_jax import sampling, train
+  from langflow_jax import parallel, sampling, train
   from langflow_jax.baselines import ar, mdlm
   from langflow_jax.data.tokenizer import load_tokenizer
   from langflow_jax.model import LangFlow
@@ -624,13 +626,21 @@ def service_from_workdir(workdir: str, *, slots: int | None = None, steps: int |
   if queue is not None and queue < 0:
     raise UserError(f"--queue {queue} must not be negative.", "use e.g. --queue 64.")
   length = int(sc.seq_len or config.data.seq_len)
-  _, model = train.load_model(workdir, use_ema=sc.use_ema, config=config)
+  # LangFlow's slots shard over the mesh's data x fsdp axes when there is more than one device.
+  mesh = None
+  if config.objective.name == "langflow" and jax.device_count() > 1:
+    mesh = parallel.make_mesh(config.mesh)
+    shards = parallel.data_parallel_size(mesh)
+    if slots % shards:
+      raise UserError(f"--slots {slots} does not divide over the mesh's {shards} data shards.",
+                      f"use a multiple of {shards} (e.g. --slots {shards * max(1, slots // shards)}).")
+  _, model = train.load_model(workdir, use_ema=sc.use_ema, config=config, mesh=mesh)
   tokenizer = load_tokenizer(config.data.tokenizer)
   name = pathlib.Path(workdir).resolve().name
   if isinstance(model, LangFlow):
     sampling.get_scorer(sc.score)
     backend = engine_lib.LangFlowSlots(model, slots=slots, length=length, max_steps=max_steps, grid=sc.grid,
-                                       churn=float(sc.churn), update_dtype=sc.update_dtype)
+                                       churn=float(sc.churn), update_dtype=sc.update_dtype, mesh=mesh)
     kind = "langflow"
   elif isinstance(model, ar.ARTransformer):
     backend = engine_lib.ARSlots(model, slots=slots, length=length)

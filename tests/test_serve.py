@@ -155,8 +155,7 @@ def run_job(eng, job, timeout=300):
   return events
 
 
-@pytest.mark.parametrize("sampler, rows", [("euler", 1), ("euler", 3), ("heun", 1), ("multistep", 2),
-                                           ("stochastic", 1)])
+@pytest.mark.parametrize("sampler, rows", [("euler", 3), ("heun", 1), ("multistep", 2), ("stochastic", 1)])
 def test_engine_gives_the_samplers_tokens(small_model, lf_engine, sampler, rows):
   # One request through the stationary batch = sampling.sample with the same seed and steps (the keys of
   # `langflow-jax sample --seed`), prompt held by the same conditioning, candidates side by side.
@@ -210,6 +209,41 @@ def test_engine_mixes_step_counts_and_survives_bad_jobs(lf_engine):
   assert results["long"].tokens_RxL.shape == (2, L)
   # the loop still runs
   assert isinstance(run_job(lf_engine, engine.Job(passes=2, seed=5))[-1], engine.DoneEvent)
+
+
+MESH_WORKER = """
+import threading
+import jax, numpy as np
+from langflow_jax import engine, parallel, sampling
+from langflow_jax.model import create_model
+from tests.conftest import small_config
+from tests.test_serve import perturbed
+assert jax.device_count() == 2
+model = create_model(small_config(), seed=3)
+perturbed(model.backbone)
+backend = engine.LangFlowSlots(model, slots=4, length=32, max_steps=8, mesh=parallel.make_mesh(small_config().mesh))
+eng = engine.Engine(backend).start()
+for rows in (1, 3):
+  done = threading.Event()
+  events = []
+  eng.submit(engine.Job(rows=rows, passes=6, seed=11, on_event=lambda e: (events.append(e), done.set())))
+  done.wait()
+  k_sample, _ = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(11), 0))
+  ref = sampling.sample(model, k_sample, sampling.SamplerOptions(steps=6), num=rows, seq_len=32)
+  np.testing.assert_array_equal(events[-1].tokens_RxL, np.asarray(ref.tokens_BxL))
+assert backend._state["z"].sharding.spec[0] == "data"
+eng.stop()
+print("mesh ok")
+"""
+
+
+def test_slots_shard_over_the_data_axis():
+  # Two CPU devices: the slots split over data, the tokens are still the single-device sampler's.
+  env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
+  env.update(JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="2", PYTHONPATH=str(ROOT))
+  out = subprocess.run([sys.executable, "-c", MESH_WORKER], env=env, cwd=ROOT, capture_output=True, text=True,
+                       timeout=600)
+  assert out.returncode == 0 and "mesh ok" in out.stdout, out.stdout + out.stderr
 
 
 # --------------------------------------------------------------------------- the HTTP server
