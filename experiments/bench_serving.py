@@ -313,10 +313,10 @@ class Bench:
     train_split = pipeline.load_split(cfg.data, "train", tokenizer)
     held = pipeline.load_split(cfg.data, "heldout", tokenizer)
     bigram = metrics.BigramLM(train_split.ids, cfg.model.vocab_size, mask=train_split.mask)
-    scorer = models["ar"]
+    scorer = ar.sequence_scorer(models["ar"])
 
     def score(ids: np.ndarray) -> dict:
-      under_ar = ar.generative_perplexity(scorer, ids)
+      under_ar = metrics.generative_perplexity(ids, scorer)
       under_bigram = metrics.generative_perplexity(ids, bigram)
       return {"gen_ppl_ar": under_ar["gen_ppl"], "gen_ppl_bigram": under_bigram["gen_ppl"],
               "entropy": metrics.sequence_unigram_entropy(ids), "num": int(len(ids))}
@@ -383,11 +383,11 @@ class Bench:
     quality = self.quality(configs, models, length, samples)
     t_ar = {r["batch"]: r["seconds"] for r in lat["rows"] if r["method"] == "ar"}
     best = self.best_of(models["langflow"], length, t_ar[min(t_ar)], fits) if min(t_ar) == 1 else []
-    scorer = models["ar"]
+    scorer = ar.sequence_scorer(models["ar"])
     for row in best:
       ids = row.pop("_ids", None)
       if ids is not None:
-        row["gen_ppl_ar"] = ar.generative_perplexity(scorer, ids)["gen_ppl"]
+        row["gen_ppl_ar"] = metrics.generative_perplexity(ids, scorer)["gen_ppl"]
         row["entropy"] = metrics.sequence_unigram_entropy(ids)
     cross = {str(b): crossover_steps(t_ar[b], fits[b]) for b in fits}
     m = configs["langflow"].model

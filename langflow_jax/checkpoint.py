@@ -29,6 +29,7 @@ Why nothing is lost:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -36,7 +37,7 @@ import pathlib
 import shutil
 import subprocess
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import ml_collections
@@ -47,7 +48,7 @@ from langflow_jax import __version__
 from langflow_jax import config as config_lib
 from langflow_jax import parallel
 from langflow_jax.data.tokenizer import fingerprint, load_tokenizer
-from langflow_jax.errors import CheckpointError, environment_error
+from langflow_jax.errors import CheckpointError, UserError, environment_error
 from langflow_jax.train_state import ModelParts, TrainState, abstract_train_state, make_optimizer
 
 log = logging.getLogger(__name__)
@@ -202,12 +203,8 @@ class Checkpointer:
     try:
       if read_only:  # orbax warns that a read-only directory is read-only
         absl_log.setLevel(max(level, logging.ERROR))
-      self._manager = ocp.CheckpointManager(self.directory, item_handlers=handlers, options=options)
-    except Exception as e:
-      err = environment_error(e, f"opening checkpoints in {self.directory}")
-      if err is None:
-        raise
-      raise err from e
+      with _translated(lambda e: environment_error(e, f"opening checkpoints in {self.directory}")):
+        self._manager = ocp.CheckpointManager(self.directory, item_handlers=handlers, options=options)
     finally:
       absl_log.setLevel(level)
     self._saving: int | None = None  # the step whose async write may still be running
@@ -235,16 +232,11 @@ class Checkpointer:
     _WARNED_DAMAGED.discard((str(self.directory), int(step)))  # a new step of that number: warn anew
     meta = dict(meta, step=int(step), version=__version__, git_commit=git_commit(), saved_at=time.time())
     self._saving = int(step)
-    try:
+    with _translated(self._save_error):
       return self._manager.save(
           int(step),
           args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
           force=force)
-    except Exception as e:
-      err = self._save_error(e)
-      if err is None:
-        raise
-      raise err from e
 
   def _save_error(self, e: Exception) -> CheckpointError | None:
     """A one-line error for a save that failed for a user-fixable reason (else None: a bug)."""
@@ -259,13 +251,8 @@ class Checkpointer:
 
   def wait(self) -> None:
     """Blocks until the last save is on disk (raises if it failed)."""
-    try:
+    with _translated(self._save_error):
       self._manager.wait_until_finished()
-    except Exception as e:
-      err = self._save_error(e)
-      if err is None:
-        raise
-      raise err from e
     self._saving = None
 
   def close(self) -> None:
@@ -340,6 +327,24 @@ class Checkpointer:
       multihost_utils.sync_global_devices("langflow_jax:checkpoint_quarantine")
     self._manager.reload()
 
+  def _newest_readable(self, step: int | None, read: Callable[[int], Any], *, empty_fix: str,
+                       damaged_fix: str) -> tuple[Any, int, list[int]]:
+    """``read(s)`` of ``step``, or of the newest step it can read: (result, step, the newer
+    unreadable steps). ``read`` raises :class:`_Unreadable` for a damaged step (it is skipped
+    with a warning) and anything else for a real error (it propagates)."""
+    self._require_step(step)
+    steps = [step] if step is not None else sorted(self.all_steps(), reverse=True)
+    if not steps:
+      raise CheckpointError(f"no checkpoint in {self.directory}.", empty_fix)
+    errors, unreadable = [], []
+    for s in steps:
+      try:
+        return read(s), s, unreadable
+      except _Unreadable as e:
+        self._damaged(s, e.__cause__, errors)
+        unreadable.append(s)
+    raise CheckpointError(f"no readable checkpoint in {self.directory} ({errors[0]}).", damaged_fix)
+
   def restore(self, abstract_state: Any, step: int | None = None, *,
               config: ml_collections.ConfigDict | None = None) -> tuple[Any, dict, int]:
     """Restores ``step`` (default: the newest readable one) onto ``abstract_state``.
@@ -350,89 +355,79 @@ class Checkpointer:
     config keys that changed). Unreadable newer steps are skipped with a
     warning (and, unless read-only, moved to ``damaged/``).
     """
-    self._require_step(step)
-    steps = [step] if step is not None else sorted(self.all_steps(), reverse=True)
-    if not steps:
-      raise CheckpointError(f"no checkpoint in {self.directory}.",
-                            "train first (langflow-jax train) or point at another --workdir.")
     wanted = array_shapes(abstract_state)
-    errors, unreadable = [], []
-    for s in steps:
-      try:
-        diffs = tree_differences(self._stored_shapes(s), wanted)
-      except Exception as e:  # unreadable metadata: a damaged step
-        self._damaged(s, e, errors)
-        unreadable.append(s)
-        continue
+
+    def read(s: int):
+      diffs = tree_differences(_reading(self._stored_shapes, s), wanted)
       if diffs:
         raise self._mismatch(s, diffs, config, "resume with the config the run was trained with "
                              "(its config.json), or train this config in a fresh --workdir")
-      try:
-        restored = self._manager.restore(
-            s, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                       meta=ocp.args.JsonRestore()))
-      except Exception as e:  # orbax raises ValueError/KeyError/FileNotFoundError on damage
-        self._damaged(s, e, errors)
-        unreadable.append(s)
-        continue
-      if unreadable:
-        log.warning("%s checkpoint step %d of %s: the newer step(s) %s were unreadable",
-                    "using" if self.read_only else "resuming from", s, self.directory,
-                    ", ".join(map(str, unreadable)))
-        self._quarantine(unreadable)
-      return restored.state, dict(restored.meta), s
-    raise CheckpointError(f"no readable checkpoint in {self.directory} ({errors[0]}).",
-                          "the files are damaged; restore them from a backup or start a fresh --workdir.")
+      return _reading(self._manager.restore, s, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+
+    restored, s, unreadable = self._newest_readable(
+        step, read, empty_fix="train first (langflow-jax train) or point at another --workdir.",
+        damaged_fix="the files are damaged; restore them from a backup or start a fresh --workdir.")
+    if unreadable:
+      log.warning("%s checkpoint step %d of %s: the newer step(s) %s were unreadable",
+                  "using" if self.read_only else "resuming from", s, self.directory, ", ".join(map(str, unreadable)))
+      self._quarantine(unreadable)
+    return restored.state, dict(restored.meta), s
 
   def restore_weights(self, abstract: dict[str, Any], step: int | None = None, *,
                       config: ml_collections.ConfigDict | None = None) -> tuple[dict, dict, int]:
     """Only the subtrees named in ``abstract`` (e.g. ``params``, ``ema_params``) of the
     newest readable step: the fine-tuning start. Same checks as :meth:`restore`."""
-    self._require_step(step)
-    steps = [step] if step is not None else sorted(self.all_steps(), reverse=True)
-    if not steps:
-      raise CheckpointError(f"no checkpoint in {self.directory}.",
-                            "point --config.train.restore_from at a training run with checkpoints.")
     wanted = array_shapes(abstract)
-    errors = []
-    for s in steps:
-      try:
-        stored = {k: v for k, v in self._stored_shapes(s).items() if k.split(".")[0] in abstract}
-      except Exception as e:
-        self._damaged(s, e, errors)
-        continue
+
+    def read(s: int):
+      stored = {k: v for k, v in _reading(self._stored_shapes, s).items() if k.split(".")[0] in abstract}
       diffs = tree_differences(stored, wanted)
       if diffs:
         raise self._mismatch(s, diffs, config, "fine-tune with the model config of the run you start from "
                              "(only data, optimizer and training keys may change)")
-      try:
-        restorer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
-        weights = restorer.restore(self.directory / str(s) / "state", args=ocp.args.PyTreeRestore(
-            item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
-            partial_restore=True))
-        meta = self.read_meta(s)
-      except Exception as e:
-        self._damaged(s, e, errors)
-        continue
-      return weights, meta, s
-    raise CheckpointError(f"no readable checkpoint in {self.directory} ({errors[0]}).",
-                          "the files are damaged; restore them from a backup or start from another run.")
+      restorer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
+      weights = _reading(restorer.restore, self.directory / str(s) / "state", args=ocp.args.PyTreeRestore(
+          item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract), partial_restore=True))
+      return weights, _reading(self.read_meta, s)
+
+    (weights, meta), s, _ = self._newest_readable(
+        step, read, empty_fix="point --config.train.restore_from at a training run with checkpoints.",
+        damaged_fix="the files are damaged; restore them from a backup or start from another run.")
+    return weights, meta, s
 
   def read_meta(self, step: int | None = None) -> dict:
     """The JSON metadata of ``step`` (default: newest readable)."""
-    self._require_step(step)
-    steps = [step] if step is not None else sorted(self.all_steps(), reverse=True)
-    if not steps:
-      raise CheckpointError(f"no checkpoint in {self.directory}.",
-                            "train first (langflow-jax train) or point at another --workdir.")
-    errors = []
-    for s in steps:
-      try:
-        return dict(self._manager.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta)
-      except Exception as e:
-        self._damaged(s, e, errors)
-    raise CheckpointError(f"no readable checkpoint in {self.directory} ({errors[0]}).",
-                          "the files are damaged; restore them from a backup or start a fresh --workdir.")
+    meta, _, _ = self._newest_readable(
+        step, lambda s: dict(_reading(self._manager.restore, s, args=ocp.args.Composite(
+            meta=ocp.args.JsonRestore())).meta),
+        empty_fix="train first (langflow-jax train) or point at another --workdir.",
+        damaged_fix="the files are damaged; restore them from a backup or start a fresh --workdir.")
+    return meta
+
+
+class _Unreadable(Exception):
+  """A checkpoint step that could not be read; the cause is the original error."""
+
+
+def _reading(fn: Callable[..., Any], *args, **kwargs) -> Any:
+  """``fn(*args, **kwargs)``, any failure of which means the step is unreadable."""
+  try:
+    return fn(*args, **kwargs)
+  except Exception as e:  # orbax raises ValueError/KeyError/FileNotFoundError on damage
+    raise _Unreadable() from e
+
+
+@contextlib.contextmanager
+def _translated(error_of: Callable[[Exception], UserError | None]):
+  """Raises ``error_of(e)`` (one line for the user) in place of an exception it recognises; others propagate."""
+  try:
+    yield
+  except Exception as e:
+    err = error_of(e)
+    if err is None:
+      raise
+    raise err from e
 
 
 def open_run(path: str | pathlib.Path) -> tuple[Checkpointer, int | None]:

@@ -20,7 +20,7 @@ from flax import nnx
 
 from langflow_jax import config as config_lib
 from langflow_jax.errors import CheckpointError
-from langflow_jax.model import LangFlow, rotary_inv_freq
+from langflow_jax.model import LangFlow, flat_params, rotary_inv_freq
 
 # (official name pattern, our path template, transpose). {i} is the block index.
 _LINEAR = [
@@ -128,13 +128,6 @@ def config_to_official(model_cfg: ml_collections.ConfigDict,
   }
 
 
-def _flat_params(model: LangFlow) -> dict[str, nnx.Variable]:
-  flat = {}
-  for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-    flat[".".join(str(p) for p in path)] = var
-  return flat
-
-
 def load_official(directory: str | pathlib.Path) -> tuple[ml_collections.ConfigDict, LangFlow]:
   """Reads an official release directory into our config and model (float32)."""
   from safetensors.numpy import load_file  # optional at import time
@@ -166,7 +159,7 @@ def load_official(directory: str | pathlib.Path) -> tuple[ml_collections.ConfigD
 
 def load_tensors(model: LangFlow, tensors: dict[str, np.ndarray]) -> None:
   """Fills ``model``'s parameters from an official state dict, checking everything."""
-  targets = _flat_params(model)
+  targets = flat_params(model)
   seen = set()
   # A formula, so recompute it when absent; when present, keep the stored
   # float32 values (torch's pow may differ from ours in the last bit).
@@ -201,7 +194,7 @@ def load_tensors(model: LangFlow, tensors: dict[str, np.ndarray]) -> None:
 def export_tensors(model: LangFlow) -> dict[str, np.ndarray]:
   """The official state dict (numpy float32) for ``model``."""
   out = {}
-  for path, var in _flat_params(model).items():
+  for path, var in flat_params(model).items():
     found = _translate(path, 1)
     if found is None:
       raise CheckpointError(f"parameter '{path}' has no official name.",

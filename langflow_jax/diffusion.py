@@ -65,13 +65,6 @@ def denoised_embedding_from_logits(logits_BxLxV: Array, embeddings_VxD: Array,
   return denoised_embedding(unnormalised, embeddings_VxD) / jnp.sum(unnormalised, axis=-1, keepdims=True)
 
 
-def flow_velocity(z_BxLxD: Array, x_hat_BxLxD: Array, gamma_B: Array) -> Array:
-  """Probability-flow ODE in gamma: dz/dgamma = (alpha^2/2) z - (alpha/2) x_hat."""
-  alpha_B, _ = alpha_sigma(gamma_B)
-  a = alpha_B[:, None, None]
-  return 0.5 * a * a * z_BxLxD - 0.5 * a * x_hat_BxLxD
-
-
 def ddim_step(z_BxLxD: Array, x_hat_BxLxD: Array, gamma_t: Array, gamma_s: Array) -> Array:
   """Exact solution of the flow from gamma_t to gamma_s with x_hat held fixed.
 

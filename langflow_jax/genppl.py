@@ -62,7 +62,7 @@ def _ar_scorer(arg: str, config) -> tuple[metrics.SequenceScorer, str]:
   if not isinstance(model, ar.ARTransformer):
     raise ConfigError(f"{arg} is not a run of the autoregressive baseline.",
                       "pass --scorer ar:RUN_DIR of a run trained with --config.objective.name=ar.")
-  scorer = metrics.ar_sequence_scorer(model)
+  scorer = ar.sequence_scorer(model)
   ar_tok, generator_tok = load_tokenizer(ar_config.data.tokenizer), load_tokenizer(config.data.tokenizer)
   if fingerprint(ar_tok) != fingerprint(generator_tok):
     scorer.retokenize = lambda ids: ar_tok.encode(generator_tok.decode(ids))[:model.max_length]

@@ -26,6 +26,7 @@ import numpy as np
 from flax import nnx
 
 from langflow_jax.errors import CheckpointError, DataError
+from langflow_jax.model import flat_params
 
 Array = jax.Array
 
@@ -135,10 +136,6 @@ class GPT2(nnx.Module):
     return self.ln_f(x) @ self.wte.weight[...].T
 
 
-def _flat_params(model: GPT2) -> dict[str, nnx.Variable]:
-  return {".".join(str(p) for p in path): var for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-
-
 def hf_name(name: str) -> str | None:
   """Our parameter name for an HF state-dict key; None for buffers and the tied head."""
   name = name.removeprefix("transformer.")
@@ -149,7 +146,7 @@ def hf_name(name: str) -> str | None:
 
 def load_tensors(model: GPT2, tensors: dict[str, np.ndarray]) -> None:
   """Fills ``model`` from an HF GPT-2 state dict; every parameter must be present."""
-  targets = _flat_params(model)
+  targets = flat_params(model)
   seen = set()
   for key, value in tensors.items():
     name = hf_name(key)
@@ -206,4 +203,4 @@ def save_hf(model: GPT2, directory: str | pathlib.Path) -> None:
   cfg = dataclasses.asdict(model.config)
   cfg.update(model_type="gpt2", activation_function="gelu_new", architectures=["GPT2LMHeadModel"])
   (directory / "config.json").write_text(json.dumps(cfg, indent=1))
-  save_file({k: np.asarray(v[...]) for k, v in _flat_params(model).items()}, str(directory / "model.safetensors"))
+  save_file({k: np.asarray(v[...]) for k, v in flat_params(model).items()}, str(directory / "model.safetensors"))

@@ -184,14 +184,24 @@ class LangFlowMethod(Method):
     return [tokenizer.decode(row) for row in np.asarray(out.tokens_BxL)]
 
 
-class ARMethod(Method):
-  name, label, model_class = "ar", "AR Transformer", ar.ARTransformer
+class _Baseline(Method):
+  """A baseline whose module (``baselines.ar``, ``baselines.mdlm``) has ``create_model``,
+  ``objective`` and ``sample_texts`` under those names."""
+
+  module: Any = None
 
   def create_model(self, config, seed=0):
-    return ar.create_model(config, seed)
+    return self.module.create_model(config, seed)
 
   def objective(self, model, ids_BxL, mask_BxL, key, *, cfg, skip_scale=1.0, train=True):
-    return ar.objective(model, ids_BxL, mask_BxL, key, cfg=cfg, skip_scale=skip_scale, train=train)
+    return self.module.objective(model, ids_BxL, mask_BxL, key, cfg=cfg, skip_scale=skip_scale, train=train)
+
+  def sample_texts(self, model, tokenizer, sample_cfg, length, prompt=""):
+    return self.module.sample_texts(model, tokenizer, sample_cfg, length, prompt)
+
+
+class ARMethod(_Baseline):
+  name, label, model_class, module = "ar", "AR Transformer", ar.ARTransformer, ar
 
   def likelihood(self, model, data, config, *, mesh=None, progress=False, sweep=False):
     """The exact NLL: teacher forcing, every valid token scored (the first from the start vector)."""
@@ -222,18 +232,9 @@ class ARMethod(Method):
     del steps  # one evaluation of one position per token
     return ar.generate(model, key, length, batch_size=num), length
 
-  def sample_texts(self, model, tokenizer, sample_cfg, length, prompt=""):
-    return ar.sample_texts(model, tokenizer, sample_cfg, length, prompt)
 
-
-class MDLMMethod(Method):
-  name, label, model_class = "mdlm", "MDLM", mdlm.MaskedDiffusionLM
-
-  def create_model(self, config, seed=0):
-    return mdlm.create_model(config, seed)
-
-  def objective(self, model, ids_BxL, mask_BxL, key, *, cfg, skip_scale=1.0, train=True):
-    return mdlm.objective(model, ids_BxL, mask_BxL, key, cfg=cfg, skip_scale=skip_scale, train=train)
+class MDLMMethod(_Baseline):
+  name, label, model_class, module = "mdlm", "MDLM", mdlm.MaskedDiffusionLM, mdlm
 
   @staticmethod
   def _samples(config, data: PackedSplit) -> int:
@@ -270,9 +271,6 @@ class MDLMMethod(Method):
 
   def generate(self, model, key, *, num, length, steps):
     return mdlm.generate(model, key, length, steps=steps, batch_size=num, return_nfe=True)
-
-  def sample_texts(self, model, tokenizer, sample_cfg, length, prompt=""):
-    return mdlm.sample_texts(model, tokenizer, sample_cfg, length, prompt)
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (LangFlowMethod(), ARMethod(), MDLMMethod())}

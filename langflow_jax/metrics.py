@@ -154,45 +154,27 @@ def causal_lm_scorer(logits_fn: Callable, params=None, *, max_len: int, batch_si
     return -jnp.sum(tok * m, axis=-1), jnp.sum(m, axis=-1)
 
   def score(sequences):
-    seqs = [list(s)[:max_len] for s in sequences]
-    nll, count = np.zeros(len(seqs)), np.zeros(len(seqs))
-    for start in range(0, len(seqs), batch_size):
-      chunk = seqs[start:start + batch_size]
-      width = min(max_len, max(bucket, -(-max(len(s) for s in chunk) // bucket) * bucket))
-      ids = np.zeros((batch_size, width), np.int32)
-      mask = np.zeros((batch_size, width), bool)
-      for r, s in enumerate(chunk):
-        ids[r, :len(s)], mask[r, :len(s)] = s, True
-      n, c = jax.device_get(batch_nll(params, ids, mask))
-      nll[start:start + len(chunk)], count[start:start + len(chunk)] = n[:len(chunk)], c[:len(chunk)]
-    return nll, count
+    return score_in_batches(
+        [list(s)[:max_len] for s in sequences], lambda ids, mask: jax.device_get(batch_nll(params, ids, mask)),
+        batch_size=batch_size,
+        width=lambda chunk: min(max_len, max(bucket, -(-max(len(s) for s in chunk) // bucket) * bucket)))
 
   return score
 
 
-def ar_sequence_scorer(model, batch_size: int = 32) -> SequenceScorer:
-  """A :class:`SequenceScorer` from the in-package AR baseline (``baselines.ar``).
-
-  Sequences are truncated to the model's length and right-padded (masked) to
-  it in batches of ``batch_size``: one compilation. The first token of each
-  sequence is not scored (``len - 1`` tokens, the Gen. PPL protocol).
-  """
-  from langflow_jax.baselines import ar
-
-  max_len = model.max_length
-
-  def score(sequences):
-    seqs = [list(s)[:max_len] for s in sequences]
-    nll, count = np.zeros(len(seqs)), np.zeros(len(seqs))
-    for start in range(0, len(seqs), batch_size):
-      chunk = seqs[start:start + batch_size]
-      ids = np.zeros((batch_size, max_len), np.int32)
-      mask = np.zeros((batch_size, max_len), bool)
-      for r, s in enumerate(chunk):
-        ids[r, :len(s)], mask[r, :len(s)] = s, True
-      n, c = ar.sequence_nll(model, ids, mask)
-      nll[start:start + len(chunk)] = np.asarray(n)[:len(chunk)]
-      count[start:start + len(chunk)] = np.asarray(c)[:len(chunk)]
-    return nll, count
-
-  return score
+def score_in_batches(sequences: Sequence[Sequence[int]], score_batch: Callable, *, batch_size: int,
+                     width: Callable[[Sequence[Sequence[int]]], int]) -> tuple[np.ndarray, np.ndarray]:
+  """Each sequence's (summed NLL, scored tokens) from ``score_batch(ids_BxW, mask_BxW)``: the
+  sequences right-padded (masked) into batches of ``batch_size`` rows (the last one filled with
+  empty rows) of ``width(chunk)`` columns, so that a scorer compiles for few shapes."""
+  nll, count = np.zeros(len(sequences)), np.zeros(len(sequences))
+  for start in range(0, len(sequences), batch_size):
+    chunk = sequences[start:start + batch_size]
+    ids = np.zeros((batch_size, width(chunk)), np.int32)
+    mask = np.zeros(ids.shape, bool)
+    for r, s in enumerate(chunk):
+      ids[r, :len(s)], mask[r, :len(s)] = s, True
+    n, c = score_batch(ids, mask)
+    nll[start:start + len(chunk)] = np.asarray(n)[:len(chunk)]
+    count[start:start + len(chunk)] = np.asarray(c)[:len(chunk)]
+  return nll, count

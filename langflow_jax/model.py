@@ -395,6 +395,11 @@ def count_params(model: nnx.Module) -> int:
   return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
+def flat_params(model: nnx.Module) -> dict[str, nnx.Variable]:
+  """Every parameter by its dotted path (``backbone.blocks.0.attn_qkv.kernel``)."""
+  return {".".join(str(p) for p in path): var for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
 def forward_matmul_flops_per_token(model_cfg: ml_collections.ConfigDict, length: int) -> int:
   """Matmul FLOPs of one forward pass per token (the benchmarks' model FLOPs).
 

@@ -350,10 +350,6 @@ def shard_model(model: nnx.Module, mesh: Mesh) -> nnx.Module:
   return model
 
 
-def replicate(tree: Any, mesh: Mesh) -> Any:
-  return jax.device_put(tree, replicated(mesh))
-
-
 def to_host(tree: Any) -> Any:
   """Numpy copies of (possibly multi-host) global arrays, on every process."""
   def get(x):
@@ -417,17 +413,7 @@ def maybe_initialize_distributed() -> None:
   jax.distributed.initialize(**args)
 
 
-# --------------------------------------------------------------------------- reporting
-
-
-def param_summary(state: Any) -> list[tuple[str, tuple[int, ...], str]]:
-  """(path, shape, partition spec) for every parameter: the startup sharding dump."""
-  rows = []
-  for path, var in nnx.to_flat_state(state):
-    value = var[...] if _is_var(var) else var
-    spec = getattr(getattr(value, "sharding", None), "spec", None)
-    rows.append((".".join(map(str, path)), tuple(value.shape), str(spec) if spec is not None else "-"))
-  return rows
+# --------------------------------------------------------------------------- memory
 
 
 def per_device_bytes(tree: Any, shardings: Any) -> int:
@@ -437,7 +423,3 @@ def per_device_bytes(tree: Any, shardings: Any) -> int:
     shape = s.shard_shape(tuple(x.shape)) if x.shape else ()
     total += math.prod(shape) * jnp.dtype(x.dtype).itemsize
   return total
-
-
-def to_float32(tree: Any) -> Any:
-  return jax.tree.map(lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)

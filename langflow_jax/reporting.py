@@ -18,6 +18,8 @@ from typing import Iterator
 
 import jax
 
+from langflow_jax.files import write_atomic
+
 
 class MetricWriter:
   """Appends scalars to ``metrics.jsonl`` and TensorBoard (process 0 only)."""
@@ -76,9 +78,7 @@ def drop_rows_after(workdir: str | pathlib.Path, step: int) -> None:
       continue  # a line cut short by a kill
     keep.append(line)
   if len(keep) != len(lines):
-    tmp = path.with_name(".metrics.jsonl.tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    tmp.replace(path)
+    write_atomic(path, "".join(line + "\n" for line in keep))
 
 
 class PhaseTimer:

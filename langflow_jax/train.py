@@ -43,6 +43,7 @@ from langflow_jax.checkpoint import load_model, load_state  # noqa: F401 (their 
 from langflow_jax.data import pipeline
 from langflow_jax.data.tokenizer import check_matches_model, load_tokenizer
 from langflow_jax.errors import CheckpointError, ConfigError, NonFiniteLossError, UserError
+from langflow_jax.files import write_atomic
 from langflow_jax.methods import create_model
 from langflow_jax.model import count_params
 # The train state and optimizer live in train_state.py; these names stay importable from here.
@@ -305,12 +306,6 @@ def _check_workdir(workdir: pathlib.Path) -> None:
                     "choose a writable --workdir (a directory you may create files in, on a disk with space).") from e
 
 
-def _write_atomic(path: pathlib.Path, text: str) -> None:
-  tmp = path.with_name(f".{path.name}.tmp")
-  tmp.write_text(text)
-  os.replace(tmp, path)
-
-
 def _start_state(config, workdir, checkpointer, state, state_shardings, tokenizer: dict):
   """Where a run starts, in order of precedence:
 
@@ -433,7 +428,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh: jax.s
   run_meta = {"tokenizer": tokenizer_info, "mesh": {"shape": dict(mesh.shape), "devices": jax.device_count(),
                                                     "processes": jax.process_count()}, **origin}
   if jax.process_index() == 0:
-    _write_atomic(workdir / "config.json", config_lib.to_json(config))
+    write_atomic(workdir / "config.json", config_lib.to_json(config))
 
   start = int(state.step)
   reporting.drop_rows_after(workdir, start)  # rows of steps lost with a killed run get rewritten

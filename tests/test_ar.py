@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from langflow_jax import cli, methods, objective, parallel, reporting, train
+from langflow_jax import cli, methods, metrics, objective, parallel, reporting, train
 from langflow_jax.baselines import ar
 from langflow_jax.errors import ConfigError
 from langflow_jax.model import create_model as create_langflow
@@ -114,10 +114,11 @@ def test_scorer_nll_equals_mean_cross_entropy_of_the_forward_pass(model):
   np.testing.assert_allclose(np.asarray(nll_all) / np.asarray(count_all), ce.mean(-1), rtol=1e-5)
   # Gen. PPL: token-weighted over two batches with unequal token counts
   both, both_mask = np.concatenate([ids, ids[::-1]]), np.concatenate([mask, np.ones_like(mask)])
-  out = ar.generative_perplexity(model, both, both_mask, batch_size=B)
+  rows = [row[:m.sum()] for row, m in zip(np.asarray(both), both_mask)]
+  out = metrics.generative_perplexity(rows, ar.sequence_scorer(model, batch_size=B))
   total = 2 * sum(ce[i, 1:mask[i].sum()].sum() for i in range(B)) + ce[2, 11:].sum()
-  assert out["num_tokens"] == 2 * B * (L - 1) - 5
-  np.testing.assert_allclose(out["gen_ppl"], np.exp(total / out["num_tokens"]), rtol=1e-5)
+  assert out["scored_tokens"] == 2 * B * (L - 1) - 5
+  np.testing.assert_allclose(out["gen_ppl"], np.exp(total / out["scored_tokens"]), rtol=1e-5)
 
 
 def test_parameters_carry_logical_axes_the_sharding_rules_know(model):

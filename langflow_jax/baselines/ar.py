@@ -23,16 +23,16 @@ What differs, and why:
 
 Decoding keeps a per-layer KV cache of ``length`` positions: one parallel
 causal pass over the prompt fills it, then ``lax.scan`` feeds one token per
-position. The scorer (:func:`sequence_nll`, :func:`generative_perplexity`)
-follows the Gen. PPL protocol of method §6.2: per-sequence summed NLL over
-tokens 1..len-1 and ``exp(sum NLL / sum (len - 1))``.
+position. The scorer (:func:`sequence_nll`, :func:`sequence_scorer` for
+``metrics.generative_perplexity``) follows the Gen. PPL protocol of method §6.2:
+per-sequence summed NLL over tokens 1..len-1 and ``exp(sum NLL / sum (len - 1))``.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -40,11 +40,12 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from langflow_jax import metrics
 from langflow_jax.errors import ConfigError
-from langflow_jax.objective import ObjectiveOutput, objective_output, token_cross_entropy
 from langflow_jax.model import (DTYPES, PreLNBlock, ScaleOnlyLayerNorm, TokenEmbedding, check_heads,
                                 check_length, dot_product_attention, dropout, linear, normalized_rows,
                                 rotary_inv_freq, rotary_qkv, rotary_tables)
+from langflow_jax.objective import ObjectiveOutput, objective_output, token_cross_entropy
 
 Array = jax.Array
 KVCache = tuple[tuple[Array, Array], ...]  # per block: keys, values [B, S, H, d_h]
@@ -327,20 +328,18 @@ def sequence_nll(model: ARTransformer, ids_BxL: Array, mask_BxL: Array | None = 
   return _sequence_nll(graphdef, state, ids_BxL, mask_BxL, jnp.asarray(score_first))
 
 
-def generative_perplexity(model: ARTransformer, ids_NxL: np.ndarray | Sequence[Sequence[int]],
-                          mask_NxL: np.ndarray | None = None, *, batch_size: int = 32) -> dict[str, Any]:
-  """Token-weighted ``exp(sum NLL / sum (len - 1))`` of samples under this model (method §6.2).
+def sequence_scorer(model: ARTransformer, batch_size: int = 32):
+  """The model as a ``metrics.SequenceScorer``: each sequence's summed NLL of tokens 1..n-1 and n-1.
 
-  Returns ``gen_ppl``, the totals and each sequence's NLL per scored token.
+  Sequences are truncated to the model's length and right-padded (masked) to
+  it in batches of ``batch_size``: one compilation. The first token of each
+  sequence is not scored (``len - 1`` tokens, the Gen. PPL protocol).
   """
-  ids_NxL = np.asarray(ids_NxL, np.int32)
-  mask_NxL = np.ones(ids_NxL.shape, bool) if mask_NxL is None else np.asarray(mask_NxL, bool)
-  nll, count = [], []
-  for i in range(0, len(ids_NxL), batch_size):
-    n_B, c_B = sequence_nll(model, ids_NxL[i:i + batch_size], mask_NxL[i:i + batch_size])
-    nll.append(np.asarray(n_B, np.float64))
-    count.append(np.asarray(c_B, np.float64))
-  nll_N, count_N = np.concatenate(nll), np.concatenate(count)
-  total_nll, total_tokens = float(nll_N.sum()), float(count_N.sum())
-  return {"gen_ppl": math.exp(total_nll / max(total_tokens, 1.0)), "nll_sum": total_nll,
-          "num_tokens": total_tokens, "nll_per_token_N": nll_N / np.maximum(count_N, 1.0)}
+  max_len = model.max_length
+
+  def score(sequences):
+    return metrics.score_in_batches([list(s)[:max_len] for s in sequences],
+                                    lambda ids, mask: sequence_nll(model, ids, mask), batch_size=batch_size,
+                                    width=lambda chunk: max_len)
+
+  return score

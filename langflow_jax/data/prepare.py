@@ -46,6 +46,7 @@ import numpy as np
 from langflow_jax.data import catalog, detokenize, sources
 from langflow_jax.data.tokenizer import Tokenizer, load_tokenizer
 from langflow_jax.errors import DataError
+from langflow_jax.files import write_atomic
 
 log = logging.getLogger(__name__)
 FORMAT = "langflow_jax.prepared/1"
@@ -283,12 +284,6 @@ def _manifest(recipe: Recipe, tokenizer: Tokenizer, split: str, rows: int, docs:
                         "eos_id": tokenizer.eos_id, "pad_id": tokenizer.pad_id}}
 
 
-def _atomic_write_text(path: pathlib.Path, text: str) -> None:
-  tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-  tmp.write_text(text)
-  os.replace(tmp, path)
-
-
 def write_split(out: pathlib.Path, split: str, batches: Iterator, recipe: Recipe, tokenizer: Tokenizer,
                 detokenizer: str | None, total_docs: int) -> dict:
   """Streams ``packed_batches`` into ``out/<split>.*``; returns the manifest."""
@@ -311,7 +306,7 @@ def write_split(out: pathlib.Path, split: str, batches: Iterator, recipe: Recipe
   else:
     os.replace(tmp["lengths"], out / f"{split}.lengths")
   manifest = _manifest(recipe, tokenizer, split, rows, docs, tokens, detokenizer)
-  _atomic_write_text(out / f"{split}.json", json.dumps(manifest, indent=1))
+  write_atomic(out / f"{split}.json", json.dumps(manifest, indent=1))
   return manifest
 
 
