@@ -114,3 +114,19 @@ def test_foreign_run_directory_is_refused(root):
   impostor = common.Variant("langflow-linear", "cosine", overrides=("config.schedule.name=cosine",))
   with pytest.raises(ConfigError, match="holds another experiment"):
     common.ensure_trained(impostor, args)
+
+
+def test_known_entropy_quick(root):
+  """The known-entropy study end to end: a corpus of exact entropy, the three methods, one ablation."""
+  data, _ = run_script("known_entropy", root)
+  (corpus, res), = data["results"].items()
+  h = res["card"]["H"]
+  assert 0 < h < math.log(res["card"]["vocab_size"])
+  assert set(res["ladder"]) == {"langflow", "mdlm", "ar"}
+  for per in res["ladder"].values():
+    for r in per.values():
+      assert math.isfinite(r["nats_per_token"]) and r["nats_per_token"] > 0
+  lf = next(iter(res["ladder"]["langflow"].values()))
+  assert lf["context_free_exact"] is not None and "sc_chain_rule" in lf["what"]
+  assert set(res["ablations"]) == {"zeros-bias"}
+  assert (root / "results" / "known_entropy.png").read_bytes()[:8] == PNG_MAGIC
