@@ -89,3 +89,22 @@ def test_the_registry_samples_every_method(baseline_run):
   method = methods.for_config(config)
   ids, nfe = method.generate(model, jax.random.PRNGKey(0), num=2, length=8, steps=4)
   assert np.asarray(ids).shape == (2, 8) and 1 <= int(nfe) <= 8
+
+
+def test_sample_refuses_a_baseline_run_and_points_at_sample_baseline(baseline_run, capsys):
+  name, workdir = baseline_run
+  assert cli.main(["sample", "--workdir", str(workdir), "--num", "1"]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and f"objective.name={name}" in err[0] and "sample-baseline" in err[0]
+
+
+def test_langflow_samples_texts_through_the_registry():
+  from langflow_jax.data.tokenizer import load_tokenizer
+
+  cfg = small_config()
+  cfg.sample.update(num=2, steps=2, seed=3)
+  method = methods.for_config(cfg)
+  model = method.create_model(cfg)
+  tokenizer = load_tokenizer(cfg.data.tokenizer)
+  texts = method.sample_texts(model, tokenizer, cfg.sample, 16, prompt="The state")
+  assert len(texts) == 2 and all(t.startswith("<|endoftext|>The state") for t in texts)
