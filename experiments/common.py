@@ -120,7 +120,7 @@ def langflow_bound(workdir: pathlib.Path, protocol: dict[str, Any]) -> dict[str,
   overrides = [f"config.eval.{k}={v}" for k, v in protocol.items()]
   name = f"bound-{protocol['solver']}{protocol['steps']}-{protocol['grid']}"
   name += "" if protocol.get("self_cond", True) else "-no-self-cond"
-  name += "" if protocol.get("mode", "flow") == "flow" else f"-{protocol['mode']}"
+  name += "" if protocol.get("mode", "sc_chain_rule") == "sc_chain_rule" else f"-{protocol['mode']}"
   return cached(workdir, name, {"eval": protocol},
                 lambda: evaluate.evaluate_workdir(workdir, overrides, write=False).to_json())
 

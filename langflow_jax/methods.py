@@ -165,11 +165,11 @@ class LangFlowMethod(Method):
 
   def likelihood_tag(self, config):
     e = config.eval
-    mode = e.get("mode", "flow")
+    mode = e.get("mode", "sc_chain_rule")
     if mode == "sde":
       return f"sde{e.mc_samples}"
     tag = f"adaptive-rtol{e.rtol:g}" if e.solver == "adaptive" else f"{e.solver}{e.steps}"
-    return tag if mode == "flow" else f"{tag}-{mode}"
+    return tag if mode == "sc_chain_rule" else f"{tag}-{mode}"  # the default mode is not named
 
   def generate(self, model, key, *, num, length, steps):
     options = sampling.SamplerOptions(steps=steps)

@@ -110,6 +110,7 @@ def fixed_batch_config(tmp_dir: pathlib.Path, objective_name: str, steps: int):
   cfg.data.update(name=f"file:{corpus}", wrap=False)
   cfg.train.update(steps=steps, log_every=1, eval_every=steps, checkpoint_every=steps)
   cfg.optimizer.update(lr=1e-2, warmup_steps=3)
+  cfg.objective.output_bias_init = "zeros"  # the official zero-initialised head: the first loss is log V
   return cfg
 
 
