@@ -55,7 +55,7 @@ from langflow_jax.data import pipeline
 from langflow_jax.data.prepare import PackedSplit
 from langflow_jax.errors import ConfigError
 from langflow_jax.model import LangFlow
-from langflow_jax.objective import token_cross_entropy
+from langflow_jax.objective import elbo_integrand, token_cross_entropy
 from langflow_jax.schedule import likelihood_u_grid
 
 Array = jax.Array
@@ -470,10 +470,7 @@ def sde_bound(model: LangFlow, ids_BxL: Array, mask_BxL: Array | None, key: Arra
     gamma_B = model.schedule.icdf(u_B)
     z = diffusion.add_noise(e_BxLxD, gamma_B, n_BxLxD)
     x_sc = model.denoise(model(z, gamma_B, None)) if use_sc else None
-    x_hat = model.denoise(model(z, gamma_B, x_sc))
-    sq_B = jnp.sum(jnp.sum(jnp.square(x_hat - e_BxLxD), axis=-1) * m_BxL, axis=-1)
-    w_B = 0.5 * jnp.exp(-gamma_B - model.schedule.log_density(gamma_B))
-    return total_B + w_B * sq_B, gamma_B
+    return total_B + elbo_integrand(model, model(z, gamma_B, x_sc), e_BxLxD, gamma_B, m_BxL), gamma_B
 
   int_B, gamma_MxB = jax.lax.scan(draw, jnp.zeros((b,), jnp.float32), (noise[1:], u))
   flow_B = int_B / num

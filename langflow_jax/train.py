@@ -306,7 +306,8 @@ def _check_workdir(workdir: pathlib.Path) -> None:
                     "choose a writable --workdir (a directory you may create files in, on a disk with space).") from e
 
 
-def _start_state(config, workdir, checkpointer, state, state_shardings, tokenizer: dict):
+def _start_state(config, workdir, checkpointer, state, state_shardings, tokenizer: dict,
+                 train_split: pipeline.PackedSplit):
   """Where a run starts, in order of precedence:
 
   1. the newest readable checkpoint in ``workdir`` (resume: everything restored,
@@ -351,7 +352,6 @@ def _start_state(config, workdir, checkpointer, state, state_shardings, tokenize
                          buffers=weights["buffers"]), {"step": 0}, \
         {"restored_from": origin}
   if config.objective.output_bias_init == "unigram":
-    train_split = pipeline.load_split(config.data, "train")
     state = with_output_bias(state, pipeline.unigram_log_prior(train_split, config.model.vocab_size))
     log.info("output bias initialised to the training split's log unigram frequencies")
   return state, {"step": 0}, {}
@@ -367,16 +367,20 @@ def with_output_bias(state: TrainState, log_prior_V: np.ndarray) -> TrainState:
   the exact context-free posterior (uniform-prior likelihood times the
   unigram prior); the network then only has to learn what context adds.
   """
+  found = []
+
   def put(path, leaf):
-    keys = tuple(getattr(k, "key", getattr(k, "name", None)) for k in path)
-    if keys[-len(OUTPUT_BIAS_PATH):] == OUTPUT_BIAS_PATH or keys[-len(OUTPUT_BIAS_PATH) - 1:-1] == OUTPUT_BIAS_PATH:
-      value = jnp.asarray(log_prior_V - log_prior_V.mean(), leaf.dtype).reshape(leaf.shape)
-      return jax.device_put(value, leaf.sharding) if isinstance(leaf, jax.Array) else value
-    return leaf
+    # nnx.State paths end in the variable's keys, then (for Variables) its ".value"
+    keys = [k for k in (getattr(p, "key", getattr(p, "name", None)) for p in path) if k != "value"]
+    if tuple(keys[-len(OUTPUT_BIAS_PATH):]) != OUTPUT_BIAS_PATH:
+      return leaf
+    found.append(path)
+    return jax.device_put(jnp.asarray(log_prior_V - log_prior_V.mean(), leaf.dtype).reshape(leaf.shape),
+                          leaf.sharding)
 
   params = jax.tree_util.tree_map_with_path(put, state.params)
   ema = jax.tree_util.tree_map_with_path(put, state.ema_params)
-  if jax.tree.leaves(params) and all(a is b for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(state.params))):
+  if not found:
     raise ConfigError("objective.output_bias_init=unigram: this model has no output_layer.linear.bias.",
                       "use --config.objective.output_bias_init=zeros.")
   return state.replace(params=params, ema_params=ema)
@@ -420,7 +424,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh: jax.s
   tokenizer_info = ckpt_lib.tokenizer_meta(tokenizer)
   try:
     state, data_state, origin = _start_state(config, workdir, checkpointer, state, state_shardings,
-                                             tokenizer_info)
+                                             tokenizer_info, train_split)
   except BaseException:
     checkpointer.close()
     raise

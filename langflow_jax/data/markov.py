@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import pathlib
 
 import jax
@@ -33,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from langflow_jax.data import prepare
-from langflow_jax.data.tokenizer import EOS_TOKEN
+from langflow_jax.data.tokenizer import EOS_TOKEN, load_tokenizer
 
 Array = jax.Array
 
@@ -119,20 +118,6 @@ def write_state_tokenizer(path: pathlib.Path, num_states: int) -> pathlib.Path:
   return path
 
 
-def _write_prepared_split(out: pathlib.Path, split: str, ids: np.ndarray, tokenizer_path: pathlib.Path,
-                          vocab_size: int) -> None:
-  seq_len = ids.shape[1]
-  recipe = prepare.Recipe(source=f"markov:{out.name}", tokenizer=str(tokenizer_path), seq_len=seq_len, wrap=True)
-  tmp = out / f".{split}.ids.tmp{os.getpid()}"
-  tmp.write_bytes(np.ascontiguousarray(ids, np.int32).tobytes())
-  os.replace(tmp, out / f"{split}.ids")
-  manifest = {"format": prepare.FORMAT, "split": split, "rows": int(ids.shape[0]), "documents": int(ids.shape[0]),
-              "tokens": int(ids.size), "recipe": dataclasses.asdict(recipe), "detokenizer": None,
-              "tokenizer": {"name": tokenizer_path.stem, "vocab_size": vocab_size, "bos_id": 0, "eos_id": 0,
-                            "pad_id": None}}
-  (out / f"{split}.json").write_text(json.dumps(manifest, indent=1))
-
-
 def token_corpus(out: str | pathlib.Path, chain: MarkovChain, seq_len: int, train_rows: int, heldout_rows: int,
                  seed: int = 0) -> dict:
   """Writes chain rows (token id = state + 1) as a prepared directory with its tokenizer.
@@ -143,9 +128,12 @@ def token_corpus(out: str | pathlib.Path, chain: MarkovChain, seq_len: int, trai
   out = pathlib.Path(out)
   out.mkdir(parents=True, exist_ok=True)
   tok_path = write_state_tokenizer(out / "tokenizer.json", chain.num_states)
+  tokenizer = load_tokenizer(str(tok_path))
+  recipe = prepare.Recipe(source=f"markov:{out.name}", tokenizer=str(tok_path), seq_len=seq_len, wrap=True)
   rng = np.random.default_rng(seed)
   for split, rows in (("train", train_rows), ("heldout", heldout_rows)):
-    _write_prepared_split(out, split, chain.sample(rng, rows, seq_len) + 1, tok_path, chain.num_states + 1)
+    ids = chain.sample(rng, rows, seq_len) + 1
+    prepare.write_split(out, split, iter([(ids, None, rows, ids.size)]), recipe, tokenizer, None, rows)
   return {"kind": "token ids", "states": chain.num_states, "vocab_size": chain.num_states + 1, "seq_len": seq_len,
           "entropy_rate": chain.entropy_rate, "unigram_entropy": chain.unigram_entropy,
           "entropy_per_token": chain.row_entropy_per_token(seq_len),
