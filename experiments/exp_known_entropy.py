@@ -99,10 +99,17 @@ class Ablation:
 
 
 ABLATIONS = (
-    Ablation("lr1e-3", "lr 1e-3 (base 2e-3)", ("config.optimizer.lr=1e-3",)),
-    Ablation("lr4e-3", "lr 4e-3", ("config.optimizer.lr=4e-3",)),
-    Ablation("no-self-cond", "no self-conditioning", ("config.model.self_conditioning=false",)),
+    # Ordered by what they can tell: the run order of an interrupted study.
     Ablation("sc0.5", "self-conditioning p = 0.5 (base 0.25)", ("config.objective.self_cond_prob=0.5",)),
+    Ablation("depth4", "4 blocks (2x the FLOPs)", ("config.model.n_blocks=4",)),
+    Ablation("mdlm-depth4", "MDLM, 4 blocks (2x the FLOPs)", ("config.model.n_blocks=4",), method="mdlm"),
+    Ablation("lr4e-3", "lr 4e-3 (base 2e-3)", ("config.optimizer.lr=4e-3",)),
+    Ablation("mdlm-lr4e-3", "MDLM lr 4e-3", ("config.optimizer.lr=4e-3",), method="mdlm"),
+    Ablation("ar-lr4e-3", "AR lr 4e-3", ("config.optimizer.lr=4e-3",), method="ar"),
+    Ablation("lr1e-3", "lr 1e-3", ("config.optimizer.lr=1e-3",)),
+    Ablation("mdlm-lr1e-3", "MDLM lr 1e-3", ("config.optimizer.lr=1e-3",), method="mdlm"),
+    Ablation("ar-lr1e-3", "AR lr 1e-3", ("config.optimizer.lr=1e-3",), method="ar"),
+    Ablation("no-self-cond", "no self-conditioning", ("config.model.self_conditioning=false",)),
     Ablation("fixed-schedule", "schedule not learned (Gumbel at its initial loc/scale)",
              ("config.optimizer.schedule_lr_scale=0.0",)),
     Ablation("ce+elbo", "CE + importance-weighted ELBO term", ("config.objective.elbo_weight=1.0",)),
@@ -112,11 +119,6 @@ ABLATIONS = (
              ("config.objective.output_bias_init=zeros",), corpora=("tok32", "words16")),
     Ablation("mdlm-zeros-bias", "MDLM, head bias starts at zero", ("config.objective.output_bias_init=zeros",),
              method="mdlm", corpora=("tok32", "words16")),
-    Ablation("depth4", "4 blocks (2x the FLOPs)", ("config.model.n_blocks=4",)),
-    Ablation("mdlm-lr1e-3", "MDLM lr 1e-3", ("config.optimizer.lr=1e-3",), method="mdlm"),
-    Ablation("mdlm-lr4e-3", "MDLM lr 4e-3", ("config.optimizer.lr=4e-3",), method="mdlm"),
-    Ablation("ar-lr1e-3", "AR lr 1e-3", ("config.optimizer.lr=1e-3",), method="ar"),
-    Ablation("ar-lr4e-3", "AR lr 4e-3", ("config.optimizer.lr=4e-3",), method="ar"),
 )
 
 # LangFlow's bound protocol (config.eval keys); the flow-mode and reference

@@ -500,8 +500,9 @@ def load_state(workdir: str | pathlib.Path, config: ml_collections.ConfigDict | 
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract_state)
   else:
     abstract = with_shardings(abstract_state, parallel.tree_shardings(abstract_state, mesh))
-  state, meta, _ = checkpointer.restore(abstract, step, config=config)
-  return config, ModelParts(graphdef, state.buffers), state, meta
+  state, meta, restored = checkpointer.restore(abstract, step, config=config)
+  # The step actually read: without ``step`` a damaged newest one is skipped.
+  return config, ModelParts(graphdef, state.buffers), state, {**meta, "restored_step": restored}
 
 
 def load_model(workdir: str | pathlib.Path, use_ema: bool = True,
@@ -516,6 +517,15 @@ def load_model(workdir: str | pathlib.Path, use_ema: bool = True,
   a checkpoint; the default is the newest readable one. With ``mesh`` the
   weights are restored sharded by the rules (for sharded sampling and eval).
   """
+  config, model, _ = load_model_and_step(workdir, use_ema, config, step, mesh)
+  return config, model
+
+
+def load_model_and_step(workdir: str | pathlib.Path, use_ema: bool = True,
+                        config: ml_collections.ConfigDict | None = None,
+                        step: int | None = None, mesh: jax.sharding.Mesh | None = None
+                        ) -> tuple[ml_collections.ConfigDict, nnx.Module, int]:
+  """:func:`load_model`, and the checkpoint step it read (for reports that name it)."""
   config, parts, state, meta = load_state(workdir, config, step, mesh)
   check_tokenizer(meta, tokenizer_meta(load_tokenizer(config.data.tokenizer)), str(workdir))
-  return config, parts.merge(state.ema_params if use_ema else state.params)
+  return config, parts.merge(state.ema_params if use_ema else state.params), meta["restored_step"]

@@ -287,9 +287,9 @@ def load_for_eval(workdir: str | pathlib.Path | None, checkpoint: str | pathlib.
   config_lib.apply_overrides(config, overrides)
   config_lib.validate_eval(config)
   mesh = parallel.make_mesh(config.mesh)
-  if step is None:
-    step = ckpt_lib.open_run(workdir)[0].latest_step()
-  config, model = ckpt_lib.load_model(workdir, use_ema=config.eval.use_ema, config=config, step=step, mesh=mesh)
+  # Without a step the newest readable checkpoint is used (a damaged newest one is skipped with a warning).
+  config, model, step = ckpt_lib.load_model_and_step(workdir, use_ema=config.eval.use_ema, config=config,
+                                                     step=step, mesh=mesh)
   weights = "EMA" if config.eval.use_ema else "raw (no EMA)"
   source = {"weights": weights, "checkpoint": str(ckpt_lib.checkpoint_dir(workdir) / str(step))}
   return config, model, source, pathlib.Path(workdir).expanduser() / "eval"

@@ -197,17 +197,23 @@ def test_every_checkpoint_truncated_eval_prints_the_error_and_nothing_else(tmp_p
       proc.stderr[-3000:]
 
 
-def test_zero_filled_newest_step_sample_falls_back_with_one_short_warning(tmp_path, trained):
+@pytest.mark.parametrize("command", ["sample", "eval"])
+def test_zero_filled_newest_step_falls_back_with_one_short_warning(tmp_path, trained, command):
   workdir = copy_run(trained, tmp_path)
   damage_state_files(workdir / "checkpoints" / "4", "zero")
-  proc = subprocess.run([sys.executable, "-m", "langflow_jax.cli", "sample", "--workdir", str(workdir), "--num", "1",
-                         "--steps", "2"], env=cli_env(tmp_path), capture_output=True, text=True, timeout=600)
+  args = ["--num", "1", "--steps", "2"] if command == "sample" else [
+      "--config.eval.steps=2", "--config.eval.batch_size=2", "--config.eval.num_batches=1"]
+  proc = subprocess.run([sys.executable, "-m", "langflow_jax.cli", command, "--workdir", str(workdir), *args],
+                        env=cli_env(tmp_path), capture_output=True, text=True, timeout=600)
   err = [l for l in proc.stderr.splitlines() if l.strip()]
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert len(err) < 10 and not any("Traceback" in l for l in err), proc.stderr[-3000:]
   assert "checkpoint step 4" in proc.stderr and "is unreadable" in proc.stderr
   assert "using checkpoint step 2" in proc.stderr and "pybind11" not in proc.stderr
-  assert "--- sample 0" in proc.stdout
+  if command == "sample":
+    assert "--- sample 0" in proc.stdout
+  else:  # the card names the step that was evaluated
+    assert "checkpoints/2" in proc.stdout and "checkpoints/4" not in proc.stdout, proc.stdout
   assert steps_on_disk(workdir) == [2, 4]  # read-only: nothing moved aside
 
 
