@@ -120,6 +120,7 @@ def base_config() -> ml_collections.ConfigDict:
       grad_clip=1.0,
       ema_decay=0.9999,
       schedule_lr_scale=1.0,      # lr multiplier for the schedule's (loc, scale, entropy)
+      embedding_lr_scale=1.0,     # lr multiplier for the token-embedding table (every method)
   ))
 
   # Device mesh; -1 takes all remaining devices (see langflow_jax/parallel.py).

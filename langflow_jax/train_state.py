@@ -74,22 +74,36 @@ def learning_rate_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> 
   return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warmup), after], [warmup])
 
 
-def _param_labels(params: nnx.State) -> nnx.State:
-  """'schedule' for the noise-schedule parameters, 'network' for the rest."""
+def _param_labels(params: nnx.State, separate_embedding: bool = False) -> nnx.State:
+  """'schedule' for the noise-schedule parameters, 'network' for the rest; with
+  ``separate_embedding`` the token-embedding table (``vocab_embed``, every method) is 'embedding'."""
   def label(path, _):
-    return "schedule" if path and getattr(path[0], "key", None) == "schedule" else "network"
+    keys = [getattr(k, "key", None) for k in path]
+    if keys and keys[0] == "schedule":
+      return "schedule"
+    return "embedding" if separate_embedding and "vocab_embed" in keys else "network"
   return jax.tree_util.tree_map_with_path(label, params)
 
 
 def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
-  """AdamW (decay on matrices only) with clipping; the schedule gets its own lr scale."""
+  """AdamW (decay on matrices only) with clipping; the schedule, and the token
+  embeddings when ``embedding_lr_scale`` is not 1, get their own lr scales."""
   lr = learning_rate_schedule(cfg, total_steps)
   decay_mask = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)
-  network = optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                        mask=decay_mask)
-  sched = optax.adam(lambda step: lr(step) * cfg.schedule_lr_scale, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
+
+  def adamw(scale: float) -> optax.GradientTransformation:
+    rate = lr if scale == 1.0 else (lambda step: lr(step) * scale)
+    return optax.adamw(rate, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask)
+
+  groups = {"network": adamw(1.0),
+            "schedule": optax.adam(lambda step: lr(step) * cfg.schedule_lr_scale, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)}
+  # A group of its own only when it differs, so the optimizer state of runs
+  # trained before this option existed still restores.
+  separate = cfg.embedding_lr_scale != 1.0
+  if separate:
+    groups["embedding"] = adamw(cfg.embedding_lr_scale)
   parts = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
-  parts.append(optax.multi_transform({"network": network, "schedule": sched}, _param_labels))
+  parts.append(optax.multi_transform(groups, lambda params: _param_labels(params, separate)))
   return optax.chain(*parts)
 
 

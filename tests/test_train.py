@@ -123,3 +123,31 @@ def test_training_keys_never_repeat_parameter_init_keys():
   init_keys = {tuple(np.asarray(jax.random.fold_in(jax.random.PRNGKey(0), i))) for i in range(256)}
   step_keys = {tuple(np.asarray(jax.random.fold_in(root, s))) for s in range(256)}
   assert not init_keys & step_keys
+
+
+def test_embedding_lr_scale_moves_only_the_embedding_rate_and_keeps_old_optimizer_states():
+  from langflow_jax import methods
+  from langflow_jax.train_state import split_model
+
+  for name in ("langflow", "ar", "mdlm"):
+    cfg = small_config(vocab_size=32, hidden_size=32, n_heads=2, cond_dim=16, n_blocks=1, max_length=8)
+    cfg.objective.name = name
+    cfg.optimizer.update(warmup_steps=0, lr=1e-2)
+    _, params = split_model(methods.create_model(cfg, 0))
+    grads = jax.tree.map(jnp.ones_like, params)
+
+    def updates(scale):
+      cfg.optimizer.embedding_lr_scale = scale
+      tx = train.make_optimizer(cfg.optimizer, 10)
+      state = tx.init(params)
+      return jax.tree_util.tree_flatten_with_path(tx.update(grads, state, params)[0])[0], state
+
+    (base, base_state), (scaled, _) = updates(1.0), updates(0.25)
+    embedding = [jax.tree_util.keystr(p) for p, _ in base if "vocab_embed" in jax.tree_util.keystr(p)]
+    assert embedding, name
+    for (path, a), (_, b) in zip(base, scaled):
+      ratio = 0.25 if jax.tree_util.keystr(path) in embedding else 1.0
+      np.testing.assert_allclose(np.asarray(b), ratio * np.asarray(a), rtol=1e-6, err_msg=name)
+    # scale 1 keeps the optimizer-state tree of runs trained before the option existed
+    groups = [set(s.inner_states) for s in base_state if hasattr(s, "inner_states")]
+    assert groups == [{"network", "schedule"}], groups
