@@ -159,6 +159,57 @@ def _bucket(n: int, cap: int) -> int:
   return min(1 << max(n - 1, 0).bit_length(), cap)
 
 
+# --------------------------------------------------------------------------- what every backend shares
+
+
+class Slots:
+  """S samplers of one method side by side: the backend an :class:`Engine` steps.
+
+  A subclass holds the per-slot state (``reset``), writes a job into its slots
+  (``admit``), runs one pass of a prefix of the slots (``tick``), compiles
+  every shape before serving (``warmup``) and ranks a job's candidates
+  (``score``). This base keeps what they share: the model split for jit, the
+  compiled functions by shape and the padding of a job to a compiled row count.
+  """
+
+  min_bucket = 1  # the fewest slots a tick runs
+
+  def __init__(self, model, *, slots: int, length: int):
+    self.model = model
+    self.num_slots, self.length = int(slots), int(length)
+    self._graphdef, self._params = nnx.split(model)
+    self._ticks: dict[Any, Callable] = {}   # by prefix size (and tick variant)
+    self._admits: dict[Any, Callable] = {}  # by row count (and admission variant)
+    self.reset()
+
+  def reset(self) -> None:
+    raise NotImplementedError
+
+  def row_buckets(self, floor: int = 1) -> list[int]:
+    """The row counts that admissions and tick prefixes compile for (powers of two up to S, at least ``floor``)."""
+    return sorted({max(_bucket(r, self.num_slots), floor) for r in range(1, self.num_slots + 1)})
+
+  def slot_index(self, job: Job, slots: list[int]) -> np.ndarray:
+    """[R] the job's slots, padded to its compiled row count with S: out of range, so those rows' writes drop."""
+    idx_R = np.full((_bucket(job.rows, self.num_slots),), self.num_slots, np.int32)
+    idx_R[:len(slots)] = slots
+    return idx_R
+
+  def _warm_admission(self, rows: int) -> None:
+    """Compiles the admission of ``rows`` candidates, writing nowhere (every index out of range)."""
+    raise NotImplementedError
+
+  def warmup(self, samplers=()) -> None:
+    """Compiles the admission and tick shapes (state unchanged: nothing is active)."""
+    del samplers  # the baselines have one tick variant
+    for rows in self.row_buckets():
+      self._warm_admission(rows)
+    zeros_S = np.zeros((self.num_slots,), np.int32)
+    for k in self.row_buckets():
+      out = self.tick(k, zeros_S, zeros_S + 2, np.zeros((self.num_slots,), bool), [])
+    jax.block_until_ready(out[0])
+
+
 # --------------------------------------------------------------------------- LangFlow slots
 
 
@@ -251,32 +302,26 @@ def _lf_tick(graphdef, params, st, i_S, n_S, active_S, *, k: int, heun: bool, st
   return st, tokens, token_logprob, g_t
 
 
-class LangFlowSlots:
+class LangFlowSlots(Slots):
   """S LangFlow sampler states side by side (see the module docstring)."""
-
-  kind = "langflow"
 
   def __init__(self, model, *, slots: int, length: int, max_steps: int, grid: str = "official", churn: float = 0.0,
                update_dtype: str = "auto", mesh: jax.sharding.Mesh | None = None):
-    self.model = model
-    self.num_slots, self.length, self.max_steps = int(slots), int(length), int(max_steps)
+    self.max_steps = int(max_steps)
     self.grid_name, self.churn = grid, float(churn)
     self.update_dtype = sampling.SamplerOptions(update_dtype=update_dtype).resolved_update_dtype()
-    self._graphdef, self._params = nnx.split(model)
+    self._grids: dict[int, np.ndarray] = {}
     # With a mesh the slots shard over its data x fsdp axes (the weights by the sharding rules), and a
     # tick runs at least one slot per shard.
     self.mesh = mesh
-    self.min_bucket = 1
     if mesh is not None:
       shards = parallel.data_parallel_size(mesh)
       if slots % shards:
         raise ValueError(f"{slots} slots do not divide over the mesh's {shards} data shards")
       self.min_bucket = shards
+    super().__init__(model, slots=slots, length=length)
+    if mesh is not None:
       self._params = jax.device_put(self._params, parallel.tree_shardings(self._params, mesh))
-    self._grids: dict[int, np.ndarray] = {}
-    self._ticks: dict[tuple, Callable] = {}
-    self._admits: dict[tuple, Callable] = {}
-    self.reset()
 
   def reset(self) -> None:
     s, l, d = self.num_slots, self.length, self.model.hidden_size
@@ -313,14 +358,12 @@ class LangFlowSlots:
   def admit(self, job: Job, slots: list[int]) -> None:
     k_noise, k_cond, k_loop, k_score = request_keys(job.seed)
     job.keys = k_score
-    rows = _bucket(job.rows, self.num_slots)
-    idx = np.full((rows,), self.num_slots, np.int32)
-    idx[:len(slots)] = slots
+    idx_R = self.slot_index(job, slots)
     with_cond = job.cond_ids is not None
     ids = np.zeros((self.length,), np.int32) if not with_cond else np.asarray(job.cond_ids, np.int32)
     fixed = np.zeros((self.length,), bool) if not with_cond else np.asarray(job.cond_fixed, bool)
-    fn = self._admit_fn(rows, with_cond)
-    self._state = fn(self._state, jnp.asarray(idx), k_noise, k_cond, k_loop, jnp.asarray(ids), jnp.asarray(fixed),
+    fn = self._admit_fn(len(idx_R), with_cond)
+    self._state = fn(self._state, jnp.asarray(idx_R), k_noise, k_cond, k_loop, jnp.asarray(ids), jnp.asarray(fixed),
                      jnp.asarray(self.grid(job.passes)), jnp.float32(job.temperature), jnp.float32(self.churn),
                      jnp.int32(SAMPLER_IDS[job.sampler]))
 
@@ -350,14 +393,14 @@ class LangFlowSlots:
   def warmup(self, samplers=("euler",)) -> None:
     """Compiles the admission and tick shapes (state unchanged: nothing is active)."""
     ids = jnp.zeros((self.length,), jnp.int32)
-    for rows in sorted({_bucket(r, self.num_slots) for r in range(1, self.num_slots + 1)}):
+    for rows in self.row_buckets():
       for with_cond in (False, True):
         k = jax.random.PRNGKey(0)
         self._state = self._admit_fn(rows, with_cond)(
             self._state, jnp.full((rows,), self.num_slots, jnp.int32), k, k, k, ids, jnp.zeros_like(ids, bool),
             jnp.asarray(self.grid(2)), jnp.float32(1), jnp.float32(0), jnp.int32(0))
     zeros = np.zeros((self.num_slots,), np.int32)
-    for k in sorted({max(_bucket(r, self.num_slots), self.min_bucket) for r in range(1, self.num_slots + 1)}):
+    for k in self.row_buckets(self.min_bucket):
       for name in samplers:
         for emit in (False, True):
           out = self.tick(k, zeros, zeros + 2, np.zeros((self.num_slots,), bool), [Job(sampler=name)], emit)
@@ -428,18 +471,8 @@ def _ar_tick(graphdef, params, st, pos_S, active_S, *, k: int):
   return st, ids, lps, None
 
 
-class ARSlots:
+class ARSlots(Slots):
   """S autoregressive decoders side by side: per-slot KV-cache rows and positions."""
-
-  kind = "ar"
-
-  def __init__(self, model, *, slots: int, length: int):
-    self.model = model
-    self.num_slots, self.length = int(slots), int(length)
-    self._graphdef, self._params = nnx.split(model)
-    self._ticks: dict[int, Callable] = {}
-    self._admits: dict[int, Callable] = {}
-    self.reset()
 
   def reset(self) -> None:
     s, l = self.num_slots, self.length
@@ -460,13 +493,11 @@ class ARSlots:
       raise ValueError("an AR job needs a given prefix of at least one token ([BOS])")
     prompt = np.zeros((self.length,), np.int32)
     prompt[:p] = np.asarray(job.cond_ids, np.int32)[:p]
-    rows = _bucket(job.rows, self.num_slots)
-    idx = np.full((rows,), self.num_slots, np.int32)
-    idx[:len(slots)] = slots
+    idx_R = self.slot_index(job, slots)
     job.keys = jax.random.PRNGKey(job.seed)  # as sample-baseline / ar.generate
-    self._state = self._admit_fn(rows)(self._params, self._state, jnp.asarray(idx), jnp.asarray(prompt),
-                                       jnp.int32(prompt[p - 1]), job.keys, jnp.float32(job.temperature),
-                                       jnp.float32(job.top_p))
+    self._state = self._admit_fn(len(idx_R))(self._params, self._state, jnp.asarray(idx_R), jnp.asarray(prompt),
+                                             jnp.int32(prompt[p - 1]), job.keys, jnp.float32(job.temperature),
+                                             jnp.float32(job.top_p))
 
   def tick(self, k: int, i_S: np.ndarray, n_S: np.ndarray, active_S: np.ndarray, jobs: list[Job],
            emit: bool = True):
@@ -480,17 +511,10 @@ class ARSlots:
     self._state, ids, lp, _ = self._ticks[k](self._params, self._state, jnp.asarray(pos), jnp.asarray(active_S))
     return ids, lp, None
 
-  def warmup(self, samplers=()) -> None:
-    del samplers
-    prompt = jnp.zeros((self.length,), jnp.int32)
-    for rows in sorted({_bucket(r, self.num_slots) for r in range(1, self.num_slots + 1)}):
-      self._state = self._admit_fn(rows)(self._params, self._state, jnp.full((rows,), self.num_slots, jnp.int32),
-                                         prompt, jnp.int32(0), jax.random.PRNGKey(0), jnp.float32(1),
-                                         jnp.float32(1))
-    zeros = np.zeros((self.num_slots,), np.int32)
-    for k in sorted({_bucket(r, self.num_slots) for r in range(1, self.num_slots + 1)}):
-      out = self.tick(k, zeros, zeros, np.zeros((self.num_slots,), bool), [])
-    jax.block_until_ready(out[0])
+  def _warm_admission(self, rows: int) -> None:
+    self._state = self._admit_fn(rows)(self._params, self._state, jnp.full((rows,), self.num_slots, jnp.int32),
+                                       jnp.zeros((self.length,), jnp.int32), jnp.int32(0), jax.random.PRNGKey(0),
+                                       jnp.float32(1), jnp.float32(1))
 
   def score(self, job: Job, tokens_RxL: np.ndarray, logprob_RxL: np.ndarray) -> np.ndarray:
     """Mean negative log-probability of the generated tokens (the model's own score; lower is better)."""
@@ -545,18 +569,8 @@ def _mdlm_tick(graphdef, params, st, i_S, n_S, active_S, *, k: int):
   return st, jnp.where(x_new == model.mask_id, proposal, x_new), new["lp"], None
 
 
-class MDLMSlots:
+class MDLMSlots(Slots):
   """S masked-diffusion (MDLM) samplers side by side: per-slot tokens, step and proposal keys."""
-
-  kind = "mdlm"
-
-  def __init__(self, model, *, slots: int, length: int):
-    self.model = model
-    self.num_slots, self.length = int(slots), int(length)
-    self._graphdef, self._params = nnx.split(model)
-    self._ticks: dict[int, Callable] = {}
-    self._admits: dict[int, Callable] = {}
-    self.reset()
 
   def reset(self) -> None:
     s, l = self.num_slots, self.length
@@ -575,12 +589,10 @@ class MDLMSlots:
     if job.cond_ids is not None:
       fixed = np.asarray(job.cond_fixed, bool)
       x[fixed] = np.asarray(job.cond_ids, np.int32)[fixed]
-    rows = _bucket(job.rows, self.num_slots)
-    idx = np.full((rows,), self.num_slots, np.int32)
-    idx[:len(slots)] = slots
+    idx_R = self.slot_index(job, slots)
     job.keys = jax.random.PRNGKey(job.seed)  # as sample-baseline / mdlm.generate
-    self._state = self._admit_fn(rows)(self._state, jnp.asarray(idx), jnp.asarray(x), job.keys,
-                                       jnp.float32(job.temperature), jnp.float32(job.top_p))
+    self._state = self._admit_fn(len(idx_R))(self._state, jnp.asarray(idx_R), jnp.asarray(x), job.keys,
+                                             jnp.float32(job.temperature), jnp.float32(job.top_p))
 
   def tick(self, k: int, i_S: np.ndarray, n_S: np.ndarray, active_S: np.ndarray, jobs: list[Job],
            emit: bool = True):
@@ -590,16 +602,10 @@ class MDLMSlots:
                                                  jnp.asarray(active_S))
     return tokens, lp, None
 
-  def warmup(self, samplers=()) -> None:
-    del samplers
-    x = jnp.zeros((self.length,), jnp.int32)
-    for rows in sorted({_bucket(r, self.num_slots) for r in range(1, self.num_slots + 1)}):
-      self._state = self._admit_fn(rows)(self._state, jnp.full((rows,), self.num_slots, jnp.int32), x,
-                                         jax.random.PRNGKey(0), jnp.float32(1), jnp.float32(1))
-    zeros = np.zeros((self.num_slots,), np.int32)
-    for k in sorted({_bucket(r, self.num_slots) for r in range(1, self.num_slots + 1)}):
-      out = self.tick(k, zeros, zeros + 2, np.zeros((self.num_slots,), bool), [])
-    jax.block_until_ready(out[0])
+  def _warm_admission(self, rows: int) -> None:
+    self._state = self._admit_fn(rows)(self._state, jnp.full((rows,), self.num_slots, jnp.int32),
+                                       jnp.zeros((self.length,), jnp.int32), jax.random.PRNGKey(0), jnp.float32(1),
+                                       jnp.float32(1))
 
   def score(self, job: Job, tokens_RxL: np.ndarray, logprob_RxL: np.ndarray) -> np.ndarray:
     """Mean negative log-probability of the generated tokens when they were unmasked (lower is better)."""
@@ -611,8 +617,8 @@ class MDLMSlots:
 
 
 class Engine:
-  """Slots, a bounded queue and the loop thread over a backend (:class:`LangFlowSlots`, :class:`ARSlots`,
-  :class:`MDLMSlots`)."""
+  """Slots, a bounded queue and the loop thread over a backend (a :class:`Slots`: :class:`LangFlowSlots`,
+  :class:`ARSlots` or :class:`MDLMSlots`)."""
 
   def __init__(self, backend, *, queue_limit: int | None = None, scheduler: str = "stationary",
                static_wait_s: float = 0.05):
@@ -800,7 +806,7 @@ class Engine:
     for j in jobs:
       i_S[j.slots] = j.done_passes
       n_S[j.slots] = j.passes
-    k = max(_bucket(int(np.flatnonzero(active)[-1]) + 1, s), getattr(self.backend, "min_bucket", 1))
+    k = max(_bucket(int(np.flatnonzero(active)[-1]) + 1, s), self.backend.min_bucket)
     emit = any(j.done_passes + 1 >= j.passes or (j.stream_every and (j.done_passes + 1) % j.stream_every == 0)
                for j in jobs)
     t0 = time.monotonic()

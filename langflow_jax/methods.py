@@ -11,9 +11,11 @@ A method is what ``config.objective.name`` names. Each one owns
   diffusion models). One :class:`Likelihood` comes back, with the method's rows
   of the protocol card;
 * its sampler: :meth:`Method.generate` (token ids, for benchmarks) and
-  :meth:`Method.sample_texts` (decoded samples of ``config.sample``).
+  :meth:`Method.sample_texts` (decoded samples of ``config.sample``);
+* how it is served: :attr:`Method.serving`, a :class:`langflow_jax.serving.Serving`
+  (its request fields, engine job, stream and slot engine).
 
-The trainer, ``eval``, ``sample-baseline`` and the experiments ask
+The trainer, ``eval``, ``sample-baseline``, ``serve`` and the experiments ask
 :func:`get` (or :func:`for_config`) and never branch on the name. A new
 method is a subclass registered in :data:`METHODS`.
 """
@@ -33,6 +35,7 @@ from langflow_jax import likelihood as lk
 from langflow_jax import model as model_lib
 from langflow_jax import objective as objective_lib
 from langflow_jax import reporting, sampling
+from langflow_jax import serving as serving_lib
 from langflow_jax.baselines import ar, mdlm
 from langflow_jax.data import pipeline
 from langflow_jax.data.prepare import PackedSplit
@@ -68,6 +71,7 @@ class Method:
   name: str = ""                # config.objective.name
   label: str = ""               # how tables and reports call it
   model_class: type = nnx.Module
+  serving: serving_lib.Serving = serving_lib.Serving()
 
   def create_model(self, config: ml_collections.ConfigDict, seed: int = 0) -> nnx.Module:
     raise NotImplementedError
@@ -122,6 +126,7 @@ def _per_sequence(measure: str, summary: str, upper_bound: bool, term: str, tota
 
 class LangFlowMethod(Method):
   name, label, model_class = "langflow", "LangFlow", model_lib.LangFlow
+  serving = serving_lib.LangFlowServing()
 
   def create_model(self, config, seed=0):
     return model_lib.create_model(config, seed)
@@ -202,6 +207,7 @@ class _Baseline(Method):
 
 class ARMethod(_Baseline):
   name, label, model_class, module = "ar", "AR Transformer", ar.ARTransformer, ar
+  serving = serving_lib.ARServing()
 
   def likelihood(self, model, data, config, *, mesh=None, progress=False, sweep=False):
     """The exact NLL: teacher forcing, every valid token scored (the first from the start vector)."""
@@ -235,6 +241,7 @@ class ARMethod(_Baseline):
 
 class MDLMMethod(_Baseline):
   name, label, model_class, module = "mdlm", "MDLM", mdlm.MaskedDiffusionLM, mdlm
+  serving = serving_lib.MDLMServing()
 
   @staticmethod
   def _samples(config, data: PackedSplit) -> int:

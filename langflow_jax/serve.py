@@ -36,7 +36,6 @@ import asyncio
 import bisect
 import collections
 import contextlib
-import dataclasses
 import json
 import logging
 import math
@@ -46,12 +45,14 @@ import signal
 import threading
 import time
 import uuid
-from typing import Any, AsyncIterator, Sequence
+from typing import AsyncIterator, Sequence
 
 import numpy as np
 
 from langflow_jax import engine as engine_lib
+from langflow_jax import methods
 from langflow_jax.errors import ConfigError, UserError
+from langflow_jax.serving import BadRequest, Plan, RequestDefaults, RequestReader, Serving, is_int
 
 log = logging.getLogger(__name__)
 
@@ -61,42 +62,9 @@ MAX_SEED = 2**31 - 1
 DEFAULT_ONLY = {"echo": (False, None), "logprobs": (None, 0), "presence_penalty": (0, 0.0, None),
                 "frequency_penalty": (0, 0.0, None), "logit_bias": (None, {}), "stop": (None, [], "")}
 IGNORED = ("model", "user", "stream_options")
+# Every method takes these; the method's own fields come from its entry in the registry (Serving.fields).
 COMMON_FIELDS = ("prompt", "suffix", "max_tokens", "n", "best_of", "temperature", "seed", "stream", "stream_every",
                  *IGNORED, *DEFAULT_ONLY)
-KIND_FIELDS = {"langflow": ("steps", "sampler", "score", "top_p"), "ar": ("top_p",), "mdlm": ("steps", "top_p")}
-
-
-class BadRequest(Exception):
-  """A 400: ``param`` names the field (None for the body as a whole)."""
-
-  def __init__(self, param: str | None, message: str, code: str = "invalid_value"):
-    super().__init__(message)
-    self.param, self.message, self.code = param, message, code
-
-  def body(self) -> dict:
-    return {"error": {"message": self.message, "type": "invalid_request_error", "param": self.param,
-                      "code": self.code}}
-
-
-@dataclasses.dataclass
-class Plan:
-  """A checked request."""
-
-  n: int
-  best_of: int
-  max_tokens: int
-  temperature: float
-  seed: int
-  stream: bool
-  stream_every: int
-  steps: int
-  sampler: str
-  score: str | None
-  top_p: float
-  cond_ids: np.ndarray | None
-  cond_fixed: np.ndarray | None
-  span: tuple[int, int]      # positions of the returned completion
-  prompt_tokens: int
 
 
 # --------------------------------------------------------------------------- metrics
@@ -163,30 +131,23 @@ class Metrics:
 # --------------------------------------------------------------------------- the service
 
 
-def _is_int(v) -> bool:
-  return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v) -> bool:
-  return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
 class Service:
-  """A loaded run served through one engine: defaults, request checks, responses and metrics."""
+  """A loaded run served through one engine: defaults, request checks, responses and metrics. What
+  depends on the method is asked of ``serving`` (its entry in :mod:`langflow_jax.methods`)."""
 
-  def __init__(self, engine: engine_lib.Engine, tokenizer, *, kind: str, length: int, model_name: str,
-               default_steps: int = 32, max_steps: int | None = None, default_sampler: str = "euler",
-               default_score: str = "denoise", default_temperature: float = 1.0, default_top_p: float = 1.0,
-               gap_tokens: int = 8):
-    self.engine, self.tokenizer, self.kind = engine, tokenizer, kind
+  def __init__(self, engine: engine_lib.Engine, tokenizer, *, serving: Serving, length: int, model_name: str,
+               defaults: RequestDefaults = RequestDefaults(), gap_tokens: int = 8):
+    self.engine, self.tokenizer, self.serving = engine, tokenizer, serving
     self.length, self.model_name = int(length), model_name
-    self.default_steps = int(default_steps)
-    self.max_steps = int(max_steps or default_steps)
-    self.default_sampler, self.default_score = default_sampler, default_score
-    self.default_temperature, self.default_top_p = float(default_temperature), float(default_top_p)
+    self.defaults = defaults
     self.gap_tokens = int(gap_tokens)
     self.metrics = Metrics()
     self.draining = False
+
+  @property
+  def kind(self) -> str:
+    """The method served, as /health and the metrics labels name it."""
+    return self.serving.name
 
   # ---- request checks
 
@@ -208,31 +169,19 @@ class Service:
     return self.check(req)
 
   def check(self, req: dict) -> Plan:
-    allowed = (*COMMON_FIELDS, *KIND_FIELDS[self.kind])
+    allowed = (*COMMON_FIELDS, *self.serving.fields)
     for key in req:
       if key not in allowed:
-        other = [k for k, fields in KIND_FIELDS.items() if key in fields and k != self.kind]
-        why = (f"this server runs the {self.kind} model, which does not take it" if other
+        taken_elsewhere = any(key in m.serving.fields for m in methods.METHODS.values())
+        why = (f"this server runs the {self.kind} model, which does not take it" if taken_elsewhere
                else f"accepted fields: {', '.join(sorted(allowed))}")
         raise BadRequest(key, f"unknown field '{key}' ({why}).", "unknown_field")
     for key, defaults in DEFAULT_ONLY.items():
       if key in req and not any(req[key] == d and type(req[key]) is type(d) for d in defaults):
         raise BadRequest(key, f"'{key}' is not supported (send it at its default or leave it out).", "unsupported")
 
-    def get(key, default, kind_check, what):
-      v = req.get(key)
-      if v is None:
-        return default
-      if not kind_check(v):
-        raise BadRequest(key, f"'{key}' must be {what}, got {json.dumps(v)[:40]}.", "invalid_type")
-      return v
-
-    def int_in(key, default, lo, hi, why_hi=""):
-      v = get(key, default, _is_int, "an integer")
-      if not lo <= v <= hi:
-        raise BadRequest(key, f"'{key}'={v} must lie in [{lo}, {hi}]{why_hi}.")
-      return v
-
+    read = RequestReader(req)
+    get, int_in = read.get, read.int_in
     s = self.engine.num_slots
     n = int_in("n", 1, 1, s, f" (the server has {s} slots)")
     best_of = int_in("best_of", n, 1, s, f" (the server has {s} slots)")
@@ -243,46 +192,21 @@ class Service:
       raise BadRequest("best_of", "'best_of' > n cannot be streamed (the candidates are ranked when all are done).")
     stream_every = int_in("stream_every", 1, 1, 1 << 30)
     seed = int_in("seed", None, 0, MAX_SEED) if req.get("seed") is not None else secrets.randbelow(MAX_SEED)
-    if self.kind == "langflow":
-      temperature = get("temperature", self.default_temperature, _is_number, "a number")
-      if not temperature > 0:
-        raise BadRequest("temperature", f"'temperature'={temperature} must be positive (it divides the logits "
-                                        "inside the predicted embedding; the sampler is deterministic per seed).")
-      steps = int_in("steps", self.default_steps, 1, self.max_steps, " (the server's --max-steps)")
-      sampler = get("sampler", self.default_sampler, lambda v: isinstance(v, str), "a string")
-      if sampler not in engine_lib.SAMPLER_IDS:
-        raise BadRequest("sampler", f"unknown sampler '{sampler}'; use one of {', '.join(engine_lib.SAMPLER_IDS)}.")
-      from langflow_jax import sampling
-
-      score = get("score", self.default_score, lambda v: isinstance(v, str), "a string")
-      if score not in sampling.SCORERS:
-        raise BadRequest("score", f"unknown score '{score}'; use one of {', '.join(sorted(sampling.SCORERS))}.")
-      top_p = get("top_p", 1.0, _is_number, "a number")
-      if top_p != 1:
-        raise BadRequest("top_p", "'top_p' must be 1 for LangFlow (its sampler has no nucleus).")
-    else:  # the baselines draw tokens: AR one per position, MDLM by unmasking
-      temperature = get("temperature", self.default_temperature, _is_number, "a number")
-      if not 0 <= temperature <= 100:
-        raise BadRequest("temperature", f"'temperature'={temperature} must lie in [0, 100] (0: greedy).")
-      top_p = get("top_p", self.default_top_p, _is_number, "a number")
-      if not 0 < top_p <= 1:
-        raise BadRequest("top_p", f"'top_p'={top_p} must lie in (0, 1].")
-      steps = int_in("steps", self.default_steps, 1, self.max_steps, " (the server's --max-steps)") \
-          if self.kind == "mdlm" else 0
-      sampler, score = self.kind, "logprob"
+    sampling_fields = self.serving.check(read, self.defaults)
 
     prompt = self._text(req, "prompt")
     suffix = self._text(req, "suffix")
     prompt_ids = self._encode(prompt, "prompt")
-    if prompt_ids or self.kind == "ar":
+    if prompt_ids or self.serving.continues_prefix:
       prompt_ids = [self.tokenizer.bos_id, *prompt_ids]
     if len(prompt_ids) >= self.length:
       raise BadRequest("prompt", f"the prompt is {len(prompt_ids)} tokens long (with the separator), but samples have "
                                  f"{self.length} positions; shorten it to fewer than {self.length} tokens.",
                        "prompt_too_long")
     suffix_ids = self._encode(suffix, "suffix")
-    if suffix_ids and self.kind == "ar":
-      raise BadRequest("suffix", "'suffix' (infill) needs a diffusion model; the AR baseline only continues.")
+    if suffix_ids and self.serving.continues_prefix:
+      raise BadRequest("suffix", f"'suffix' (infill) needs a diffusion model; the {self.serving.label} only "
+                                 "continues.")
     if suffix_ids and not prompt_ids:
       prompt_ids = [self.tokenizer.bos_id]
     p = len(prompt_ids)
@@ -291,7 +215,7 @@ class Service:
       raise BadRequest("suffix", f"prompt and suffix take {p + len(suffix_ids)} of the {self.length} positions; "
                                  "nothing is left to fill.", "prompt_too_long")
     default_tokens = min(self.gap_tokens, room) if suffix_ids else room
-    max_tokens = get("max_tokens", default_tokens, _is_int, "an integer")
+    max_tokens = get("max_tokens", default_tokens, is_int, "an integer")
     if not 1 <= max_tokens <= room:
       raise BadRequest("max_tokens", f"'max_tokens'={max_tokens} is beyond the length: samples have {self.length} "
                                      f"positions and the prompt{' and suffix take' if suffix_ids else ' takes'} "
@@ -304,9 +228,10 @@ class Service:
       if suffix_ids:
         q = p + max_tokens
         cond_ids[q:q + len(suffix_ids)], cond_fixed[q:q + len(suffix_ids)] = suffix_ids, True
-    return Plan(n=n, best_of=best_of, max_tokens=max_tokens, temperature=float(temperature), seed=int(seed),
-                stream=stream, stream_every=stream_every, steps=int(steps), sampler=sampler,
-                score=score if best_of > n else None, top_p=float(top_p), cond_ids=cond_ids, cond_fixed=cond_fixed,
+    return Plan(n=n, best_of=best_of, max_tokens=max_tokens, temperature=float(sampling_fields["temperature"]),
+                seed=int(seed), stream=stream, stream_every=stream_every, steps=int(sampling_fields["steps"]),
+                sampler=sampling_fields["sampler"], score=sampling_fields["score"] if best_of > n else None,
+                top_p=float(sampling_fields["top_p"]), cond_ids=cond_ids, cond_fixed=cond_fixed,
                 span=(p, p + max_tokens), prompt_tokens=p + len(suffix_ids))
 
   @staticmethod
@@ -337,11 +262,7 @@ class Service:
   # ---- running a request
 
   def job(self, plan: Plan, on_event) -> engine_lib.Job:
-    return engine_lib.Job(rows=plan.best_of, passes=plan.max_tokens if self.kind == "ar" else plan.steps,
-                          seed=plan.seed, sampler=plan.sampler if self.kind == "langflow" else "euler",
-                          temperature=plan.temperature, top_p=plan.top_p, cond_ids=plan.cond_ids,
-                          cond_fixed=plan.cond_fixed, stream_every=plan.stream_every if plan.stream else 0,
-                          score=plan.score, on_event=on_event)
+    return self.serving.job(plan, on_event)
 
   def decode(self, plan: Plan, row: np.ndarray, upto: int | None = None) -> str:
     a, b = plan.span
@@ -370,12 +291,7 @@ class Service:
     return {"prompt_tokens": plan.prompt_tokens, "completion_tokens": done, "total_tokens": plan.prompt_tokens + done}
 
   def extras(self, plan: Plan) -> dict:
-    out = {"seed": plan.seed, "best_of": plan.best_of}
-    if self.kind == "langflow":
-      out.update(steps=plan.steps, sampler=plan.sampler)
-    elif self.kind == "mdlm":
-      out.update(steps=plan.steps)
-    return out
+    return {"seed": plan.seed, "best_of": plan.best_of, **{f: getattr(plan, f) for f in self.serving.echoed}}
 
 
 # --------------------------------------------------------------------------- HTTP
@@ -493,7 +409,7 @@ async def _events(service: Service, plan: Plan, job: engine_lib.Job, queue: asyn
                   started: float) -> AsyncIterator[str]:
   """The SSE stream of one request; closing it early (the client left) cancels the job."""
   head = service.head(cid)
-  replace = service.kind != "ar"  # the diffusion models refine the whole output
+  replace = service.serving.replaces
   sent = [""] * plan.n
   first = True
   finished = False
@@ -603,10 +519,8 @@ def service_from_workdir(workdir: str, *, slots: int | None = None, steps: int |
 
   from langflow_jax import checkpoint as ckpt_lib
   from langflow_jax import config as config_lib
-  from langflow_jax import parallel, sampling, train
-  from langflow_jax.baselines import ar, mdlm
+  from langflow_jax import parallel, train
   from langflow_jax.data.tokenizer import load_tokenizer
-  from langflow_jax.model import LangFlow
 
   if scheduler not in engine_lib.SCHEDULERS:
     raise UserError(f"unknown scheduler '{scheduler}'.", f"use one of {', '.join(engine_lib.SCHEDULERS)}.")
@@ -626,9 +540,9 @@ def service_from_workdir(workdir: str, *, slots: int | None = None, steps: int |
   if queue is not None and queue < 0:
     raise UserError(f"--queue {queue} must not be negative.", "use e.g. --queue 64.")
   length = int(sc.seq_len or config.data.seq_len)
-  # LangFlow's slots shard over the mesh's data x fsdp axes when there is more than one device.
+  method = methods.for_config(config)
   mesh = None
-  if config.objective.name == "langflow" and jax.device_count() > 1:
+  if method.serving.shards_slots and jax.device_count() > 1:
     mesh = parallel.make_mesh(config.mesh)
     shards = parallel.data_parallel_size(mesh)
     if slots % shards:
@@ -637,25 +551,14 @@ def service_from_workdir(workdir: str, *, slots: int | None = None, steps: int |
   _, model = train.load_model(workdir, use_ema=sc.use_ema, config=config, mesh=mesh)
   tokenizer = load_tokenizer(config.data.tokenizer)
   name = pathlib.Path(workdir).resolve().name
-  if isinstance(model, LangFlow):
-    sampling.get_scorer(sc.score)
-    backend = engine_lib.LangFlowSlots(model, slots=slots, length=length, max_steps=max_steps, grid=sc.grid,
-                                       churn=float(sc.churn), update_dtype=sc.update_dtype, mesh=mesh)
-    kind = "langflow"
-  elif isinstance(model, ar.ARTransformer):
-    backend = engine_lib.ARSlots(model, slots=slots, length=length)
-    kind = "ar"
-  elif isinstance(model, mdlm.MaskedDiffusionLM):
-    backend = engine_lib.MDLMSlots(model, slots=slots, length=length)
-    kind = "mdlm"
-  else:
-    raise UserError(f"cannot serve a {type(model).__name__}.", "serve a LangFlow, AR or MDLM run.")
+  method.check_model(model)
+  backend = method.serving.slots(model, slots=slots, length=length, max_steps=max_steps, sample_cfg=sc, mesh=mesh)
   engine = engine_lib.Engine(backend, queue_limit=queue, scheduler=scheduler, static_wait_s=static_wait_s)
   if warmup:
-    engine.warmup((sc.sampler,) if kind == "langflow" else ())
-  return Service(engine, tokenizer, kind=kind, length=length, model_name=name, default_steps=steps,
-                 max_steps=max_steps, default_sampler=sc.sampler, default_score=sc.score,
-                 default_temperature=float(sc.temperature), default_top_p=float(sc.top_p),
+    engine.warmup((sc.sampler,))  # a method without samplers to choose from ignores it
+  defaults = RequestDefaults(steps=steps, max_steps=max_steps, sampler=sc.sampler, score=sc.score,
+                             temperature=float(sc.temperature), top_p=float(sc.top_p))
+  return Service(engine, tokenizer, serving=method.serving, length=length, model_name=name, defaults=defaults,
                  gap_tokens=int(sc.gap_tokens))
 
 
@@ -667,11 +570,11 @@ def serve_workdir(workdir: str, *, host: str = "127.0.0.1", port: int = 8000, pr
     raise UserError("the server needs starlette and uvicorn.", "install the extra: pip install -e '.[serve]'.") from e
   t0 = time.monotonic()
   service = service_from_workdir(workdir, **kwargs)
-  e = service.engine
+  e, d, fields = service.engine, service.defaults, service.serving.fields
   print_fn(f"[serve] {service.kind} model {service.model_name}: {e.num_slots} slots x {service.length} tokens, "
-           f"{e.scheduler} batch, queue {e.queue_limit}" + (
-               f", {service.default_steps} steps by default (at most {service.max_steps})" if service.kind != "ar" else "")
-           + (f", sampler {service.default_sampler}" if service.kind == "langflow" else "")
+           f"{e.scheduler} batch, queue {e.queue_limit}"
+           + (f", {d.steps} steps by default (at most {d.max_steps})" if "steps" in fields else "")
+           + (f", sampler {d.sampler}" if "sampler" in fields else "")
            + f"; ready in {time.monotonic() - t0:.1f} s")
   print_fn(f"[serve] listening on http://{host}:{port}  (POST /v1/completions, GET /health, GET /metrics)")
   app = create_app(service)

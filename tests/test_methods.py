@@ -27,6 +27,7 @@ def test_every_objective_name_is_a_method_with_its_model():
     model = nnx.eval_shape(lambda: methods.create_model(cfg))
     assert isinstance(model, model_class)
     method.check_model(model)
+    assert method.serving.name == name  # what serve reports in /health and asks for its request fields
   with pytest.raises(ConfigError, match="unknown objective 'arr'.*one of \\['ar', 'langflow', 'mdlm'\\]"):
     methods.get("arr")
   with pytest.raises(ConfigError, match="trains a ARTransformer, but the model is a LangFlow"):

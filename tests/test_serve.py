@@ -346,6 +346,54 @@ def test_bad_requests_name_the_field(client, body, param):
   assert error["param"] == param and error["type"] == "invalid_request_error" and error["message"]
 
 
+class _NoEngine:
+  num_slots = 4
+
+
+class _WordTokenizer:
+  bos_id = 1
+
+  def encode(self, text):
+    return [2 + len(word) for word in text.split()]
+
+  def decode(self, ids):
+    return " ".join("x" * (i - 2) for i in ids)
+
+
+def test_serving_behaviour_is_asked_of_the_method_registry(monkeypatch):
+  # A method registered with its own request field: a LangFlow server names it as another method's field,
+  # the new method's server takes it, and its Job and stream are the ones its serving entry says.
+  from langflow_jax import methods, serving
+
+  class GuidedServing(serving.MDLMServing):
+    name, fields, echoed, replaces = "guided", (*serving.MDLMServing.fields, "guidance"), (), False
+
+    def job_fields(self, plan):
+      return {"passes": 2 * plan.steps}
+
+  class GuidedMethod(methods.MDLMMethod):
+    name, serving = "guided", GuidedServing()
+
+  def service(method):
+    return serve.Service(_NoEngine(), _WordTokenizer(), serving=methods.get(method).serving, length=L,
+                         model_name=method, defaults=serving.RequestDefaults(steps=4, max_steps=8))
+
+  lf = service("langflow")
+  with pytest.raises(serve.BadRequest, match="accepted fields: .*sampler") as unknown:
+    lf.check({"guidance": 2.0})
+  assert unknown.value.param == "guidance" and unknown.value.code == "unknown_field"
+  monkeypatch.setitem(methods.METHODS, "guided", GuidedMethod())
+  with pytest.raises(serve.BadRequest, match="runs the langflow model, which does not take it"):
+    lf.check({"guidance": 2.0})
+  guided = service("guided")
+  plan = guided.check({"guidance": 2.0, "steps": 3, "prompt": "The Congress"})
+  assert guided.kind == "guided" and guided.job(plan, None).passes == 6
+  assert guided.extras(plan) == {"seed": plan.seed, "best_of": 1}
+  assert not guided.serving.replaces and lf.serving.replaces
+  with pytest.raises(serve.BadRequest, match="runs the guided model, which does not take it"):
+    guided.check({"sampler": "euler"})
+
+
 def test_health_and_metrics(client):
   health = client.get("/health").json()
   assert health["status"] == "ok" and health["slots"] == 4 and health["kind"] == "langflow"
