@@ -3,7 +3,7 @@
     langflow-jax train  --config tiny --workdir runs/demo [--config.train.steps=200 ...]
     langflow-jax config --config tiny [--config.x=y ...]     # print the resolved config
     langflow-jax demo   --workdir runs/demo                    # what `make demo` runs
-    langflow-jax convert --from DIR --workdir runs/official    # import official weights
+    langflow-jax convert --from DIR --workdir runs/official    # import official weights (or --from hf:OWNER/NAME)
     langflow-jax export --workdir RUN --out DIR                # write the official layout
     langflow-jax prepare owt --out DATA                        # tokenize a corpus once to local shards
     langflow-jax sample-baseline --workdir runs/ar [--prompt TEXT]  # samples of the AR or MDLM baseline
@@ -323,7 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="run directory (checkpoints, metrics, plots)")
     if name == "convert":
       p.add_argument("--from", dest="source", required=True,
-                     help="directory with the official config.json and model.safetensors")
+                     help="directory with the official config.json and model.safetensors, or a hub release "
+                          "hf:OWNER/NAME[@REVISION] (e.g. hf:Continuous-Rivals-Discrete/langflow-owt; read "
+                          "through the Hugging Face cache, HF_HUB_OFFLINE=1 reads only the cache)")
     if name == "export":
       p.add_argument("--out", required=True, help="output directory for config.json + model.safetensors")
       p.add_argument("--raw", action="store_true", help="export the raw weights instead of the EMA ones")

