@@ -127,6 +127,8 @@ ABLATIONS = (
     Ablation("scale1.5", "schedule starts at scale 1.5 (base 0.9)", ("config.schedule.scale=1.5",)),
     Ablation("sched-lr1", "schedule lr multiplier 1 (base 5)", ("config.optimizer.schedule_lr_scale=1.0",)),
     Ablation("warmup10", "lr warm-up 10 steps (base 50)", ("config.optimizer.warmup_steps=10",)),
+    Ablation("entropy-unigram", "schedule's H_inf starts at the unigram entropy (2.9; base 7.0, an 8k-BPE value)",
+             ("config.schedule.entropy=2.9",)),
     Ablation("emb-lr0.1", "token-embedding lr x 0.1", ("config.optimizer.embedding_lr_scale=0.1",)),
     Ablation("emb-frozen", "token embeddings frozen at their random init", ("config.optimizer.embedding_lr_scale=0.0",)),
     Ablation("lr5e-4", "lr 5e-4", ("config.optimizer.lr=5e-4",)),

@@ -51,6 +51,8 @@ def base_config() -> ml_collections.ConfigDict:
       loc=4.723,
       scale=0.852,
       entropy=7.02,
+      entropy_init="config",      # config: H_inf starts at `entropy` | unigram: at the training split's unigram
+                                  # entropy (fresh runs; the CE plateau at infinite noise)
       cutoff=1e-5,
       gamma_min=ml_collections.config_dict.placeholder(float),
       gamma_max=ml_collections.config_dict.placeholder(float),
@@ -336,6 +338,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
            "use stratified, antithetic or iid.")
   _require(config.objective.output_bias_init in ("zeros", "unigram"),
            f"objective.output_bias_init='{config.objective.output_bias_init}' is unknown.", "use zeros or unigram.")
+  _require(config.schedule.entropy_init in ("config", "unigram"),
+           f"schedule.entropy_init='{config.schedule.entropy_init}' is unknown.", "use config or unigram.")
   _require(0.0 <= config.objective.mask_eps < 1.0,
            f"objective.mask_eps={config.objective.mask_eps} must lie in [0, 1).", "use MDLM's 1e-3.")
   _require(o.lr > 0, f"optimizer.lr={o.lr} must be positive.", "use e.g. 3e-4.")

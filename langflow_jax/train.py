@@ -351,39 +351,68 @@ def _start_state(config, workdir, checkpointer, state, state_shardings, tokenize
     return state.replace(params=weights["params"], ema_params=weights["ema_params"],
                          buffers=weights["buffers"]), {"step": 0}, \
         {"restored_from": origin}
+  log_prior_V = None
+  if config.objective.output_bias_init == "unigram" or config.schedule.entropy_init == "unigram":
+    log_prior_V = pipeline.unigram_log_prior(train_split, config.model.vocab_size)
   if config.objective.output_bias_init == "unigram":
-    state = with_output_bias(state, pipeline.unigram_log_prior(train_split, config.model.vocab_size))
+    state = with_output_bias(state, log_prior_V)
     log.info("output bias initialised to the training split's log unigram frequencies")
+  if config.schedule.entropy_init == "unigram":
+    state, entropy = with_schedule_entropy(state, log_prior_V)
+    if entropy is not None:
+      log.info("schedule entropy H_inf initialised to the training split's unigram entropy, %.3f nats", entropy)
   return state, {"step": 0}, {}
 
 
 OUTPUT_BIAS_PATH = ("output_layer", "linear", "bias")
+SCHEDULE_ENTROPY_PATH = ("schedule", "entropy")
 
 
-def with_output_bias(state: TrainState, log_prior_V: np.ndarray) -> TrainState:
-  """The head's bias (raw and EMA) set to ``log_prior_V``, its sharding kept.
-
-  With the skip term, a LangFlow whose network output is this bias alone is
-  the exact context-free posterior (uniform-prior likelihood times the
-  unigram prior); the network then only has to learn what context adds.
-  """
+def with_param(state: TrainState, suffix: tuple[str, ...], value: np.ndarray) -> tuple[TrainState, bool]:
+  """``state`` with every parameter whose path ends in ``suffix`` (raw and EMA) set to
+  ``value``, its dtype and sharding kept; and whether there was one."""
   found = []
 
   def put(path, leaf):
     # nnx.State paths end in the variable's keys, then (for Variables) its ".value"
     keys = [k for k in (getattr(p, "key", getattr(p, "name", None)) for p in path) if k != "value"]
-    if tuple(keys[-len(OUTPUT_BIAS_PATH):]) != OUTPUT_BIAS_PATH:
+    if tuple(keys[-len(suffix):]) != suffix:
       return leaf
     found.append(path)
-    return jax.device_put(jnp.asarray(log_prior_V - log_prior_V.mean(), leaf.dtype).reshape(leaf.shape),
-                          leaf.sharding)
+    return jax.device_put(jnp.asarray(value, leaf.dtype).reshape(leaf.shape), leaf.sharding)
 
   params = jax.tree_util.tree_map_with_path(put, state.params)
   ema = jax.tree_util.tree_map_with_path(put, state.ema_params)
+  return state.replace(params=params, ema_params=ema), bool(found)
+
+
+def with_output_bias(state: TrainState, log_prior_V: np.ndarray) -> TrainState:
+  """The head's bias (raw and EMA) set to ``log_prior_V`` (centred).
+
+  With the skip term, a LangFlow whose network output is this bias alone is
+  the exact context-free posterior (uniform-prior likelihood times the
+  unigram prior); the network then only has to learn what context adds.
+  """
+  state, found = with_param(state, OUTPUT_BIAS_PATH, log_prior_V - log_prior_V.mean())
   if not found:
     raise ConfigError("objective.output_bias_init=unigram: this model has no output_layer.linear.bias.",
                       "use --config.objective.output_bias_init=zeros.")
-  return state.replace(params=params, ema_params=ema)
+  return state
+
+
+def with_schedule_entropy(state: TrainState, log_prior_V: np.ndarray) -> tuple[TrainState, float | None]:
+  """The learned schedule's H_inf set to the entropy of the unigram prior, and that value
+  (``None``, state unchanged, for models without one: fixed schedules, the baselines).
+
+  H_inf is the plateau of the CE curve at infinite noise, where the best
+  denoiser is the unigram prior, so the data know it before any training; a
+  starting value far from it (the OWT-fitted 7.02 on a 33-token corpus) makes
+  the early fit widen the schedule over noise levels that teach nothing.
+  """
+  p_V = np.exp(log_prior_V.astype(np.float64))
+  entropy = float(-np.sum(p_V * log_prior_V))
+  state, found = with_param(state, SCHEDULE_ENTROPY_PATH, np.float32(entropy))
+  return state, entropy if found else None
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:

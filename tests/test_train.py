@@ -151,3 +151,22 @@ def test_embedding_lr_scale_moves_only_the_embedding_rate_and_keeps_old_optimize
     # scale 1 keeps the optimizer-state tree of runs trained before the option existed
     groups = [set(s.inner_states) for s in base_state if hasattr(s, "inner_states")]
     assert groups == [{"network", "schedule"}], groups
+
+
+def test_fresh_runs_start_the_head_bias_and_schedule_entropy_from_the_training_split(tmp_path):
+  from langflow_jax.data import pipeline
+
+  cfg = small_config()
+  cfg.objective.output_bias_init = "unigram"
+  cfg.schedule.entropy_init = "unigram"
+  cfg.train.update(steps=1, eval_every=1, checkpoint_every=1)
+  cfg.optimizer.update(lr=1e-30, warmup_steps=0)  # one update that leaves the weights where they started
+  train.train_and_evaluate(cfg, tmp_path / "run")
+  _, _, state, _ = train.load_state(tmp_path / "run")
+  log_prior_V = pipeline.unigram_log_prior(pipeline.load_split(cfg.data, "train"), cfg.model.vocab_size)
+  p_V = np.exp(log_prior_V.astype(np.float64))
+  for params in (state.params, state.ema_params):
+    assert abs(float(params["schedule"]["entropy"][...]) - float(-np.sum(p_V * log_prior_V))) < 1e-4
+    bias = np.asarray(params["backbone"]["output_layer"]["linear"]["bias"][...])
+    np.testing.assert_allclose(bias, log_prior_V - log_prior_V.mean(), atol=1e-5)
+  assert abs(float(state.params["schedule"]["entropy"][...]) - cfg.schedule.entropy) > 0.2  # not the config's 6.0
