@@ -162,7 +162,14 @@ def ensure_trained(variant: Variant, args: argparse.Namespace) -> tuple[pathlib.
     return workdir, config
   log(f"[{variant.name}] training {variant.label}: {config.train.steps} steps "
       f"{'from step ' + str(step) + ' ' if step else ''}in {workdir}")
-  train.train_and_evaluate(config, workdir)
+  summary = train.train_and_evaluate(config, workdir)
+  if summary.get("preempted"):
+    # The checkpoint is saved; measuring a half-trained run would cache a wrong number.
+    from langflow_jax.cli import preempted_exit_status
+
+    log(f"[{variant.name}] stopped by {summary['preempted']} at step {summary.get('final_step')}: "
+        "rerun the same command to resume")
+    sys.exit(preempted_exit_status(summary["preempted"]))
   return workdir, config
 
 

@@ -116,6 +116,17 @@ def test_foreign_run_directory_is_refused(root):
     common.ensure_trained(impostor, args)
 
 
+def test_a_preempted_training_run_stops_the_script_before_anything_is_measured(tmp_path, monkeypatch):
+  """SIGTERM saves the run and returns from the trainer; the script must exit 143, not
+  measure (and cache) the half-trained model."""
+  args = common.parse_args(exp_schedule.__doc__, ["--quick", "--runs", str(tmp_path / "runs")])
+  monkeypatch.setattr(common.train, "train_and_evaluate", lambda config, workdir: {"preempted": "SIGTERM",
+                                                                                  "final_step": 1})
+  with pytest.raises(SystemExit) as stopped:
+    common.ensure_trained(exp_schedule.VARIANTS[0], args)
+  assert stopped.value.code == 143
+
+
 def test_known_entropy_quick(root):
   """The known-entropy study end to end: a corpus of exact entropy, the three methods, one ablation."""
   data, _ = run_script("known_entropy", root)
