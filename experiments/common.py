@@ -34,7 +34,7 @@ import numpy as np  # noqa: E402
 
 from langflow_jax import checkpoint as ckpt_lib  # noqa: E402
 from langflow_jax import config as config_lib  # noqa: E402
-from langflow_jax import metrics, reporting, train  # noqa: E402
+from langflow_jax import methods, metrics, reporting, train  # noqa: E402
 from langflow_jax.data import pipeline  # noqa: E402
 from langflow_jax.errors import ConfigError  # noqa: E402
 
@@ -152,7 +152,9 @@ def ensure_trained(variant: Variant, args: argparse.Namespace) -> tuple[pathlib.
   workdir = run_dir(variant, args)
   step = finished_step(workdir)
   if step is not None:
-    changed = config_lib.differences(ckpt_lib.saved_config(workdir), config, IDENTITY_GROUPS)
+    method = methods.for_config(config)
+    changed = [c for c in config_lib.differences(ckpt_lib.saved_config(workdir), config, IDENTITY_GROUPS)
+               if method.uses_key(c[0])]
     if changed:
       k, a, b = changed[0]
       raise ConfigError(f"{workdir} holds another experiment ({k}: {a!r} there, {b!r} here).",

@@ -51,8 +51,9 @@ def base_config() -> ml_collections.ConfigDict:
       loc=4.723,
       scale=0.852,
       entropy=7.02,
-      entropy_init="config",      # config: H_inf starts at `entropy` | unigram: at the training split's unigram
-                                  # entropy (fresh runs; the CE plateau at infinite noise)
+      entropy_init="unigram",     # unigram (default): a fresh run's H_inf starts at the training split's unigram
+                                  # entropy, the CE plateau at infinite noise | config: at `entropy` (paper:
+                                  # unrecovered; imports keep their checkpoint's values either way)
       cutoff=1e-5,
       gamma_min=ml_collections.config_dict.placeholder(float),
       gamma_max=ml_collections.config_dict.placeholder(float),
@@ -62,7 +63,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.objective = ml_collections.ConfigDict(dict(
       name="langflow",            # langflow (flow matching with CE) | ar (causal baseline, next-token CE)
                                   # | mdlm (masked diffusion baseline, absorbing-state NELBO)
-      self_cond_prob=0.25,
+      self_cond_prob=1.0,         # the eval and the sampler always self-condition, so training does too
+                                  # (paper: 0.25; experiments/results/known_entropy.md)
       self_cond_mode="batch",     # batch: one coin per step | sample: one per sequence
       time_sampling="stratified",  # stratified | antithetic | iid draws of u in [0, 1]
       skip_warmup_steps=5000,     # linear ramp of the skip term (method §4.5); 0 disables
@@ -291,10 +293,21 @@ def to_json(config: ml_collections.ConfigDict) -> str:
   return config.to_json(sort_keys=True)
 
 
+# Keys added after runs were saved whose default is not what those runs did: a
+# saved config without the key gets this value (the behaviour of its time).
+BEHAVIOUR_BEFORE_KEY = {
+    ("schedule", "entropy_init"): "config",
+}
+
+
 def from_json(text: str) -> ml_collections.ConfigDict:
-  """A config saved by :func:`to_json`, completed with any keys added since."""
+  """A config saved by :func:`to_json`, completed with any keys added since (with the
+  behaviour of the saving version where a new key's default changed it)."""
   saved = json.loads(text)
   config = base_config()
+  for (group, key), value in BEHAVIOUR_BEFORE_KEY.items():
+    if isinstance(saved.get(group), dict) and key not in saved[group]:
+      config[group][key] = value
 
   def merge(node: ml_collections.ConfigDict, values: dict) -> None:
     for k, v in values.items():

@@ -72,6 +72,12 @@ class Method:
   label: str = ""               # how tables and reports call it
   model_class: type = nnx.Module
   serving: serving_lib.Serving = serving_lib.Serving()
+  # Config keys (or "group." prefixes) this method's training never reads: two runs
+  # that differ only there are the same experiment.
+  unused_keys: tuple[str, ...] = ()
+
+  def uses_key(self, key: str) -> bool:
+    return not any(key == k or (k.endswith(".") and key.startswith(k)) for k in self.unused_keys)
 
   def create_model(self, config: ml_collections.ConfigDict, seed: int = 0) -> nnx.Module:
     raise NotImplementedError
@@ -194,6 +200,9 @@ class _Baseline(Method):
   ``objective`` and ``sample_texts`` under those names."""
 
   module: Any = None
+  # LangFlow's noise schedule, self-conditioning and skip ramp
+  unused_keys = ("schedule.", "objective.self_cond_prob", "objective.self_cond_mode", "objective.skip_warmup_steps",
+                 "objective.schedule_loss_weight", "objective.elbo_weight", "optimizer.schedule_lr_scale")
 
   def create_model(self, config, seed=0):
     return self.module.create_model(config, seed)

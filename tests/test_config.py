@@ -77,6 +77,16 @@ def test_json_round_trip_keeps_values():
   assert back.train.steps == 7 and back.model.hidden_size == cfg.model.hidden_size
 
 
+def test_a_config_saved_before_a_key_existed_reads_back_with_the_behaviour_of_its_time():
+  import json
+
+  saved = json.loads(C.to_json(C.load_config("tiny")))
+  del saved["schedule"]["entropy_init"]  # as written before the key existed
+  assert C.from_json(json.dumps(saved)).schedule.entropy_init == "config"
+  assert C.base_config().schedule.entropy_init == "unigram"  # while fresh configs start from the data
+  assert C.from_json(C.to_json(C.load_config("tiny"))).schedule.entropy_init == "unigram"
+
+
 @pytest.mark.parametrize("text, tokens, message", [
     ("", 0, "the prompt is empty"),
     ("   ", 1, "the prompt is empty"),

@@ -109,3 +109,13 @@ def test_langflow_samples_texts_through_the_registry():
   tokenizer = load_tokenizer(cfg.data.tokenizer)
   texts = method.sample_texts(model, tokenizer, cfg.sample, 16, prompt="The state")
   assert len(texts) == 2 and all(t.startswith("<|endoftext|>The state") for t in texts)
+
+
+def test_baselines_do_not_count_langflow_only_keys_as_part_of_their_experiment():
+  from langflow_jax import methods
+
+  for name in ("ar", "mdlm"):
+    m = methods.get(name)
+    assert not m.uses_key("schedule.entropy_init") and not m.uses_key("objective.self_cond_prob")
+    assert m.uses_key("optimizer.lr") and m.uses_key("objective.output_bias_init") and m.uses_key("model.n_blocks")
+  assert all(methods.get("langflow").uses_key(k) for k in ("schedule.loc", "objective.self_cond_prob"))
