@@ -203,15 +203,40 @@ def measure(v: common.Variant, args: argparse.Namespace, steps: int, protocol: d
           "solver_bias": ref.get("solver_bias"), "seconds_per_step": common.seconds_per_step(workdir)}
 
 
+def ablation_budgets(args: argparse.Namespace) -> dict[str, list[int]]:
+  """Ablation name -> the training budgets to run it at, from ``--ablations``."""
+  if args.quick and args.ablations == "all":
+    return {"zeros-bias": [args.ablation_steps]}  # a smoke run exercises one ablation, not the whole list
+  if args.ablations == "none":
+    return {}
+  specs = [a.name for a in ABLATIONS] if args.ablations == "all" else args.ablations.split(",")
+  known = {a.name for a in ABLATIONS}
+  budgets: dict[str, list[int]] = {}
+  for spec in specs:
+    name, _, steps = spec.partition("@")
+    if name not in known:
+      raise SystemExit(f"exp_known_entropy: unknown ablation '{name}'; the ablations are {sorted(known)}")
+    budgets.setdefault(name, []).append(int(steps) if steps else args.ablation_steps)
+  return budgets
+
+
+def trained(v: common.Variant, args: argparse.Namespace, steps: int) -> bool:
+  rung = argparse.Namespace(**{**vars(args), "steps": steps})
+  return common.finished_step(common.run_dir(v, rung)) == steps
+
+
 def parse(argv):
   def extra(p: argparse.ArgumentParser):
     p.add_argument("--corpora", default="tok32,words16", help="comma-separated corpus names")
     p.add_argument("--rungs", default=None, help="comma-separated step counts (default 300,1200,4800)")
     p.add_argument("--methods", default="langflow,mdlm,ar")
-    p.add_argument("--ablations", default="all", help="all | none | comma-separated ablation names")
+    p.add_argument("--ablations", default="all",
+                   help="all | none | comma-separated NAME or NAME@STEPS (e.g. v0@300,v0,v0@4800)")
     p.add_argument("--ablation-steps", type=int, default=ABLATION_STEPS,
-                   help=f"training steps of the ablation runs (default {ABLATION_STEPS}; fewer to screen, "
-                        "reported as NAME@STEPS)")
+                   help=f"training steps of an ablation named without @STEPS (default {ABLATION_STEPS}); "
+                        "other budgets are reported as NAME@STEPS")
+    p.add_argument("--cached-only", action="store_true",
+                   help="train nothing: tabulate the runs already trained to their budget (and measure them)")
     p.add_argument("--max-rung-words", type=int, default=1200,
                    help="largest ladder rung trained on words16 (its 8k head is slow on a CPU)")
   args = common.parse_args(__doc__, argv, extra)
@@ -225,10 +250,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
   rungs = QUICK_RUNGS if args.quick else tuple(int(r) for r in (args.rungs or ",".join(map(str, RUNGS))).split(","))
   corpora = [QUICK_CORPUS] if args.quick else [CORPORA[c] for c in args.corpora.split(",")]
   methods = args.methods.split(",")
-  wanted = {a.name for a in ABLATIONS} if args.ablations == "all" else \
-      set() if args.ablations == "none" else set(args.ablations.split(","))
-  if args.quick and args.ablations == "all":
-    wanted = {"zeros-bias"}  # a smoke run exercises one ablation, not the whole list
+  wanted = ablation_budgets(args)
   base_runs = args.runs
 
   results: dict[str, dict] = {}
@@ -240,12 +262,19 @@ def main(argv: Sequence[str] | None = None) -> dict:
     top = rungs if corpus.kind == "tokens" or args.quick else tuple(r for r in rungs if r <= args.max_rung_words)
     for steps in top:
       for method in methods:
-        res["ladder"].setdefault(method, {})[str(steps)] = measure(variant(method, card), args, steps, protocol)
+        v = variant(method, card)
+        if args.cached_only and not trained(v, args, steps):
+          continue
+        res["ladder"].setdefault(method, {})[str(steps)] = measure(v, args, steps, protocol)
         write(args, results, protocol)
     for ab in ABLATIONS:
-      if ab.name in wanted and (corpus.name in ab.corpora or args.quick):
+      if corpus.name not in ab.corpora and not args.quick:
+        continue
+      for steps in wanted.get(ab.name, ()):
+        steps = rungs[-1] if args.quick else steps
         v = variant(ab.method, card, ab.overrides, suffix=f"-{ab.name}")
-        steps = rungs[-1] if args.quick else args.ablation_steps
+        if args.cached_only and not trained(v, args, steps):
+          continue
         key = ab.name if steps == ABLATION_STEPS or args.quick else f"{ab.name}@{steps}"
         res["ablations"][key] = {"label": ab.label, "method": ab.method, "steps": steps,
                                  **measure(v, args, steps, protocol)}
