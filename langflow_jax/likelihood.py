@@ -94,7 +94,7 @@ TABLEAUS = {
 
 @dataclasses.dataclass(frozen=True)
 class BoundOptions:
-  """How the bound is computed; every field changes the number (see README)."""
+  """How the bound is computed; every field changes the number (see docs/likelihood.md)."""
 
   solver: str = "heun"
   steps: int = 128                 # fixed-grid steps (the adaptive solver ignores it)
@@ -142,7 +142,7 @@ class BoundTerms:
   def total_vr_B(self) -> Array:
     """The variance-reduced estimate: the sampled entropy of q(z_a | x) in place
     of its mean. Same expectation as ``total_B``; the prior's fluctuation with
-    eps largely cancels (see README, likelihood)."""
+    eps largely cancels (see docs/likelihood.md)."""
     return self.total_B - self.entropy_dev_B
 
 

@@ -41,7 +41,7 @@ share rows (tensor parallelism across hosts) load the same rows.
 
 Several hosts: :func:`maybe_initialize_distributed` calls
 ``jax.distributed.initialize()`` when launched as one of several processes
-(see README, "Scaling out").
+(see docs/scaling.md).
 """
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ def test_train_end_to_end_subprocess(tmp_path):
   assert [r["step"] for r in rows if "train/ce" in r] == [1, 2, 3]
 
 
-# --------------------------------------------------------------------------- the README's Errors table
+# --------------------------------------------------------------------------- the Errors table of docs/errors.md
 
 SMALL_RUN = ["--config.model.hidden_size=32", "--config.model.cond_dim=16", "--config.model.n_blocks=1",
              "--config.model.n_heads=2", "--config.data.seq_len=32", "--config.train.batch_size=4",
