@@ -112,9 +112,9 @@ def sample_protocol(args: argparse.Namespace) -> dict[str, Any]:
   return dict(QUICK_SAMPLE if args.quick else SAMPLE)
 
 
-def langflow_bound(workdir: pathlib.Path, protocol: dict[str, Any]) -> dict[str, Any]:
+def langflow_bound(workdir: pathlib.Path, protocol: dict[str, Any], compute: bool = True) -> dict[str, Any] | None:
   """The ODE bound of a LangFlow run under ``protocol`` (config.eval keys), cached;
-  the scripts share the cache entries of the same protocol."""
+  the scripts share the cache entries of the same protocol. ``compute=False``: only a cached one (or ``None``)."""
   from langflow_jax import evaluate
 
   overrides = [f"config.eval.{k}={v}" for k, v in protocol.items()]
@@ -122,7 +122,7 @@ def langflow_bound(workdir: pathlib.Path, protocol: dict[str, Any]) -> dict[str,
   name += "" if protocol.get("self_cond", True) else "-no-self-cond"
   name += "" if protocol.get("mode", "sc_chain_rule") == "sc_chain_rule" else f"-{protocol['mode']}"
   return cached(workdir, name, {"eval": protocol},
-                lambda: evaluate.evaluate_workdir(workdir, overrides, write=False).to_json())
+                (lambda: evaluate.evaluate_workdir(workdir, overrides, write=False).to_json()) if compute else None)
 
 
 def variant_config(variant: Variant, args: argparse.Namespace) -> ml_collections.ConfigDict:
@@ -184,8 +184,9 @@ def seconds_per_step(workdir: pathlib.Path) -> float:
   return statistics.median(1.0 / r for r in rates) if rates else math.nan
 
 
-def cached(workdir: pathlib.Path, name: str, protocol: dict[str, Any], compute: Callable[[], Any]) -> Any:
-  """``compute()``, or its saved result when this protocol was already run on this checkpoint."""
+def cached(workdir: pathlib.Path, name: str, protocol: dict[str, Any], compute: Callable[[], Any] | None) -> Any:
+  """``compute()``, or its saved result when this protocol was already run on this checkpoint
+  (``compute=None``: the saved result or ``None``)."""
   protocol = json.loads(json.dumps({**protocol, "checkpoint_step": finished_step(workdir)}))
   path = workdir / "experiments" / f"{name}.json"
   if path.is_file():
@@ -193,6 +194,8 @@ def cached(workdir: pathlib.Path, name: str, protocol: dict[str, Any], compute: 
     if saved.get("protocol") == protocol:
       log(f"[{workdir.name}] cached {name}")
       return saved["result"]
+  if compute is None:
+    return None
   log(f"[{workdir.name}] computing {name} ...")
   result = compute()
   path.parent.mkdir(parents=True, exist_ok=True)
