@@ -138,16 +138,16 @@ def headline(r: Results) -> str:
            f"{res['ar']['gen_ppl']:.1f}", "baselines.json"]]
   for corpus, c in k["results"].items():
     h = c["card"]["H"]
-    cells = []
-    for method in ("langflow", "mdlm", "ar"):
-      per = c["ladder"].get(method, {})
-      if not per:
-        cells.append("n/a")
-        continue
-      top = max(per, key=int)
-      cells.append(f"{'<= ' if method != 'ar' else ''}{num(per[top]['nats_per_token'])} ({top} steps)")
-    rows.append([f"text of known entropy `{corpus}` (H = {h:.3f} nats/token): held-out nats/token at the "
-                 "largest budget run", *cells, "known_entropy.json"])
+    # the largest budget every method was trained to: a comparison at equal steps
+    budgets = [set(per) for per in c["ladder"].values() if per]
+    common_steps = set.intersection(*budgets) if budgets else set()
+    if not common_steps:
+      continue
+    top = max(common_steps, key=int)
+    cells = [f"{'<= ' if method != 'ar' else ''}{num(c['ladder'][method][top]['nats_per_token'])}"
+             if top in c["ladder"].get(method, {}) else "n/a" for method in ("langflow", "mdlm", "ar")]
+    rows.append([f"text of known entropy `{corpus}` (H = {h:.3f} nats/token): held-out nats/token at "
+                 f"{top} steps", *cells, "known_entropy.json"])
   s = r.json("serving.json")
   for res_l in s["results"]:
     length, times = res_l["length"], {(x["method"], x["steps"]): x["seconds"] for x in res_l["rows"] if x["batch"] == 1}
