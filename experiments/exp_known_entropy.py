@@ -97,12 +97,19 @@ class Ablation:
   method: str = "langflow"
   corpora: tuple[str, ...] = ("tok32",)
 
+  @property
+  def absolute(self) -> bool:
+    """Whether the row's experiment is fixed by its overrides alone, not by LangFlow's shipped
+    recipe (a baseline's row, or a change of the previous recipe): such a row measured by an
+    earlier invocation still stands after the recipe changes."""
+    return self.method != "langflow" or self.name.startswith("v0")
+
 
 # The tiny recipe before this study (self-conditioning p = 0.25 as in the paper, the schedule
-# learning 5x faster than the network, H_inf starting at the config's 7.0): the screened rows
-# change one thing of it, as they were run.
+# learning 5x faster than the network, H_inf starting at the config's 7.0, the official zero
+# head): the screened rows change one thing of it, as they were run.
 V0 = ("config.objective.self_cond_prob=0.25", "config.optimizer.schedule_lr_scale=5.0",
-      "config.schedule.entropy_init=config")
+      "config.schedule.entropy_init=config", "config.model.logit_init_std=0.0")
 
 
 def on_v0(name: str, label: str, *overrides: str) -> "Ablation":
@@ -112,6 +119,9 @@ def on_v0(name: str, label: str, *overrides: str) -> "Ablation":
 ABLATIONS = (
     # Ordered by what they can tell: the run order of an interrupted study.
     Ablation("v0", "previous recipe (p_sc 0.25, schedule lr x5, H_inf from the config)", V0),
+    Ablation("zero-head", "head kernel starts at zero (the official init; shipped: logits ~ N(0, 1))",
+             ("config.model.logit_init_std=0.0",), corpora=("tok32", "words16")),
+    Ablation("head-std0.1", "head kernel starts small (logits ~ N(0, 0.1^2))", ("config.model.logit_init_std=0.1",)),
     Ablation("sc0.25", "self-conditioning p = 0.25 (the paper's; shipped: 1)", ("config.objective.self_cond_prob=0.25",)),
     Ablation("mdlm-lr4e-3", "MDLM lr 4e-3 (shipped 2e-3)", ("config.optimizer.lr=4e-3",), method="mdlm"),
     Ablation("mdlm-lr1e-3", "MDLM lr 1e-3", ("config.optimizer.lr=1e-3",), method="mdlm"),
@@ -238,6 +248,9 @@ def parse(argv):
                         "other budgets are reported as NAME@STEPS")
     p.add_argument("--cached-only", action="store_true",
                    help="train nothing: tabulate the runs already trained to their budget (and measure them)")
+    p.add_argument("--no-carry", action="store_true",
+                   help="tabulate only what this invocation measures (default: rows of experiments it does not "
+                        "run, baselines and previous-recipe rows, are carried over from --out's known_entropy.json)")
     p.add_argument("--max-rung-words", type=int, default=1200,
                    help="largest ladder rung trained on words16 (its 8k head is slow on a CPU)")
   args = common.parse_args(__doc__, argv, extra)
@@ -255,11 +268,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
   base_runs = args.runs
 
   results: dict[str, dict] = {}
+  previous = {} if args.quick or args.no_carry else previous_results(args.out / f"{NAME}.json")
   for corpus in corpora:
     card = build_corpus(corpus, base_runs)
     args.runs = base_runs / corpus.name
     res = results.setdefault(corpus.name, {"card": {k: card[k] for k in card if k not in ("words",)},
                                            "ladder": {}, "ablations": {}})
+    carry_over(res, previous.get(corpus.name), methods)
     top = rungs if corpus.kind == "tokens" or args.quick else tuple(r for r in rungs if r <= args.max_rung_words)
     for steps in top:
       for method in methods:
@@ -284,8 +299,34 @@ def main(argv: Sequence[str] | None = None) -> dict:
   return write(args, results, protocol)
 
 
+def previous_results(path: pathlib.Path) -> dict:
+  return json.loads(path.read_text()).get("results", {}) if path.is_file() else {}
+
+
+def carry_over(res: dict, old: dict | None, methods: Sequence[str]) -> None:
+  """Rows an earlier invocation measured whose experiment this one leaves alone: the ladder of the
+  baselines not run now, and the absolute ablation rows. Marked ``carried`` (the tables flag them);
+  a row measured now replaces its carried copy."""
+  if not old:
+    return
+  absolute = {a.name for a in ABLATIONS if a.absolute}
+  for method, per in old.get("ladder", {}).items():
+    if method != "langflow" and method not in methods:
+      res["ladder"][method] = {s: {**r, "carried": True} for s, r in per.items()}
+  for key, r in old.get("ablations", {}).items():
+    if key.partition("@")[0] in absolute:
+      res["ablations"][key] = {**r, "carried": True}
+
+
 def ratio(x: float | None, h: float) -> str:
   return "n/a" if x is None or not math.isfinite(x) else f"{x:.3f} ({x / h:.2f})"
+
+
+def cell(r: dict | None, key: str, h: float) -> str:
+  """``ratio`` of a row's figure, starred when the row was carried over from an earlier invocation."""
+  r = r or {}
+  text = ratio(r.get(key), h)
+  return text + " *" if r.get("carried") and text != "n/a" else text
 
 
 def _stderr(r: dict) -> str:
@@ -303,7 +344,7 @@ def write(args, results: dict, protocol: dict) -> dict:
     rungs = sorted({int(s) for m in res["ladder"].values() for s in m})
     rows = []
     for method, per in res["ladder"].items():
-      rows.append([METHODS[method][0]] + [ratio(per.get(str(s), {}).get("nats_per_token"), h) for s in rungs])
+      rows.append([METHODS[method][0]] + [cell(per.get(str(s)), "nats_per_token", h) for s in rungs])
       series[f"{name}: {METHODS[method][0]}"] = (
           [s for s in rungs if str(s) in per], [per[str(s)]["nats_per_token"] / h for s in rungs if str(s) in per])
     lf = res["ladder"].get("langflow", {})
@@ -325,11 +366,11 @@ def write(args, results: dict, protocol: dict) -> dict:
         for method, per in res["ladder"].items():
           base = per.get(str(ab_steps))
           if base:
-            arows.append([f"{METHODS[method][0]} as shipped", ab_steps, ratio(base["nats_per_token"], h),
-                          ratio(base.get("flow_mode"), h), _stderr(base)])
+            arows.append([f"{METHODS[method][0]} as shipped", ab_steps, cell(base, "nats_per_token", h),
+                          cell(base, "flow_mode", h), _stderr(base)])
         for r in res["ablations"].values():
           if r["steps"] == ab_steps:
-            arows.append([r["label"], r["steps"], ratio(r["nats_per_token"], h), ratio(r.get("flow_mode"), h),
+            arows.append([r["label"], r["steps"], cell(r, "nats_per_token", h), cell(r, "flow_mode", h),
                           _stderr(r)])
       paragraphs += ["Ablations (one change each; every row kept, whether it helped or not):",
                      common.markdown_table(["variant", "steps", "held-out nats/token (x H)", "flow mode (x H)",
@@ -340,6 +381,11 @@ def write(args, results: dict, protocol: dict) -> dict:
       f"seed {protocol['seed']}, variance-reduced estimate; 'flow mode' is the official evaluator's default on "
       "the same draws (its divergence skips the self-conditioning pre-pass, so it is not a bound of the field "
       "it integrates). MDLM: NELBO, every mask size once per row. AR: exact NLL.")
+  if any(r.get("carried") for res in results.values() for per in [*res["ladder"].values(), res["ablations"]]
+         for r in per.values()):
+    paragraphs.append("\\* measured by an earlier invocation of this script (its run directories since removed); "
+                      "the experiment is fixed by its overrides (a baseline, or a change of the previous recipe) "
+                      "and its code is unchanged since, so the row stands.")
   figure = args.out / f"{NAME}.png"
   if series:
     plots.loglog_lines(figure, series, xlabel="training steps (32 x 64 tokens each)",

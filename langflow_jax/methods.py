@@ -202,7 +202,8 @@ class _Baseline(Method):
   module: Any = None
   # LangFlow's noise schedule, self-conditioning and skip ramp
   unused_keys = ("schedule.", "objective.self_cond_prob", "objective.self_cond_mode", "objective.skip_warmup_steps",
-                 "objective.schedule_loss_weight", "objective.elbo_weight", "optimizer.schedule_lr_scale")
+                 "objective.schedule_loss_weight", "objective.elbo_weight", "optimizer.schedule_lr_scale",
+                 "model.logit_init_std", "model.use_skip", "model.self_conditioning")
 
   def create_model(self, config, seed=0):
     return self.module.create_model(config, seed)

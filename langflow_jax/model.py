@@ -68,12 +68,15 @@ class Linear(nnx.Linear):
 
 def linear(in_features: int, out_features: int, axes: tuple[str | None, str | None], *,
            rngs: nnx.Rngs, use_bias: bool = True, zero_init: bool = False,
-           dtype: Any = jnp.float32) -> Linear:
-  """A :class:`Linear` with torch's init (or zeros) and logical axis names."""
+           kernel_std: float | None = None, dtype: Any = jnp.float32) -> Linear:
+  """A :class:`Linear` with torch's init (or zeros; or a N(0, kernel_std^2) kernel and a
+  zero bias) and logical axis names."""
   init = nnx.initializers.zeros_init() if zero_init else torch_linear_init(in_features)
+  kernel_init = init if kernel_std is None else nnx.initializers.normal(kernel_std)
+  bias_init = init if kernel_std is None else nnx.initializers.zeros_init()
   return Linear(
       in_features, out_features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
-      kernel_init=init, bias_init=init, rngs=rngs,
+      kernel_init=kernel_init, bias_init=bias_init, rngs=rngs,
       kernel_metadata={"logical_axes": axes}, bias_metadata={"logical_axes": axes[1:]})
 
 
@@ -239,11 +242,14 @@ class FinalLayer(nnx.Module):
   """adaLN final norm and the untied output head to vocabulary logits."""
 
   def __init__(self, dim: int, vocab_size: int, cond_dim: int, compute_dtype: Any, *,
-               rngs: nnx.Rngs):
+               rngs: nnx.Rngs, logit_init_std: float = 0.0):
     self.norm_final = ScaleOnlyLayerNorm(dim)
     self.ada = linear(cond_dim, 2 * dim, ("cond", "modulation"), zero_init=True, rngs=rngs,
                       dtype=compute_dtype)
-    self.linear = linear(dim, vocab_size, ("embed", "vocab"), zero_init=True, rngs=rngs,
+    # The normalised input has norm sqrt(dim), so a N(0, std^2 / dim) kernel starts every
+    # logit at N(0, std^2): 0 is the official zero head.
+    self.linear = linear(dim, vocab_size, ("embed", "vocab"), zero_init=logit_init_std == 0, rngs=rngs,
+                         kernel_std=logit_init_std / math.sqrt(dim) if logit_init_std else None,
                          dtype=compute_dtype)
 
   def __call__(self, h_BxLxD: Array, c_BxC: Array) -> Array:
@@ -292,7 +298,8 @@ class Backbone(nnx.Module):
         DDiTBlock(d, cfg.n_heads, cfg.cond_dim, cfg.mlp_ratio, cfg.dropout, compute_dtype,
                   rngs=rngs) for _ in range(cfg.n_blocks)
     ])
-    self.output_layer = FinalLayer(d, v, cfg.cond_dim, compute_dtype, rngs=rngs)
+    self.output_layer = FinalLayer(d, v, cfg.cond_dim, compute_dtype, rngs=rngs,
+                                   logit_init_std=float(cfg.get("logit_init_std", 0.0)))
     self.self_conditioning = bool(cfg.self_conditioning)
     if self.self_conditioning:
       self.self_cond_proj = linear(2 * d, d, ("embed2", "embed"), use_bias=False, zero_init=True,

@@ -8,7 +8,7 @@ from tests.conftest import small_config
 
 
 def test_an_untrained_model_with_the_unigram_head_is_the_context_free_denoiser_at_every_gamma(tmp_path):
-  cfg = small_config()
+  cfg = small_config(logit_init_std=0.0)  # the official zero head
   cfg.eval.batch_size = 4
   model = methods.create_model(cfg, 0)
   train_split = pipeline.load_split(cfg.data, "train")

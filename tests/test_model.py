@@ -46,9 +46,9 @@ def test_embeddings_are_normalised_to_sqrt_d():
 
 
 def test_output_at_init_is_the_exact_gaussian_posterior():
-  # Zero-initialised adaLN/output layers make the network logits 0, so the
-  # model starts as the skip term: log N(z; alpha E[v], sigma^2) + const.
-  _, model = make()
+  # With the official zero head, zero-initialised adaLN/output layers make the network
+  # logits 0, so the model starts as the skip term: log N(z; alpha E[v], sigma^2) + const.
+  _, model = make(logit_init_std=0.0)
   z, g, _ = inputs()
   logits = model(z, g)
   e = model.embedding_matrix()
@@ -57,6 +57,37 @@ def test_output_at_init_is_the_exact_gaussian_posterior():
       2 * s[:, None, None] ** 2)
   np.testing.assert_allclose(np.asarray(jax.nn.log_softmax(logits)), np.asarray(jax.nn.log_softmax(log_lik)),
                              rtol=1e-4, atol=1e-3)
+
+
+def block_gradients(model, z, g, ids):
+  """Gradient norm of the CE w.r.t. each block's adaLN kernel (gates included), at init."""
+
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  def loss(params):
+    logits = nnx.merge(graphdef, params, rest)(z, g)
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), ids[..., None], -1))
+
+  blocks = jax.grad(loss)(params)["backbone"]["blocks"]
+  return [float(jnp.linalg.norm(blocks[i]["ada"]["kernel"][...])) for i in range(len(model.backbone.blocks))]
+
+
+@pytest.mark.parametrize("logit_init_std", [0.0, 1.0])
+def test_default_head_init_lets_the_blocks_learn_from_step_zero(logit_init_std):
+  # With a zero head every block (zero-gated, so the identity) gets no gradient: the
+  # network starts at a stationary point of the loss (with the skip term and a unigram
+  # bias, the context-free posterior) and leaves it only by noise. A random head
+  # N(0, std^2 / D) gives the gates a gradient at once.
+  cfg, model = make(logit_init_std=logit_init_std)
+  z, g, _ = inputs()
+  ids = jax.random.randint(jax.random.PRNGKey(3), z.shape[:2], 0, cfg.model.vocab_size)
+  norms = block_gradients(model, z, g, ids)
+  if logit_init_std == 0.0:
+    assert norms == [0.0] * len(norms)
+  else:
+    assert min(norms) > 1e-4
+    logits = model.backbone(z, g, None)  # network part only: the initial logits ~ N(0, std^2)
+    assert 0.8 < float(jnp.std(logits)) < 1.2
 
 
 def test_self_conditioning_input_changes_output():
