@@ -99,7 +99,7 @@ TOY_P = np.array([0.4, 0.3, 0.15, 0.1, 0.05], np.float32)
 def toy():
   """A model whose denoiser is the exact posterior of i.i.d. tokens with unigram TOY_P.
 
-  Fresh models have a zero output head, so their logits are the skip term
+  With the official zero output head a fresh model's logits are the skip term
   c_skip <z, E[v]> = the Gaussian log-likelihood of each token (rows of E
   have equal norms); a bias log p(v) makes it the exact posterior. The
   probability-flow ODE is then the exact flow of the data, and the bound of
@@ -109,7 +109,7 @@ def toy():
   """
   c = base_config()
   c.model.update(vocab_size=len(TOY_P), hidden_size=8, cond_dim=8, n_blocks=1, n_heads=2, max_length=4,
-                 dropout=0.0)
+                 dropout=0.0, logit_init_std=0.0)
   c.schedule.update(name="linear", gamma_min=-2.0, gamma_max=16.0)
   model = create_model(c, seed=0)
   model.backbone.output_layer.linear.bias[...] = jnp.log(jnp.asarray(TOY_P))
