@@ -14,16 +14,13 @@ thousand tokens/s); it must be at least 20x that.
 
 from __future__ import annotations
 
-import argparse
 import os
 import pathlib
 import sys
 import tempfile
-import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
-
-from langflow_jax.data import pipeline, prepare, sources  # noqa: E402
+import harness
+from langflow_jax.data import pipeline, prepare, sources
 
 
 def generate_text(path: pathlib.Path, size_bytes: int) -> int:
@@ -41,28 +38,24 @@ def generate_text(path: pathlib.Path, size_bytes: int) -> int:
 
 
 def bench_prepare(recipe: prepare.Recipe, out: pathlib.Path) -> tuple[pathlib.Path, dict]:
-  start = time.perf_counter()
-  directory = prepare.prepare(recipe, out, ["train"])
-  seconds = time.perf_counter() - start
+  directory, timing = harness.timed(lambda: prepare.prepare(recipe, out, ["train"]), repeats=0)  # once per dataset
+  seconds = timing.seconds
   manifest = prepare.read_manifest(directory, "train")
   return directory, {"seconds": seconds, "tokens": manifest["tokens"], "rows": manifest["rows"],
                      "tokens_per_s": manifest["tokens"] / seconds}
 
 
 def bench_feed(split: pipeline.PackedSplit, batch: int, steps: int, prefetch: int, threads: int) -> float:
+  """Tokens/s of the batches the train loop pulls: the median batch after the first (the
+  thread pool's start-up)."""
   it = pipeline.BatchIterator(split, batch, seed=0, prefetch=prefetch, threads=threads)
-  next(it)  # start-up (thread pool) outside the timing
-  start = time.perf_counter()
-  for _ in range(steps):
-    b = next(it)
-  seconds = time.perf_counter() - start
+  b, timing = harness.timed(lambda: next(it), repeats=steps)
   assert b["ids"].shape == (batch, split.seq_len)
-  return steps * batch * split.seq_len / seconds
+  return batch * split.seq_len / timing.seconds
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--quick", action="store_true", help="32 MB generated file, fewer batches")
+  parser = harness.parser(__doc__, "32 MB generated file, fewer batches")
   parser.add_argument("--size-mb", type=float, default=1024, help="size of the generated text file")
   parser.add_argument("--train-tokens-per-s", type=float, default=5000,
                       help="what the train step consumes (the lead's bench figure)")
@@ -73,13 +66,12 @@ def main(argv=None) -> int:
   work = pathlib.Path(args.workdir or tempfile.mkdtemp(prefix="bench_input_"))
   work.mkdir(parents=True, exist_ok=True)
   os.environ["LANGFLOW_JAX_CACHE"] = str(work / "cache")
-  print(f"[bench_input] work dir {work}; CPU count {os.cpu_count()}; figures on a shared machine are contended")
+  print(f"[bench_input] work dir {work}; figures on a shared machine are contended")
 
   corpus_file = work / f"generated_{int(size_mb)}mb.txt"
   if not corpus_file.is_file():
-    t = time.perf_counter()
-    n = generate_text(corpus_file, int(size_mb * 2**20))
-    print(f"[bench_input] generated {n / 2**20:.0f} MB of text in {time.perf_counter() - t:.1f} s")
+    n, timing = harness.timed(lambda: generate_text(corpus_file, int(size_mb * 2**20)), repeats=0)
+    print(f"[bench_input] generated {n / 2**20:.0f} MB of text in {timing.seconds:.1f} s")
 
   cases = [  # (label, recipe, feed batches (global batch, length))
       ("embedded sotu, sotu-bpe8k, L=128", prepare.Recipe("sotu", "sotu-bpe8k", 128), [(16, "bench"), (512, "lm1b")]),
@@ -100,6 +92,7 @@ def main(argv=None) -> int:
           worst = min(worst, ratio)
         print(f"[bench_input]   feed batch {batch} x {split.seq_len} ({what}), prefetch {prefetch}/{threads} threads: "
               f"{rate / 1e6:.2f} M tokens/s = {ratio:,.0f}x the train step's {args.train_tokens_per_s:,.0f} tokens/s")
+  print(f"[bench_input] machine: {harness.machine_note()}")
   print(f"[bench_input] smallest feed/train ratio: {worst:,.0f}x (needs >= 20x): {'OK' if worst >= 20 else 'TOO SLOW'}")
   return 0 if worst >= 20 else 1
 

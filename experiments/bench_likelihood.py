@@ -18,35 +18,18 @@ the table doubles as a check of the integrator.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
-import pathlib
-import statistics
-import sys
-import time
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
-
-from langflow_jax import config as config_lib  # noqa: E402
-from langflow_jax import evaluate, likelihood as lk, train  # noqa: E402
-from langflow_jax.data import pipeline  # noqa: E402
-from langflow_jax.model import create_model  # noqa: E402
-
-
-def timed(fn, *args, reps: int) -> float:
-  """Median wall seconds of ``fn(*args)`` after one compiling call."""
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(reps):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+import harness
+from langflow_jax import config as config_lib
+from langflow_jax import evaluate, likelihood as lk, train
+from langflow_jax.data import pipeline
+from langflow_jax.model import create_model
 
 
 def cost_table(model, batch: int, seq_len: int, reps: int) -> None:
@@ -82,7 +65,8 @@ def cost_table(model, batch: int, seq_len: int, reps: int) -> None:
   print(f"{'':62s} {'ms':>9s} {'x forward':>10s}")
   for name, body in rows:
     fn = jax.jit(lambda state, z, body=body: body(nnx.merge(graphdef, state), z))
-    t = timed(fn, state, z, reps=reps)
+    _, timing = harness.timed(lambda: fn(state, z), reps)
+    t = timing.seconds
     base = base or t
     print(f"{name:62s} {1e3 * t:9.2f} {t / base:10.2f}", flush=True)
 
@@ -93,34 +77,35 @@ def steps_table(model, config, split, batch: int, steps: list[int], adaptive_rto
   print(f"{'solver':8s} {'steps':>6s} {'evals':>6s} {'bound':>9s} {'reconst':>9s} {'flow':>9s} {'prior':>9s} "
         f"{'seconds':>8s}   (seconds include compilation)")
   base = lk.BoundOptions.from_config(config.eval)
+
+  def row(name: str, opts: lk.BoundOptions) -> str:
+    # One call, compilation included: a bound is run once per row, as `eval` runs it.
+    totals, timing = harness.timed(lambda: evaluate.run_bound(model, split, opts, batch_size=batch, num_batches=1,
+                                                              seed=config.eval.seed), repeats=0)
+    per = totals.per_token()
+    steps = totals.steps if opts.solver == "adaptive" else opts.steps  # the adaptive solver's own count
+    return (f"{name:8s} {steps:6d} {totals.evals:6d} {sum(per.values()):9.4f} "
+            f"{per['reconst']:9.4f} {per['flow']:9.4f} {per['prior']:9.4f} {timing.seconds:8.1f}")
+
   for solver in ("euler", "heun"):
     for n in steps:
       # One compilation per row: a grid padded to the longest would run every
       # row at the longest row's cost, and here the run time is what counts.
-      opts = dataclasses.replace(base, solver=solver, steps=n)
-      start = time.perf_counter()
-      totals = evaluate.run_bound(model, split, opts, batch_size=batch, num_batches=1, seed=config.eval.seed)
-      per = totals.per_token()
-      print(f"{solver:8s} {n:6d} {totals.evals:6d} {sum(per.values()):9.4f} {per['reconst']:9.4f} "
-            f"{per['flow']:9.4f} {per['prior']:9.4f} {time.perf_counter() - start:8.1f}")
+      print(row(solver, dataclasses.replace(base, solver=solver, steps=n)))
   opts = dataclasses.replace(base, solver="adaptive", rtol=adaptive_rtol, atol=adaptive_rtol, max_steps=max_steps)
-  start = time.perf_counter()
-  totals = evaluate.run_bound(model, split, opts, batch_size=batch, num_batches=1, seed=config.eval.seed)
-  per = totals.per_token()
-  print(f"{'tsit5':8s} {totals.steps:6d} {totals.evals:6d} {sum(per.values()):9.4f} {per['reconst']:9.4f} "
-        f"{per['flow']:9.4f} {per['prior']:9.4f} {time.perf_counter() - start:8.1f}   "
-        f"(adaptive, rtol = atol = {adaptive_rtol:g}; seconds include compilation)")
+  print(row("tsit5", opts) +
+        f"   (adaptive, rtol = atol = {adaptive_rtol:g}; seconds include compilation)")
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--quick", action="store_true", help="smoke run: small batch, few steps")
+def main(argv=None) -> None:
+  parser = harness.parser(__doc__, "smoke run: small batch, few steps")
   parser.add_argument("--config", default="bench")
   parser.add_argument("--workdir", default=None, help="evaluate a trained run instead of fresh weights")
   parser.add_argument("--table-batch", type=int, default=None,
                       help="sequences in the bound-vs-steps table (default: the config's batch)")
-  parser.add_argument("--table-steps", default=None, help="comma-separated step counts (default 16,32,64,128,256)")
-  args = parser.parse_args()
+  parser.add_argument("--table-steps", type=harness.ints, default=None,
+                      help="comma-separated step counts (default 16,32,64,128,256)")
+  args = parser.parse_args(argv)
 
   if args.workdir:
     config, model = train.load_model(args.workdir)
@@ -133,7 +118,7 @@ def main() -> None:
               f"log V = {math.log(config.model.vocab_size):.4f} nats/token")
   batch = 2 if args.quick else config.train.batch_size
   steps = [4, 8, 16] if args.quick else [16, 32, 64, 128, 256]
-  steps = [int(n) for n in args.table_steps.split(",")] if args.table_steps else steps
+  steps = args.table_steps or steps
   print(f"bench_likelihood on {jax.devices()[0].platform}: {source}")
   print(f"model: vocab {config.model.vocab_size}, width {config.model.hidden_size}, {config.model.n_blocks} blocks, "
         f"length {config.data.seq_len}, matmuls {config.model.compute_dtype}")
@@ -141,6 +126,7 @@ def main() -> None:
   split = pipeline.load_split(config.data, "heldout")
   steps_table(model, config, split, args.table_batch or batch, steps, adaptive_rtol=1e-2 if args.quick else 1e-3,
               max_steps=256 if args.quick else 4096)
+  print(f"\nmachine: {harness.machine_note()}")
 
 
 if __name__ == "__main__":

@@ -23,34 +23,17 @@ medians of repeated runs. Figures on a shared CPU are contended.
 
 from __future__ import annotations
 
-import argparse
 import pathlib
-import statistics
-import sys
-import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
-
-from langflow_jax import config as config_lib  # noqa: E402
-from langflow_jax import metrics, sampling, train  # noqa: E402
-from langflow_jax.data import pipeline  # noqa: E402
-from langflow_jax.model import create_model, forward_matmul_flops_per_token  # noqa: E402
-
-
-def timed(fn, repeats: int) -> float:
-  """Median seconds of fn() after one warm-up (compilation) call."""
-  jax.block_until_ready(fn())
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+import common
+import harness
+from langflow_jax import config as config_lib
+from langflow_jax import sampling, train
+from langflow_jax.model import create_model, forward_matmul_flops_per_token
 
 
 def step_cost(quick: bool, samplers: tuple[str, ...] = ("euler", "euler32", "heun", "multistep"),
@@ -68,8 +51,8 @@ def step_cost(quick: bool, samplers: tuple[str, ...] = ("euler", "euler32", "heu
   forward = jax.jit(lambda st, z, g, s: nnx.merge(graphdef, st)(z, g, s))
   denoiser = jax.jit(lambda st, z, g, s: (lambda m: m.denoise(m(z, g, s)))(nnx.merge(graphdef, st)))
   repeats = repeats or (3 if quick else 5)
-  t_fwd = timed(lambda: forward(state, z, gamma, s), repeats)
-  t_den = timed(lambda: denoiser(state, z, gamma, s), repeats)
+  t_fwd = harness.timed(lambda: forward(state, z, gamma, s), repeats)[1].seconds
+  t_den = harness.timed(lambda: denoiser(state, z, gamma, s), repeats)[1].seconds
   m, d, v = config.model, model.hidden_size, model.vocab_size
   # + E^T softmax(logits): the x_hat every step needs
   floor = 1 + 2 * d * v / forward_matmul_flops_per_token(m, length)
@@ -90,8 +73,8 @@ def step_cost(quick: bool, samplers: tuple[str, ...] = ("euler", "euler32", "heu
     times = {}
     for n in (n1, n2):
       options = sampling.SamplerOptions(steps=n, **kw)
-      times[n] = timed(lambda: sampling.sample(model, key, options, num=batch, seq_len=length).tokens_BxL,
-                       repeats)
+      times[n] = harness.timed(lambda: sampling.sample(model, key, options, num=batch, seq_len=length).tokens_BxL,
+                               repeats)[1].seconds
     per_step = (times[n2] - times[n1]) / (n2 - n1)
     print(f"| {label} | {sampling.SAMPLERS[options.sampler]} | {per_step * 1e3:.2f} | {per_step / t_fwd:.2f}x | "
           f"{per_step / t_den:.2f}x |")
@@ -103,7 +86,8 @@ def step_cost(quick: bool, samplers: tuple[str, ...] = ("euler", "euler32", "heu
   print("|---|---|---|")
   for n in ((8, 16) if quick else (8, 16, 32, 64, 128)):
     options = sampling.SamplerOptions(steps=n)
-    t = timed(lambda: sampling.sample(model, key, options, num=batch, seq_len=length).tokens_BxL, 2)
+    _, timing = harness.timed(lambda: sampling.sample(model, key, options, num=batch, seq_len=length).tokens_BxL, 2)
+    t = timing.seconds
     print(f"| {n} | {t:.3f} | {batch * length / t:.0f} |")
   print()
 
@@ -112,10 +96,8 @@ def quality(workdir: str, quick: bool, num: int) -> None:
   config, model = train.load_model(workdir)
   seq_len = int(config.sample.seq_len or config.data.seq_len)
   num = 8 if quick else num
-  train_split = pipeline.load_split(config.data, "train")
-  lm = metrics.BigramLM(train_split.ids, config.model.vocab_size, mask=train_split.mask)
-  held = pipeline.load_split(config.data, "heldout")
-  ref = metrics.generative_perplexity(held.ids[:num, :seq_len], lm)
+  lm = common.bigram_scorer(config)
+  ref = common.gen_ppl(common.heldout(config).ids[:num, :seq_len], lm)
   key = jax.random.PRNGKey(0)
   print(f"## Quality on {workdir} ({num} samples of {seq_len} tokens; scorer: Kneser-Ney bigram of the train "
         f"split)\n")
@@ -128,7 +110,7 @@ def quality(workdir: str, quick: bool, num: int) -> None:
     for n in steps_list:
       options = sampling.SamplerOptions(sampler=name, steps=n)
       out = sampling.sample(model, key, options, num=num, seq_len=seq_len)
-      r = metrics.generative_perplexity(np.asarray(out.tokens_BxL), lm)
+      r = common.gen_ppl(out.tokens_BxL, lm)
       print(f"| {name} | {n} | {options.nfe} | {r['gen_ppl']:.1f} | {r['entropy']:.3f} |")
   print()
   steps = 32
@@ -139,17 +121,17 @@ def quality(workdir: str, quick: bool, num: int) -> None:
     for n in ((1, 2) if quick else (1, 2, 4, 8)):
       res = sampling.best_of_n(model, key, n, sampling.SamplerOptions(steps=steps), num=num, seq_len=seq_len,
                                score=score)
-      r = metrics.generative_perplexity(np.asarray(res.tokens_RxL), lm)
-      cost = timed(lambda: sampling.score_samples(model, res.candidates, score, key=key), 1) / (num * n)
+      r = common.gen_ppl(res.tokens_RxL, lm)
+      _, timing = harness.timed(lambda: sampling.score_samples(model, res.candidates, score, key=key), 1)
+      cost = timing.seconds / (num * n)
       print(f"| {score} | {n} | {r['gen_ppl']:.1f} | {r['entropy']:.3f} | {float(res.score_R.mean()):.3f} | "
             f"{cost * 1e3:.2f} |")
   print()
 
 
 def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser = harness.parser(__doc__, "small sizes: a smoke run")
   parser.add_argument("--workdir", default="runs/demo", help="a trained run for the quality tables")
-  parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
   parser.add_argument("--skip-quality", action="store_true", help="timings only")
   parser.add_argument("--skip-timing", action="store_true", help="quality tables only")
   parser.add_argument("--num", type=int, default=64, help="samples per quality row")
@@ -163,10 +145,11 @@ def main(argv=None) -> None:
   if not args.skip_timing:
     step_cost(args.quick, tuple(args.samplers.split(",")), args.repeats, not args.skip_latency)
   if not args.skip_quality:
-    if not (pathlib.Path(args.workdir) / "checkpoints").is_dir():
-      print(f"(no trained run at {args.workdir}: train one with `make demo` for the quality tables)")
-      return
-    quality(args.workdir, args.quick, args.num)
+    if (pathlib.Path(args.workdir) / "checkpoints").is_dir():
+      quality(args.workdir, args.quick, args.num)
+    else:
+      print(f"(no trained run at {args.workdir}: train one with `make demo` for the quality tables)\n")
+  print(f"Machine: {harness.machine_note()}.")
 
 
 if __name__ == "__main__":

@@ -15,15 +15,10 @@
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import pathlib
-import sys
-import time
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import harness  # imports no jax: the device count is set from the flags first
 
 LAYOUTS = [(8, 1, 1), (1, 8, 1), (2, 4, 1), (2, 2, 2), (1, 1, 8)]
 QUICK_LAYOUTS = [(8, 1, 1), (1, 8, 1), (2, 2, 2)]
@@ -32,7 +27,6 @@ QUICK_AOT_ROWS = [("lm1b", 8, "fsdp")]
 
 
 def time_layout(config, mesh_sizes, devices, steps: int) -> dict:
-  import jax
   import numpy as np
 
   from langflow_jax import parallel, train
@@ -46,16 +40,16 @@ def time_layout(config, mesh_sizes, devices, steps: int) -> dict:
   step = train.jit_train_step(train.make_train_step(config, parts, tx), shardings, mesh)
   split = pipeline.load_split(config.data, "train")
   it = pipeline.BatchIterator(split, config.train.batch_size, config.data.seed)
-  batches = [parallel.global_batch(next(it), mesh) for _ in range(steps + 1)]
-  start = time.perf_counter()
-  state, metrics = step(state, batches[0])
-  jax.block_until_ready(metrics)
-  compile_s = time.perf_counter() - start
-  start = time.perf_counter()
-  for b in batches[1:]:
-    state, metrics = step(state, b)
-  jax.block_until_ready(metrics)
-  seconds = (time.perf_counter() - start) / steps
+  batches = iter([parallel.global_batch(next(it), mesh) for _ in range(steps + 1)])
+
+  def one_step():
+    nonlocal state
+    state, metrics = step(state, next(batches))
+    return metrics
+
+  # the first step compiles; the median of the others is the step time
+  metrics, timing = harness.timed(one_step, repeats=steps)
+  seconds, compile_s = timing.seconds, timing.compile_s
   tokens = config.train.batch_size * config.data.seq_len
   loss = float(np.asarray(metrics["terms"].ce_sum) / np.asarray(metrics["terms"].num_tokens))
   return {"layout": f"data={d} fsdp={f} tensor={t}", "devices": d * f * t, "step_s": seconds,
@@ -89,23 +83,21 @@ def aot_table(rows: list[tuple[str, int, str]]) -> list[dict]:
   for config_name, n, layout in rows:
     mesh = ["--config.mesh.data=-1", "--config.mesh.fsdp=1"] if layout == "data" else \
         ["--config.mesh.data=1", "--config.mesh.fsdp=-1"]
-    start = time.perf_counter()
-    r = aot.report_in_subprocess(config_name, mesh, n)
-    out.append(dict(r.to_json(), layout=layout, wall_s=time.perf_counter() - start))
+    r, timing = harness.timed(lambda: aot.report_in_subprocess(config_name, mesh, n), repeats=0)
+    out.append(dict(r.to_json(), layout=layout, wall_s=timing.seconds))
     print(f"  {config_name:<5} {n:>4} {layout:<5} params+EMA+Adam {r.state / aot.GiB:7.2f} GiB  "
           f"temp {r.temp / aot.GiB:7.2f} GiB  peak {r.peak / aot.GiB:7.2f} GiB", flush=True)
   return out
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--quick", action="store_true", help="smoke run")
+def main(argv=None) -> None:
+  parser = harness.parser(__doc__, "smoke run")
   parser.add_argument("--devices", type=int, default=8, help="simulated CPU devices for the throughput table")
   parser.add_argument("--steps", type=int, default=None, help="timed steps per layout")
   parser.add_argument("--skip-aot", action="store_true", help="only the throughput table")
   parser.add_argument("--skip-throughput", action="store_true", help="only the AOT memory table")
   parser.add_argument("--out", type=pathlib.Path, default=None, help="also write the figures as JSON")
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
   steps = args.steps or (2 if args.quick else 10)
   config_name = "tiny" if args.quick else "bench"
 
@@ -113,7 +105,7 @@ def main() -> None:
   os.environ["JAX_NUM_CPU_DEVICES"] = str(args.devices)
   import jax
 
-  results = {"config": config_name, "jax": jax.__version__}
+  results = {"config": config_name, "jax": jax.__version__, "machine": harness.machine_note()}
   if not args.skip_throughput:
     print(f"{config_name} config, train step on {args.devices} simulated CPU devices sharing "
           f"{os.cpu_count()} cores ({steps} timed steps per layout)", flush=True)
@@ -133,10 +125,10 @@ def main() -> None:
     for r in results["aot"]:
       print(f"{r['config_name']:<6} {r['devices']:>7} {r['layout']:<6} {r['batch_per_device']:>7} "
             f"{g(r['params'])} {g(r['ema'])} {g(r['opt_state'])} {g(r['temp'])} {g(r['peak'])}")
+  print(f"\nmachine: {results['machine']}")
   if args.out:
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2))
-    print(f"\nwrote {args.out}")
+    harness.write_json(args.out, results)
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -8,11 +8,11 @@ Writes OUT/serve.md (tables, the finding, the targets, the machine line),
 OUT/serve.json (every request's times) and OUT/serve.png.
 
 Method
-* Models: the ``serving:L`` pair of experiments/bench_serving.py (the
-  ``tiny`` backbone at length L, LangFlow and its AR twin, the same config
-  but ``objective.name``), trained by the same trainer in WORKDIR/{langflow,ar}_L<L>
-  (an existing run is reused or resumed; ``--train-steps 0`` serves fresh
-  weights, for timing only).
+* Models: the ``serving:L`` pair of experiments/bench_serving.py
+  (``serving_pair.py``: the ``tiny`` backbone at length L, LangFlow and its
+  AR twin, the same config but ``objective.name``), trained by the same
+  trainer in WORKDIR/{langflow,ar}_L<L> (an existing run is reused or
+  resumed; ``--train-steps 0`` serves fresh weights, for timing only).
 * Servers: ``langflow-jax serve`` started as its own process (``--server
   process``; ``thread`` runs uvicorn in this process, for smoke runs), one
   after the other on the same machine, each with ``--slots`` slots and its
@@ -39,36 +39,30 @@ Method
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import math
 import os
 import pathlib
-import platform
 import random
 import socket
-import statistics
 import subprocess
 import sys
 import threading
 import time
 from typing import Any
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-  sys.path.insert(0, str(ROOT))
+import jax
+import numpy as np
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
+import common
+import harness
+import serving_pair
+from harness import fmt
+from langflow_jax import checkpoint as ckpt_lib
+from langflow_jax import methods, sampling, train
 
-from langflow_jax import checkpoint as ckpt_lib  # noqa: E402
-from langflow_jax import config as config_lib  # noqa: E402
-from langflow_jax import metrics, sampling, train  # noqa: E402
-from langflow_jax.data import pipeline  # noqa: E402
-
-QUICK_MODEL = ("config.model.hidden_size=32", "config.model.cond_dim=16", "config.model.n_blocks=1",
-               "config.model.n_heads=2")
+QUICK_DIR = "runs/bench_serve_quick"
 
 
 # --------------------------------------------------------------------------- statistics
@@ -110,33 +104,27 @@ def crossover_concurrency(lf_rows: list[dict], ar_rows: list[dict]) -> int | Non
 
 
 def model_config(args, method: str):
-  overrides = [*(QUICK_MODEL if args.quick else ()), *args.overrides, f"config.objective.name={method}"]
-  cfg = config_lib.load_config(f"serving:{args.length}", overrides)
-  if args.train_steps:
-    cfg.train.steps = int(args.train_steps)
+  cfg = serving_pair.model_config(args.length, method, args.overrides, args.train_steps)
   cfg.sample.update(batch_size=args.slots)
   return cfg
 
 
-def prepare_run(args, method: str, log) -> pathlib.Path:
-  """A run directory with a checkpoint: trained (or resumed) to the config's steps, or fresh weights."""
+def prepare_run(args, method: str) -> pathlib.Path:
+  """A run directory with a checkpoint: trained (or resumed) to the config's steps, or fresh weights
+  (saved, since the server reads a run directory)."""
   cfg = model_config(args, method)
-  workdir = pathlib.Path(args.workdir) / f"{method}_L{args.length}"
+  workdir = serving_pair.run_dir(args.workdir, method, args.length)
   if args.train_steps == 0:
     if not ckpt_lib.checkpoint_dir(workdir).exists():
-      from langflow_jax.baselines import ar
-      from langflow_jax.model import create_model
-
-      model = (create_model if method == "langflow" else ar.create_model)(cfg, seed=cfg.train.seed)
+      model = methods.create_model(cfg, seed=cfg.train.seed)
       tx = train.make_optimizer(cfg.optimizer, cfg.train.steps)
       state = train.state_from_model(model, tx, cfg.train.seed)
       checkpointer = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(workdir), async_save=False)
       checkpointer.save(1, state, ckpt_lib.meta_json(cfg, {"step": 1}), force=True)
       checkpointer.close()
-      log(f"[serve-bench] {workdir}: fresh weights (not trained)")
+      harness.log(f"[serve-bench] {workdir}: fresh weights (not trained)")
     return workdir
-  summary = train.train_and_evaluate(cfg, workdir)
-  log(f"[serve-bench] {workdir}: trained {summary.get('final_step')} steps")
+  serving_pair.train_run(cfg, workdir)
   return workdir
 
 
@@ -149,7 +137,7 @@ def free_port() -> int:
 class Server:
   """``langflow-jax serve`` as a process, or uvicorn in a thread of this one."""
 
-  def __init__(self, args, workdir: pathlib.Path, *, steps: int, scheduler: str, log):
+  def __init__(self, args, workdir: pathlib.Path, *, steps: int, scheduler: str):
     import httpx
 
     self.port = free_port()
@@ -160,7 +148,7 @@ class Server:
       cmd = [sys.executable, "-m", "langflow_jax.cli", "serve", "--workdir", str(workdir), "--port", str(self.port),
              "--slots", str(args.slots), "--steps", str(steps), "--max-steps", str(max_steps), "--scheduler",
              scheduler, "--queue", str(4 * max(args.concurrency))]
-      env = dict(os.environ, PYTHONPATH=str(ROOT))
+      env = dict(os.environ, PYTHONPATH=str(harness.ROOT))
       self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     else:
       import uvicorn
@@ -185,7 +173,7 @@ class Server:
       except httpx.TransportError:
         pass
       time.sleep(0.2)
-    log(f"[serve-bench] server up at {self.url} ({workdir.name}, {scheduler}, default {steps} steps)")
+    harness.log(f"[serve-bench] server up at {self.url} ({workdir.name}, {scheduler}, default {steps} steps)")
 
   def stop(self) -> None:
     if self.proc is not None:
@@ -255,7 +243,7 @@ async def closed_loop(url: str, concurrency: int, make_body, requests_per_client
     return records, time.perf_counter() - t0
 
 
-def measure(args, url: str, method: str, steps: int | list[int], log, seed: int) -> list[dict]:
+def measure(args, url: str, method: str, steps: int | list[int], seed: int) -> list[dict]:
   rows = []
   for c in args.concurrency:
     rng = random.Random(seed + c)
@@ -273,73 +261,44 @@ def measure(args, url: str, method: str, steps: int | list[int], log, seed: int)
     row = {"method": method, "steps": steps, "concurrency": c, **summarize(records, window),
            "records": [{k: r[k] for k in ("start", "first", "end", "ok", "tokens", "steps")} for r in records],
            "ids": [r["ids"] for r in records if r["ok"]]}
-    log(f"[serve-bench] {method} steps={steps} C={c}: p50 {fmt(row['p50_s'])} s, ttfe {fmt(row['ttfe_p50_s'])} s, "
+    harness.log(f"[serve-bench] {method} steps={steps} C={c}: p50 {fmt(row['p50_s'])} s, "
+                f"ttfe {fmt(row['ttfe_p50_s'])} s, "
         f"{fmt(row['requests_per_s'])} req/s, {fmt(row['tokens_per_s'])} tok/s, {row['errors']} errors")
     rows.append(row)
   return rows
 
 
 def library_latency(workdir: pathlib.Path, steps: int, length: int) -> float:
-  """Seconds of one unconditional ``sampling.sample`` call (one candidate), compiled first."""
+  """Seconds of one unconditional ``sampling.sample`` call (one candidate): the harness's median of 3
+  after a compiling call."""
   _, model = train.load_model(str(workdir))
   opts = sampling.SamplerOptions(steps=steps)
-  jax.block_until_ready(sampling.sample(model, jax.random.PRNGKey(0), opts, num=1, seq_len=length).tokens_BxL)
-  times = []
-  for i in range(3):
-    t = time.perf_counter()
-    jax.block_until_ready(sampling.sample(model, jax.random.PRNGKey(i + 1), opts, num=1, seq_len=length).tokens_BxL)
-    times.append(time.perf_counter() - t)
-  return statistics.median(times)
+  _, timing = harness.timed(
+      lambda: sampling.sample(model, jax.random.PRNGKey(0), opts, num=1, seq_len=length).tokens_BxL, 3)
+  return timing.seconds
 
 
 def quality(cfg, rows: list[dict]) -> dict[str, dict]:
-  split = pipeline.load_split(cfg.data, "train")
-  lm = metrics.BigramLM(split.ids, cfg.model.vocab_size, mask=split.mask)
+  """Gen. PPL (bigram) and entropy of up to 64 served outputs a server and step count."""
+  scorers = {"bigram": common.bigram_scorer(cfg)}
   out = {}
   for row in rows:
     key = f"{row['method']} {_label(row['steps']) if row['steps'] else ''}".strip()
     ids = [x for x in row["ids"] if len(x) > 1]
     if ids and key not in out:
-      n = min(len(x) for x in ids)
-      g = metrics.generative_perplexity(np.asarray([x[:n] for x in ids[:64]]), lm)
-      out[key] = {"gen_ppl": float(g["gen_ppl"]), "entropy": float(g["entropy"]), "sequences": min(len(ids), 64)}
+      out[key] = serving_pair.sample_quality(ids[:64], scorers)
   return out
 
 
 # --------------------------------------------------------------------------- report
 
 
-def fmt(x, digits: int = 3) -> str:
-  if x is None or (isinstance(x, float) and not math.isfinite(x)):
-    return "n/a"
-  return f"{x:.{digits}f}" if abs(x) < 1e4 else f"{x:.3g}"
-
-
-def table(headers, rows) -> str:
-  lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-  return "\n".join(lines + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows])
-
-
-def machine_line() -> str:
-  cpu = platform.processor() or platform.machine()
-  try:
-    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-      if line.startswith("model name"):
-        cpu = line.split(":", 1)[1].strip()
-        break
-  except OSError:
-    pass
-  load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-  d = jax.devices()[0]
-  return (f"{d.platform} ({getattr(d, 'device_kind', d)}), {cpu}, {os.cpu_count()} cores, jax {jax.__version__}; "
-          f"load average (1, 5, 15 min) at the end: {load}")
-
-
 def _label(steps) -> str:
   return f"mix {','.join(map(str, steps))}" if isinstance(steps, list) else str(steps)
 
 
-def write_report(out: pathlib.Path, data: dict, args) -> pathlib.Path:
+def report(data: dict, args) -> list[str]:
+  """The report's sections (the harness adds the figure and the machine line)."""
   rows = data["rows"]
   lf = [r for r in rows if r["method"] == "langflow" and r.get("scheduler") == "stationary"
         and not isinstance(r["steps"], list)]
@@ -348,15 +307,15 @@ def write_report(out: pathlib.Path, data: dict, args) -> pathlib.Path:
   body = [[f"{r['method']} ({r.get('scheduler', 'stationary')})", _label(r["steps"]) if r["steps"] else "-",
            r["concurrency"], fmt(r["p50_s"]), fmt(r["p95_s"]), fmt(r["p99_s"]), fmt(r["ttfe_p50_s"]),
            fmt(r["requests_per_s"]), fmt(r["tokens_per_s"], 1), r["errors"]] for r in rows]
-  text = [f"# Serving benchmark: `langflow-jax serve`, LangFlow against AR (length {args.length}, "
-          f"{args.slots} slots)", ""]
+  title = [f"# Serving benchmark: `langflow-jax serve`, LangFlow against AR (length {args.length}, "
+           f"{args.slots} slots)"]
   if args.quick:
-    text += ["**QUICK SMOKE RUN: fresh weights of a tiny model; the numbers mean nothing.**", ""]
-  text += ["## Finding", ""]
+    title.append("**QUICK SMOKE RUN: fresh weights of a tiny model; the numbers mean nothing.**")
+  finding = []
   for steps in args.steps:
     mine = [r for r in lf if r["steps"] == steps]
     c = crossover_concurrency(mine, ar_rows)
-    text.append(f"- LangFlow at {steps} steps: " + (
+    finding.append(f"- LangFlow at {steps} steps: " + (
         f"the AR server's p50 latency is at most LangFlow's from concurrency {c} on." if c is not None else
         "LangFlow's p50 latency is lower than the AR server's at every concurrency measured."))
   sched = {r["scheduler"]: r for r in rows if isinstance(r["steps"], list)
@@ -364,29 +323,25 @@ def write_report(out: pathlib.Path, data: dict, args) -> pathlib.Path:
   if {"stationary", "static"} <= set(sched):
     a, b = sched["stationary"], sched["static"]
     ratio = (a["requests_per_s"] or 0) / max(b["requests_per_s"] or 1e-12, 1e-12)
-    text.append(f"- Mixed step counts ({_label(args.mix)}) at concurrency {data['scheduler_concurrency']}: the "
-                f"stationary batch serves {ratio:.2f}x the requests/s of the static one (p50 {fmt(a['p50_s'])} s "
-                f"against {fmt(b['p50_s'])} s); target: >= 1.5x at the same p50 or better.")
+    finding.append(f"- Mixed step counts ({_label(args.mix)}) at concurrency {data['scheduler_concurrency']}: the "
+                   f"stationary batch serves {ratio:.2f}x the requests/s of the static one (p50 {fmt(a['p50_s'])} s "
+                   f"against {fmt(b['p50_s'])} s); target: >= 1.5x at the same p50 or better.")
   for steps, lib in data["library_s"].items():
     one = [r for r in lf if r["steps"] == int(steps) and r["concurrency"] == 1]
     if one and one[0]["p50_s"]:
-      text.append(f"- Concurrency 1, {steps} steps: the server's p50 is {one[0]['p50_s'] / lib:.2f}x one "
-                  f"`sampling.sample` call ({fmt(lib)} s; target <= 1.2x); first event at p50 "
-                  f"{fmt(one[0]['ttfe_p50_s'])} s against {args.stream_every} steps' worth "
-                  f"{fmt(lib * args.stream_every / int(steps))} s.")
-  text += ["", "## Latency and throughput", "", table(head, body), "",
-           "Latency is end to end (request sent to `[DONE]`); requests/s and tokens/s over the measured window "
-           "(closed loop: each client sends its next request when the last is done).", "",
-           "## Quality of what was served", "",
-           table(["server", "Gen. PPL (bigram)", "entropy", "sequences"],
-                 [[k, fmt(v["gen_ppl"], 1), fmt(v["entropy"], 3), v["sequences"]] for k, v in data["quality"].items()]),
-           "", f"![serve]({'serve.png'})", "", f"Machine: {data['machine']}.", ""]
-  path = out / "serve.md"
-  path.write_text("\n".join(text))
-  return path
+      finding.append(f"- Concurrency 1, {steps} steps: the server's p50 is {one[0]['p50_s'] / lib:.2f}x one "
+                     f"`sampling.sample` call ({fmt(lib)} s; target <= 1.2x); first event at p50 "
+                     f"{fmt(one[0]['ttfe_p50_s'])} s against {args.stream_every} steps' worth "
+                     f"{fmt(lib * args.stream_every / int(steps))} s.")
+  quality_rows = [[k, fmt(v["gen_ppl_bigram"], 1), fmt(v["entropy"], 3), v["num"]] for k, v in data["quality"].items()]
+  return [*title, "## Finding", "\n".join(finding), "## Latency and throughput", harness.markdown_table(head, body),
+          "Latency is end to end (request sent to `[DONE]`); requests/s and tokens/s over the measured window "
+          "(closed loop: each client sends its next request when the last is done).",
+          "## Quality of what was served",
+          harness.markdown_table(["server", "Gen. PPL (bigram)", "entropy", "sequences"], quality_rows)]
 
 
-def write_plot(out: pathlib.Path, data: dict) -> pathlib.Path:
+def write_plot(out: pathlib.Path, rows: list[dict]) -> str:
   import matplotlib
 
   matplotlib.use("Agg")
@@ -394,7 +349,7 @@ def write_plot(out: pathlib.Path, data: dict) -> pathlib.Path:
 
   fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
   groups: dict[str, list[dict]] = {}
-  for r in data["rows"]:
+  for r in rows:
     groups.setdefault(f"{r['method']} {r.get('scheduler', '')} {_label(r['steps']) if r['steps'] else ''}".strip(),
                       []).append(r)
   for name, rs in groups.items():
@@ -403,35 +358,21 @@ def write_plot(out: pathlib.Path, data: dict) -> pathlib.Path:
     ax1.plot(xs, [r["p50_s"] or np.nan for r in rs], marker="o", label=name)
     ax2.plot(xs, [r["requests_per_s"] or np.nan for r in rs], marker="o", label=name)
   for ax, title in ((ax1, "p50 latency (s)"), (ax2, "requests / s")):
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("concurrency (closed-loop clients)")
-    ax.set_title(title)
-    ax.grid(True, alpha=0.3)
+    serving_pair.log_log_axes(ax, "concurrency (closed-loop clients)", title)
   ax2.legend(fontsize=7)
-  fig.tight_layout()
-  path = out / "serve.png"
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return path
+  return serving_pair.save_figure(fig, out / "serve.png")
 
 
 # --------------------------------------------------------------------------- main
 
 
-def _ints(text: str) -> list[int]:
-  return [int(x) for x in text.split(",") if x.strip()]
-
-
 def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--quick", action="store_true", help="smoke run: fresh tiny models, length 32, concurrency 1,2")
-  p.add_argument("--out", default=None, help="default experiments/results (--quick: runs/bench_serve_quick)")
-  p.add_argument("--workdir", default=None, help="the runs (default runs/bench_serving; --quick: runs/bench_serve_quick)")
+  p = serving_pair.parser(__doc__, "smoke run: fresh tiny models, length 32, concurrency 1,2", QUICK_DIR)
   p.add_argument("--length", type=int, default=None, help="sequence length (default 128)")
-  p.add_argument("--concurrency", type=_ints, default=None, help="closed-loop clients (default 1,4,16,64)")
-  p.add_argument("--steps", type=_ints, default=None, help="LangFlow step counts (default 16,32)")
-  p.add_argument("--mix", type=_ints, default=None, help="step counts of the scheduler comparison (default 8,16,32,64)")
+  p.add_argument("--concurrency", type=harness.ints, default=None, help="closed-loop clients (default 1,4,16,64)")
+  p.add_argument("--steps", type=harness.ints, default=None, help="LangFlow step counts (default 16,32)")
+  p.add_argument("--mix", type=harness.ints, default=None,
+                 help="step counts of the scheduler comparison (default 8,16,32,64)")
   p.add_argument("--slots", type=int, default=None, help="slots of every server (default 16)")
   p.add_argument("--requests", type=int, default=None, help="requests per client (default 4)")
   p.add_argument("--max-seconds", type=float, default=None, help="stop sending after this long a point (default 120)")
@@ -439,68 +380,48 @@ def parse_args(argv=None):
   p.add_argument("--warmup", type=int, default=None, help="warm-up requests before each point (default 2)")
   p.add_argument("--server", choices=("process", "thread"), default=None,
                  help="langflow-jax serve as a process (default) or uvicorn in this process (--quick)")
-  p.add_argument("--train-steps", type=int, default=None, help="training steps a model (default: the config's; 0: fresh)")
-  p.add_argument("--seed", type=int, default=0)
-  args, rest = p.parse_known_args(argv)
-  bad = [x for x in rest if not x.startswith("--config.")]
-  if bad:
-    p.error(f"unrecognized arguments: {' '.join(bad)}")
-  q = args.quick
-  defaults = dict(out="runs/bench_serve_quick" if q else "experiments/results",
-                  workdir="runs/bench_serve_quick" if q else "runs/bench_serving", length=32 if q else 128,
-                  concurrency=[1, 2] if q else [1, 4, 16, 64], steps=[2, 4] if q else [16, 32],
-                  mix=[2, 4] if q else [8, 16, 32, 64], slots=2 if q else 16, requests=2 if q else 4,
-                  max_seconds=60.0 if q else 120.0, stream_every=1 if q else 4, warmup=1 if q else 2,
-                  server="thread" if q else "process", train_steps=0 if q else None)
-  for k, v in defaults.items():
-    if getattr(args, k) is None:
-      setattr(args, k, v)
-  args.overrides = [x[2:] for x in rest]
-  return args
+  full = dict(length=128, concurrency=[1, 4, 16, 64], steps=[16, 32], mix=[8, 16, 32, 64], slots=16, requests=4,
+              max_seconds=120.0, stream_every=4, warmup=2, server="process")
+  quick = dict(length=32, concurrency=[1, 2], steps=[2, 4], mix=[2, 4], slots=2, requests=2, max_seconds=60.0,
+               stream_every=1, warmup=1, server="thread")
+  return serving_pair.parse_args(p, argv, full, quick, QUICK_DIR)
 
 
 def main(argv=None) -> pathlib.Path:
   args = parse_args(argv)
-  out = pathlib.Path(args.out)
-  out.mkdir(parents=True, exist_ok=True)
-  log = lambda s: print(s, flush=True)
-  runs = {m: prepare_run(args, m, log) for m in ("langflow", "ar")}
+  runs = {m: prepare_run(args, m) for m in serving_pair.METHODS}
   rows = []
   sched_c = 16 if 16 in args.concurrency else max(args.concurrency)
   saved = args.concurrency
   for scheduler in ("stationary", "static"):  # every request names its steps: one server per scheduler
-    server = Server(args, runs["langflow"], steps=args.steps[0], scheduler=scheduler, log=log)
+    server = Server(args, runs["langflow"], steps=args.steps[0], scheduler=scheduler)
     try:
       if scheduler == "stationary":
         for steps in args.steps:
-          rows += [dict(r, scheduler=scheduler) for r in measure(args, server.url, "langflow", steps, log,
-                                                                 args.seed)]
+          rows += [dict(r, scheduler=scheduler) for r in measure(args, server.url, "langflow", steps, args.seed)]
       args.concurrency = [sched_c]
-      rows += [dict(r, scheduler=scheduler) for r in measure(args, server.url, "langflow", list(args.mix), log,
+      rows += [dict(r, scheduler=scheduler) for r in measure(args, server.url, "langflow", list(args.mix),
                                                              args.seed + 1)]
     finally:
       args.concurrency = saved
       server.stop()
-  server = Server(args, runs["ar"], steps=args.steps[0], scheduler="stationary", log=log)
+  server = Server(args, runs["ar"], steps=args.steps[0], scheduler="stationary")
   try:
-    rows += [dict(r, scheduler="stationary") for r in measure(args, server.url, "ar", None, log, args.seed)]
+    rows += [dict(r, scheduler="stationary") for r in measure(args, server.url, "ar", None, args.seed)]
   finally:
     server.stop()
   library = {str(s): library_latency(runs["langflow"], s, args.length) for s in args.steps}
-  cfg = model_config(args, "langflow")
-  data = {"rows": rows, "library_s": library, "quality": quality(cfg, rows), "scheduler_concurrency": sched_c,
-          "machine": machine_line(), "args": {k: v for k, v in vars(args).items()},
+  served = quality(model_config(args, "langflow"), rows)
+  for r in rows:
+    r.pop("ids", None)  # scored above; the results file keeps the times
+  data = {"rows": rows, "library_s": library, "quality": served, "scheduler_concurrency": sched_c,
+          "args": vars(args),
           "crossover": {str(s): crossover_concurrency([r for r in rows if r["method"] == "langflow"
                                                        and r["steps"] == s], [r for r in rows if r["method"] == "ar"])
                         for s in args.steps}}
-  report = write_report(out, data, args)
-  write_plot(out, data)
-  for r in rows:
-    r.pop("ids", None)
-  (out / "serve.json").write_text(json.dumps(data, indent=1, default=float) + "\n")
-  log(report.read_text())
-  log(f"[serve-bench] wrote {report}, {out / 'serve.json'}, {out / 'serve.png'}")
-  return report
+  figure = write_plot(args.out, rows)
+  result = harness.write_results(args.out, "serve", report(data, args), [figure], data, args.quick)
+  return pathlib.Path(result["table"])
 
 
 if __name__ == "__main__":

@@ -15,15 +15,14 @@ the median times of the steps with and without the pre-pass are printed too.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+import harness
 from langflow_jax import config as config_lib
 from langflow_jax import parallel, train
 from langflow_jax.model import forward_matmul_flops_per_token
@@ -33,13 +32,8 @@ def matmul_peak(n: int = 4096, repeats: int = 5) -> float:
   """FLOP/s of an n x n float32 matmul under jit (median of repeats)."""
   a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
   f = jax.jit(lambda x: x @ x)
-  f(a).block_until_ready()
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    f(a).block_until_ready()
-    times.append(time.perf_counter() - t)
-  return 2 * n**3 / statistics.median(times)
+  _, timing = harness.timed(lambda: f(a), repeats)
+  return 2 * n**3 / timing.seconds
 
 
 def model_flops_per_token(config) -> tuple[float, float]:
@@ -51,11 +45,10 @@ def model_flops_per_token(config) -> tuple[float, float]:
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser = harness.parser(__doc__, "3 steps, smaller peak matmul (smoke run)")
   parser.add_argument("--config", default="bench")
   parser.add_argument("--steps", type=int, default=20)
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-  parser.add_argument("--quick", action="store_true", help="3 steps, smaller peak matmul (smoke run)")
   args = parser.parse_args(argv)
   steps = 3 if args.quick else args.steps
 
@@ -69,23 +62,23 @@ def main(argv=None) -> int:
   batch = parallel.global_batch({"ids": rng.integers(0, v, (b, L), dtype=np.int32),
                                  "mask": np.ones((b, L), bool)}, mesh)
 
-  t = time.perf_counter()
-  compiled = step_fn.lower(state, batch).compile()
-  compile_s = time.perf_counter() - t
+  compiled, compiling = harness.timed(lambda: step_fn.lower(state, batch).compile(), repeats=0)
+  compile_s = compiling.seconds
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
   xla_flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
 
-  state, metrics = compiled(state, batch)  # warm-up
-  jax.block_until_ready(metrics)
-  times, sc_fracs = [], []
-  for _ in range(steps):
-    t = time.perf_counter()
+  history = []  # every step's metrics: the first call is the harness's warm-up
+
+  def one_step():
+    nonlocal state
     state, metrics = compiled(state, batch)
-    jax.block_until_ready(metrics)
-    times.append(time.perf_counter() - t)
-    terms = metrics["terms"]
-    sc_fracs.append(float(terms.self_cond_seqs) / max(float(terms.num_seqs), 1.0))
+    history.append(metrics["terms"])
+    return metrics
+
+  _, timing = harness.timed(one_step, repeats=steps)
+  times = list(timing.times)
+  sc_fracs = [float(t.self_cond_seqs) / max(float(t.num_seqs), 1.0) for t in history[1:]]
   peak = matmul_peak(2048 if args.quick else 4096)
 
   tokens = b * L
@@ -110,6 +103,7 @@ def main(argv=None) -> int:
   print(f"model FLOP/s:      {flops / total_s / 1e9:.1f} GFLOP/s")
   print(f"matmul peak:       {peak / 1e9:.1f} GFLOP/s (jitted float32 {2048 if args.quick else 4096}^3)")
   print(f"fraction of peak:  {flops / total_s / peak:.1%}")
+  print(f"machine:           {harness.machine_note()}")
   return 0
 
 

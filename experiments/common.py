@@ -8,7 +8,8 @@ self-conditioned LangFlow run is the same directory in all three. Every
 evaluation is cached as JSON beside its run (``RUN/experiments/<name>.json``)
 together with its protocol and checkpoint step, so a rerun skips what is done
 and recomputes what changed. Each script prints its markdown table and writes
-it, with its PNGs, to ``--out`` (default ``experiments/results``).
+it, with its PNGs, to ``--out`` (default ``experiments/results``), through
+``harness.py`` (the command line, timing and results files every script shares).
 """
 
 from __future__ import annotations
@@ -21,22 +22,17 @@ import os
 import pathlib
 import statistics
 import sys
-import time
 from typing import Any, Callable, Sequence
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-  sys.path.insert(0, str(ROOT))
+import harness
+import ml_collections
+import numpy as np
 
-import jax  # noqa: E402
-import ml_collections  # noqa: E402
-import numpy as np  # noqa: E402
-
-from langflow_jax import checkpoint as ckpt_lib  # noqa: E402
-from langflow_jax import config as config_lib  # noqa: E402
-from langflow_jax import methods, metrics, reporting, train  # noqa: E402
-from langflow_jax.data import pipeline  # noqa: E402
-from langflow_jax.errors import ConfigError  # noqa: E402
+from langflow_jax import checkpoint as ckpt_lib
+from langflow_jax import config as config_lib
+from langflow_jax import methods, metrics, reporting, train
+from langflow_jax.data import pipeline
+from langflow_jax.errors import ConfigError
 
 # The shared training budget of every variant (tiny config: 2 x 128 blocks,
 # 32 x 64-token batches, cosine decay to the last step), pinned here so that
@@ -84,12 +80,9 @@ class Variant:
 
 def parse_args(doc: str, argv: Sequence[str] | None,
                extra: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(description=doc.strip().split("\n")[0],
-                                   formatter_class=argparse.RawDescriptionHelpFormatter,
-                                   epilog=doc.strip().split("\n", 1)[-1])
-  parser.add_argument("--quick", action="store_true",
-                      help="smoke run: a one-block width-32 model for a few steps, tiny evaluations")
-  parser.add_argument("--out", default=str(ROOT / "experiments" / "results"),
+  """The flags of a training experiment: the harness's, plus where its runs live and their budget."""
+  parser = harness.parser(doc, "smoke run: a one-block width-32 model for a few steps, tiny evaluations")
+  parser.add_argument("--out", default=str(harness.RESULTS),
                       help="where the markdown table and PNGs go")
   parser.add_argument("--runs", default=None,
                       help="run directories (default runs/experiments; runs/experiments-quick with --quick)")
@@ -99,7 +92,7 @@ def parse_args(doc: str, argv: Sequence[str] | None,
     extra(parser)
   args = parser.parse_args(argv)
   args.out = pathlib.Path(args.out)
-  args.runs = pathlib.Path(args.runs or ROOT / "runs" / ("experiments-quick" if args.quick else "experiments"))
+  args.runs = pathlib.Path(args.runs or harness.ROOT / "runs" / ("experiments-quick" if args.quick else "experiments"))
   args.steps = args.steps or (QUICK_STEPS if args.quick else STEPS)
   return args
 
@@ -160,16 +153,16 @@ def ensure_trained(variant: Variant, args: argparse.Namespace) -> tuple[pathlib.
       raise ConfigError(f"{workdir} holds another experiment ({k}: {a!r} there, {b!r} here).",
                         "remove that run directory or pass another --runs.")
   if step == config.train.steps:
-    log(f"[{variant.name}] reusing {workdir} (step {step})")
+    harness.log(f"[{variant.name}] reusing {workdir} (step {step})")
     return workdir, config
-  log(f"[{variant.name}] training {variant.label}: {config.train.steps} steps "
+  harness.log(f"[{variant.name}] training {variant.label}: {config.train.steps} steps "
       f"{'from step ' + str(step) + ' ' if step else ''}in {workdir}")
   summary = train.train_and_evaluate(config, workdir)
   if summary.get("preempted"):
     # The checkpoint is saved; measuring a half-trained run would cache a wrong number.
     from langflow_jax.cli import preempted_exit_status
 
-    log(f"[{variant.name}] stopped by {summary['preempted']} at step {summary.get('final_step')}: "
+    harness.log(f"[{variant.name}] stopped by {summary['preempted']} at step {summary.get('final_step')}: "
         "rerun the same command to resume")
     sys.exit(preempted_exit_status(summary["preempted"]))
   return workdir, config
@@ -192,25 +185,17 @@ def cached(workdir: pathlib.Path, name: str, protocol: dict[str, Any], compute: 
   if path.is_file():
     saved = json.loads(path.read_text())
     if saved.get("protocol") == protocol:
-      log(f"[{workdir.name}] cached {name}")
+      harness.log(f"[{workdir.name}] cached {name}")
       return saved["result"]
   if compute is None:
     return None
-  log(f"[{workdir.name}] computing {name} ...")
+  harness.log(f"[{workdir.name}] computing {name} ...")
   result = compute()
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_name(f".{path.name}.tmp")
-  tmp.write_text(json.dumps({"protocol": protocol, "result": result}, indent=1, default=_jsonable) + "\n")
+  tmp.write_text(json.dumps({"protocol": protocol, "result": result}, indent=1, default=harness.jsonable) + "\n")
   os.replace(tmp, path)
   return json.loads(path.read_text())["result"]
-
-
-def _jsonable(x: Any) -> Any:
-  if isinstance(x, np.ndarray):
-    return x.tolist()
-  if isinstance(x, np.generic):
-    return x.item()
-  raise TypeError(f"cannot store {type(x).__name__} as JSON")
 
 
 def heldout(config: ml_collections.ConfigDict) -> pipeline.PackedSplit:
@@ -232,45 +217,7 @@ def gen_ppl(ids_NxL: np.ndarray, scorer: metrics.BigramLM) -> dict[str, float]:
   return metrics.generative_perplexity(np.asarray(ids_NxL), scorer)
 
 
-def timed(fn: Callable[[], Any], repeats: int = 1) -> tuple[Any, float]:
-  """(result, median seconds of ``repeats`` calls after one warm-up call that compiles)."""
-  out = jax.block_until_ready(fn())
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    out = jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return out, statistics.median(times)
-
-
 # --------------------------------------------------------------------------- output
-
-
-_START = time.perf_counter()
-
-
-def log(text: str) -> None:
-  """A progress line on stderr with wall and CPU seconds since the start."""
-  print(f"[{time.perf_counter() - _START:6.0f}s wall {time.process_time():6.0f}s cpu] {text}", file=sys.stderr,
-        flush=True)
-
-
-def fmt(x: float | None, digits: int = 3) -> str:
-  if x is None or (isinstance(x, float) and not math.isfinite(x)):
-    return "n/a"
-  return f"{x:.{digits}f}" if abs(x) < 1e5 else f"{x:.3g}"
-
-
-def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-  lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-  lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-  return "\n".join(lines)
-
-
-def machine_note() -> str:
-  load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-  return (f"{os.cpu_count()} CPU cores, jax {jax.__version__} on {jax.default_backend()}; "
-          f"load average (1, 5, 15 min) at the end: {load}")
 
 
 def budget_note(args: argparse.Namespace, config: ml_collections.ConfigDict) -> str:
@@ -284,15 +231,5 @@ def budget_note(args: argparse.Namespace, config: ml_collections.ConfigDict) -> 
 
 def write_results(args: argparse.Namespace, name: str, paragraphs: Sequence[str], figure: str,
                   data: dict[str, Any]) -> dict[str, Any]:
-  """Prints the report (paragraphs, the figure's link, the machine) and writes it to
-  ``--out/<name>.md``, with the numbers as ``<name>.json``."""
-  text = "\n\n".join([*paragraphs, f"![{name}]({pathlib.Path(figure).name})",
-                       f"Machine: {machine_note()}. Timings on a shared machine are contended."])
-  args.out.mkdir(parents=True, exist_ok=True)
-  path = args.out / f"{name}.md"
-  path.write_text(text.rstrip() + "\n")
-  out = {"table": str(path), "figures": [figure], **data, "quick": bool(args.quick), "steps": args.steps, "machine": machine_note()}
-  (args.out / f"{name}.json").write_text(json.dumps(out, indent=1, default=_jsonable) + "\n")
-  print(text)
-  log(f"wrote {path} and {name}.json")
-  return out
+  """The harness's report and results files, with the experiment's training budget in the JSON."""
+  return harness.write_results(args.out, name, paragraphs, [figure], {**data, "steps": args.steps}, args.quick)

@@ -51,17 +51,15 @@ about 20 min on an idle 2-core CPU. ``--quick`` runs the same code on a one-bloc
 from __future__ import annotations
 
 import pathlib
-import sys
 from typing import Sequence
 
 import jax
 import numpy as np
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
-
-from experiments import common  # noqa: E402
-from langflow_jax import methods, plots, train  # noqa: E402
-from langflow_jax.model import count_params  # noqa: E402
+import common
+import harness
+from langflow_jax import methods, plots, train
+from langflow_jax.model import count_params
 
 NAME = "baselines"
 VARIANTS = (
@@ -82,9 +80,9 @@ def likelihood(workdir: pathlib.Path, protocol: dict) -> dict:
 def draw_samples(method, model, length: int, proto: dict, repeats: int) -> tuple[np.ndarray, float, int]:
   """(ids [num, length], seconds per batch, network evaluations per batch) by the method's own sampler."""
   key = jax.random.PRNGKey(proto["seed"])
-  (ids, nfe), seconds = common.timed(
+  (ids, nfe), timing = harness.timed(
       lambda: method.generate(model, key, num=proto["num"], length=length, steps=proto["steps"]), repeats)
-  return np.asarray(ids), seconds, int(nfe)
+  return np.asarray(ids), timing.seconds, int(nfe)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -105,19 +103,19 @@ def main(argv: Sequence[str] | None = None) -> dict:
     lik = likelihood(workdir, protocol)
 
     # Not cached: the speed is measured afresh on every run (seconds of work).
-    common.log(f"[{workdir.name}] sampling {proto['num']} x {length} tokens ...")
+    harness.log(f"[{workdir.name}] sampling {proto['num']} x {length} tokens ...")
     ids, seconds, nfe = draw_samples(method, model, length, proto, repeats)
     sampled = {**common.gen_ppl(ids, scorer), "seconds": seconds, "nfe": nfe, "tokens_per_s": ids.size / seconds}
     steps_s = common.seconds_per_step(workdir)
     nats = lik["nats_per_token"]
-    se = f" ± {common.fmt(lik['stderr'])}" if lik["stderr"] is not None else ""
-    rows.append([v.label, f"{count_params(model) / 1e6:.3f}M", common.fmt(steps_s, 3),
-                 f"{common.fmt(nats)}{se}", common.fmt(float(np.exp(nats)), 1), lik["what"],
-                 common.fmt(sampled["gen_ppl"], 1), common.fmt(sampled["entropy"], 2), sampled["nfe"],
-                 common.fmt(sampled["tokens_per_s"], 0)])
+    se = f" ± {harness.fmt(lik['stderr'])}" if lik["stderr"] is not None else ""
+    rows.append([v.label, f"{count_params(model) / 1e6:.3f}M", harness.fmt(steps_s, 3),
+                 f"{harness.fmt(nats)}{se}", harness.fmt(float(np.exp(nats)), 1), lik["what"],
+                 harness.fmt(sampled["gen_ppl"], 1), harness.fmt(sampled["entropy"], 2), sampled["nfe"],
+                 harness.fmt(sampled["tokens_per_s"], 0)])
     results[v.name] = {"params": count_params(model), "nats_per_token": nats, **sampled}
-  rows.append(["held-out text (reference)", "", "", "", "", "", common.fmt(reference["gen_ppl"], 1),
-               common.fmt(reference["entropy"], 2), "", ""])
+  rows.append(["held-out text (reference)", "", "", "", "", "", harness.fmt(reference["gen_ppl"], 1),
+               harness.fmt(reference["entropy"], 2), "", ""])
 
   labels = [v.label for v, _, _ in trained]
   names = [v.name for v, _, _ in trained]
@@ -133,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
       f"# LangFlow vs AR vs MDLM at equal compute ({args.steps} steps each)",
       f"Budget: {common.budget_note(args, config)}. Equal compute = the same steps x batch x tokens, optimizer, "
       "schedule, EMA, seed and data order for the three (not equal FLOPs: see the parameters and s/step).",
-      common.markdown_table(
+      harness.markdown_table(
           ["model", "parameters", "train s/step", "held-out nats/token", "PPL (≤)", "measured by",
            "Gen. PPL", "entropy", "NFE", "sampling tokens/s"], rows),
       f"Likelihood: the first {protocol['num_batches']} x {protocol['batch_size']} held-out sequences of "

@@ -61,6 +61,7 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from experiments import common  # noqa: E402
+import harness  # noqa: E402
 from experiments.exp_baselines import likelihood  # noqa: E402
 from langflow_jax.data import markov  # noqa: E402
 from langflow_jax.data.tokenizer import load_tokenizer  # noqa: E402
@@ -358,7 +359,7 @@ def write(args, results: dict, protocol: dict) -> dict:
         f"(entropy rate {c.get('entropy_rate', c.get('entropy_rate_per_word')):.4f} per "
         f"{'token' if c['kind'] == 'token ids' else 'word'})",
         "Held-out nats/token (x H) at each training budget (steps of 32 x 64 tokens):",
-        common.markdown_table(["model"] + [f"{s} steps" for s in rungs], rows)]
+        harness.markdown_table(["model"] + [f"{s} steps" for s in rungs], rows)]
     if res["ablations"]:
       arows = []
       for ab_steps in sorted({r["steps"] for r in res["ablations"].values()}):
@@ -373,7 +374,7 @@ def write(args, results: dict, protocol: dict) -> dict:
             arows.append([r["label"], r["steps"], cell(r, "nats_per_token", h), cell(r, "flow_mode", h),
                           _stderr(r)])
       paragraphs += ["Ablations (one change each; every row kept, whether it helped or not):",
-                     common.markdown_table(["variant", "steps", "held-out nats/token (x H)", "flow mode (x H)",
+                     harness.markdown_table(["variant", "steps", "held-out nats/token (x H)", "flow mode (x H)",
                                             "stderr"], arows)]
   paragraphs.append(
       f"Protocol: the first {protocol['num_batches']} x {protocol['batch_size']} held-out rows. LangFlow: "

@@ -40,16 +40,13 @@ Gumbel run. ``--quick`` runs the same code on a one-block model in seconds
 
 from __future__ import annotations
 
-import pathlib
-import sys
 from typing import Sequence
 
 import numpy as np
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
-
-from experiments import common  # noqa: E402
-from langflow_jax import evaluate, plots, train  # noqa: E402
+import common
+import harness
+from langflow_jax import evaluate, plots, train
 
 NAME = "schedule"
 VARIANTS = (
@@ -106,10 +103,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
                if "gumbel_loc" in s else "")
     t = own["terms_nats_per_token"]
     rows.append([v.label, f"{learned}gamma {lo:.2f} .. {hi:.2f}",
-                 f"{common.fmt(own['nats_per_token'])} ± {common.fmt(own['nats_per_token_stderr'])}",
-                 common.fmt(own["perplexity"], 1), common.fmt(flat["nats_per_token"]),
-                 f"{common.fmt(t['reconst'])} / {common.fmt(t['flow'])} / {common.fmt(t['prior'])}",
-                 common.fmt(tv, 2)])
+                 f"{harness.fmt(own['nats_per_token'])} ± {harness.fmt(own['nats_per_token_stderr'])}",
+                 harness.fmt(own["perplexity"], 1), harness.fmt(flat["nats_per_token"]),
+                 f"{harness.fmt(t['reconst'])} / {harness.fmt(t['flow'])} / {harness.fmt(t['prior'])}",
+                 harness.fmt(tv, 2)])
     results[name] = {"own_grid": own["nats_per_token"], "gamma_grid": flat["nats_per_token"], "tv": tv,
                      "curve": ce_G.tolist()}
 
@@ -121,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
   return common.write_results(args, NAME, [
       f"# Noise schedule: learned Gumbel vs fixed linear and cosine ({args.steps} steps each)",
       f"Budget: {common.budget_note(args, config)}. Same seed and data order for all three.",
-      common.markdown_table(
+      harness.markdown_table(
           ["schedule", "schedule after training", "bound, own grid (nats/token ± s.e.)", "PPL ≤",
            "bound, uniform-gamma grid", "reconst / flow / prior", "TV(density, dCE/dgamma)"], rows),
       f"Bound protocol (both columns): {card['solver']}, {protocol['steps']} steps; {card['sequences']} held-out "

@@ -39,16 +39,14 @@ idle 2-core CPU. ``--quick`` runs the same code on a one-block model.
 from __future__ import annotations
 
 import pathlib
-import sys
 from typing import Sequence
 
 import jax
 import numpy as np
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
-
-from experiments import common  # noqa: E402
-from langflow_jax import plots, sampling, train  # noqa: E402
+import common
+import harness
+from langflow_jax import plots, sampling, train
 
 NAME = "selfcond"
 WITH = common.Variant("langflow", "self-conditioning")
@@ -97,13 +95,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     bound = common.langflow_bound(workdir, common.eval_protocol(args, self_cond=use))
     quality = sample_quality(model, workdir, config, scorer, args, self_condition=use)
     last = quality[str(sweep[-1])]
-    rows.append([label, f"{common.fmt(bound['nats_per_token'])} ± {common.fmt(bound['nats_per_token_stderr'])}",
-                 common.fmt(bound["perplexity"], 1),
-                 " / ".join(common.fmt(quality[str(n)]["gen_ppl"], 1) for n in sweep),
-                 common.fmt(last["entropy"], 2)])
+    rows.append([label, f"{harness.fmt(bound['nats_per_token'])} ± {harness.fmt(bound['nats_per_token_stderr'])}",
+                 harness.fmt(bound["perplexity"], 1),
+                 " / ".join(harness.fmt(quality[str(n)]["gen_ppl"], 1) for n in sweep),
+                 harness.fmt(last["entropy"], 2)])
     results[label] = {"bound": bound["nats_per_token"], "gen_ppl": last["gen_ppl"], "entropy": last["entropy"]}
-  rows.append(["held-out text (reference)", "", "", common.fmt(reference["gen_ppl"], 1),
-               common.fmt(reference["entropy"], 2)])
+  rows.append(["held-out text (reference)", "", "", harness.fmt(reference["gen_ppl"], 1),
+               harness.fmt(reference["entropy"], 2)])
 
   labels = [r[0] for r in rows_spec]
   figure = plots.bar_panels(
@@ -119,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
       f"# Self-conditioning on vs off ({args.steps} steps each)",
       f"Budget: {common.budget_note(args, config)}. Both models: same seed and data order; the self-conditioned "
       f"one trains the self-conditioning input in {config.objective.self_cond_prob:.0%} of the steps.",
-      common.markdown_table(
+      harness.markdown_table(
           ["model", "bound (nats/token ± s.e.)", "PPL ≤",
            f"Gen. PPL ({' / '.join(map(str, sweep))} steps)", f"entropy ({sweep[-1]} steps)"], rows),
       f"Bound: heun, {protocol['steps']} steps on the schedule's quantile grid, {protocol['num_batches']} x "

@@ -11,6 +11,8 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # this checkout, even when another one is pip-installed
+# The experiments import each other by bare name (`import harness`), as `python experiments/x.py` runs them.
+sys.path.insert(1, str(ROOT / "experiments"))
 # The official parity fixture (tests/fixtures/official_tiny/README.md). Another directory with the
 # same files, e.g. made from another official-layout checkpoint, can stand in for it.
 FIXTURE_ENV = "LANGFLOW_JAX_FIXTURE_DIR"
@@ -112,6 +114,71 @@ def fixed_batch_config(tmp_dir: pathlib.Path, objective_name: str, steps: int):
   cfg.optimizer.update(lr=1e-2, warmup_steps=3)
   cfg.objective.output_bias_init = "zeros"  # the official zero-initialised head: the first loss is log V
   return cfg
+
+
+def baseline_config(objective_name: str, vocab_size: int, length: int):
+  """small_config for a baseline (``ar``, ``mdlm``): two blocks of width 32 over ``vocab_size`` ids at ``length``."""
+  cfg = small_config(vocab_size=vocab_size, hidden_size=32, n_heads=2, n_blocks=2, max_length=length)
+  cfg.objective.name = objective_name
+  cfg.data.seq_len = length
+  return cfg
+
+
+def fresh_and_random_models(cfg, seed: int = 0):
+  """(the method's fresh model, the same with every weight moved by N(0, 0.3^2)): a zero-initialised
+  head makes every logit of a fresh model 0, which would hide what the tests look at."""
+  from flax import nnx
+  import jax
+
+  from langflow_jax import methods
+
+  @jax.jit
+  def make():
+    _, params, rest = nnx.split(methods.create_model(cfg, seed=seed), nnx.Param, ...)
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.PRNGKey(seed + 100), len(leaves))
+    noisy = [x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
+    return params, jax.tree.unflatten(treedef, noisy), rest
+
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: methods.create_model(cfg, seed=seed)))
+  fresh, noisy, rest = make()
+  return nnx.merge(graphdef, fresh, rest), nnx.merge(graphdef, noisy, rest)
+
+
+def trained_baseline(tmp_path_factory, objective_name: str, steps: int):
+  """(config, summary, run directory) of train_and_evaluate with ``objective_name`` on a fixed batch."""
+  from langflow_jax import train
+
+  tmp = tmp_path_factory.mktemp(f"{objective_name}_run")
+  cfg = fixed_batch_config(tmp, objective_name, steps=steps)
+  return cfg, train.train_and_evaluate(cfg, tmp / "run"), tmp / "run"
+
+
+def check_baseline_run(run, steps: int, model_type: type) -> list[float]:
+  """A trained_baseline run: ``steps`` steps, each one's CE logged, a finite held-out CE, and a run
+  that loads back as ``model_type`` under its objective's name. Returns the logged CEs."""
+  import math
+
+  from langflow_jax import reporting, train
+
+  cfg, summary, workdir = run
+  assert summary["final_step"] == steps
+  ce = [r["train/ce"] for r in reporting.read_metrics(workdir) if "train/ce" in r]
+  assert len(ce) == steps and math.isfinite(summary["eval"]["eval/ce"])
+  saved, model = train.load_model(workdir)
+  assert saved.objective.name == cfg.objective.name and isinstance(model, model_type)
+  return ce
+
+
+def check_sample_baseline_cli(workdir: pathlib.Path, capsys, *overrides: str) -> None:
+  """``sample-baseline`` on a trained baseline run prints two prompted samples."""
+  from langflow_jax import cli
+
+  code = cli.main(["sample-baseline", "--workdir", str(workdir), "--prompt", "The state",
+                   "--config.sample.num=2", "--config.sample.seq_len=12", *overrides])
+  out = capsys.readouterr().out
+  assert code == 0 and out.count("--- sample") == 2
+  assert out.count("<|endoftext|>The state") == 2  # BOS, then the prompt
 
 
 @pytest.fixture

@@ -8,44 +8,27 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from langflow_jax import cli, methods, metrics, objective, parallel, reporting, train
+from langflow_jax import cli, methods, metrics, objective, parallel, train
 from langflow_jax.baselines import ar
 from langflow_jax.errors import ConfigError
 from langflow_jax.model import create_model as create_langflow
-from tests.conftest import fixed_batch_config, small_config
+from tests.conftest import (baseline_config, check_baseline_run, check_sample_baseline_cli, fresh_and_random_models,
+                            small_config, trained_baseline)
 
 V, L, B = 64, 16, 4  # one batch shape: each jitted function compiles once
 
 
-def ar_config(**model):
-  cfg = small_config(vocab_size=V, hidden_size=32, n_heads=2, n_blocks=2, max_length=L, **model)
-  cfg.objective.name = "ar"
-  cfg.data.seq_len = L
-  return cfg
-
-
-def random_model(cfg=None, seed=0) -> ar.ARTransformer:
-  """Random weights everywhere (the zero-initialised head would make every logit 0)."""
-
-  @jax.jit
-  def make():
-    model = methods.create_model(cfg or ar_config(), seed=seed)
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.PRNGKey(seed + 100), len(leaves))
-    leaves = [x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
-    return jax.tree.unflatten(treedef, leaves), rest
-
-  graphdef = nnx.graphdef(nnx.eval_shape(lambda: methods.create_model(cfg or ar_config(), seed=seed)))
-  return nnx.merge(graphdef, *make())
+def ar_config():
+  return baseline_config("ar", V, L)
 
 
 forward = nnx.jit(lambda model, ids: model(ids))
 
 
 @pytest.fixture(scope="module")
-def model():
-  return random_model()
+def model() -> ar.ARTransformer:
+  """Random weights everywhere (the zero-initialised head would make every logit 0)."""
+  return fresh_and_random_models(ar_config())[1]
 
 
 def test_objective_name_selects_the_causal_model():
@@ -150,32 +133,19 @@ def test_ar_objective_scores_every_valid_token(model):
 
 @pytest.fixture(scope="module")
 def ar_run(tmp_path_factory):
-  """train_and_evaluate with the AR objective on a fixed batch."""
-  tmp = tmp_path_factory.mktemp("ar_run")
-  cfg = fixed_batch_config(tmp, "ar", steps=25)
-  return cfg, train.train_and_evaluate(cfg, tmp / "run"), tmp / "run"
+  return trained_baseline(tmp_path_factory, "ar", steps=25)
 
 
 def test_train_and_evaluate_loss_falls_and_the_ar_model_loads(ar_run):
-  cfg, summary, workdir = ar_run
-  assert summary["final_step"] == 25
-  rows = reporting.read_metrics(workdir)
-  ce = [r["train/ce"] for r in rows if "train/ce" in r]
-  assert len(ce) == 25
+  cfg, summary, _ = ar_run
+  ce = check_baseline_run(ar_run, 25, ar.ARTransformer)
   np.testing.assert_allclose(ce[0], np.log(cfg.model.vocab_size), rtol=1e-4)  # zero-init head: uniform
-  assert ce[-1] < 0.5 * ce[0] and np.isfinite(summary["eval"]["eval/ce"])
+  assert ce[-1] < 0.5 * ce[0]
   assert not any(k.startswith("schedule/") for k in summary["train"])
-  saved, model = train.load_model(workdir)
-  assert saved.objective.name == "ar" and isinstance(model, ar.ARTransformer)
 
 
 def test_sample_baseline_cli_prints_ar_samples(ar_run, capsys):
-  _, _, workdir = ar_run
-  code = cli.main(["sample-baseline", "--workdir", str(workdir), "--prompt", "The state",
-                   "--config.sample.num=2", "--config.sample.seq_len=12", "--config.sample.top_p=0.9"])
-  out = capsys.readouterr().out
-  assert code == 0 and out.count("--- sample") == 2
-  assert out.count("<|endoftext|>The state") == 2  # BOS, then the prompt
+  check_sample_baseline_cli(ar_run[2], capsys, "--config.sample.top_p=0.9")
 
 
 def test_user_mistakes_are_config_errors(model):

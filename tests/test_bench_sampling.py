@@ -11,8 +11,8 @@ bench = experiment_fixture("bench_sampling")
 
 
 def test_quick_step_cost_prints_both_ratios_and_the_flop_floor(bench, capsys, monkeypatch):
-  timed, repeats = bench.timed, []
-  monkeypatch.setattr(bench, "timed", lambda fn, n: (repeats.append(n), timed(fn, n))[1])
+  timed, repeats = bench.harness.timed, []
+  monkeypatch.setattr(bench.harness, "timed", lambda fn, n: (repeats.append(n), timed(fn, n))[1])
   bench.main(["--quick", "--skip-quality", "--skip-latency", "--samplers", "euler", "--repeats", "2"])
   out = capsys.readouterr().out
   assert repeats == [2] * 4  # forward, denoiser, and the two step counts of the euler row

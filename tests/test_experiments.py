@@ -17,7 +17,8 @@ import sys
 
 import pytest
 
-from experiments import common, exp_schedule
+import common
+import exp_schedule
 from tests.conftest import FAST_COMPILE
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent

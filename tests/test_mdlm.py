@@ -9,39 +9,25 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from langflow_jax import cli, config as config_lib, methods, parallel, reporting, train
+from langflow_jax import config as config_lib, methods, parallel
 from langflow_jax.baselines import mdlm
 from langflow_jax.errors import ConfigError
 from langflow_jax.model import create_model as create_langflow
-from tests.conftest import fixed_batch_config, small_config
+from tests.conftest import (baseline_config, check_baseline_run, check_sample_baseline_cli, fresh_and_random_models,
+                            small_config, trained_baseline)
 
 V, L, B = 16, 8, 4
 ROWS, DRAWS = 128, 8  # one shape for every bound call: each jitted function compiles once
 
 
 def mdlm_config():
-  cfg = small_config(vocab_size=V, hidden_size=32, n_heads=2, n_blocks=2, max_length=L)
-  cfg.objective.name = "mdlm"
-  cfg.data.seq_len = L
-  return cfg
+  return baseline_config("mdlm", V, L)
 
 
 @pytest.fixture(scope="module")
 def models() -> tuple[mdlm.MaskedDiffusionLM, mdlm.MaskedDiffusionLM]:
   """A fresh model (zero-initialised head: uniform predictions) and one with random weights everywhere."""
-  cfg = mdlm_config()
-
-  @jax.jit
-  def make():
-    _, params, rest = nnx.split(methods.create_model(cfg), nnx.Param, ...)
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.PRNGKey(100), len(leaves))
-    noisy = [x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
-    return params, jax.tree.unflatten(treedef, noisy), rest
-
-  graphdef = nnx.graphdef(nnx.eval_shape(lambda: methods.create_model(cfg)))
-  fresh, noisy, rest = make()
-  return nnx.merge(graphdef, fresh, rest), nnx.merge(graphdef, noisy, rest)
+  return fresh_and_random_models(mdlm_config())
 
 
 @pytest.fixture(scope="module")
@@ -234,32 +220,19 @@ def test_parameters_carry_logical_axes_and_match_the_ar_baseline():
 
 @pytest.fixture(scope="module")
 def mdlm_run(tmp_path_factory):
-  """train_and_evaluate with the MDLM objective on a fixed batch."""
-  tmp = tmp_path_factory.mktemp("mdlm_run")
-  cfg = fixed_batch_config(tmp, "mdlm", steps=20)
-  return cfg, train.train_and_evaluate(cfg, tmp / "run"), tmp / "run"
+  return trained_baseline(tmp_path_factory, "mdlm", steps=20)
 
 
 def test_train_and_evaluate_lowers_the_bound_and_the_mdlm_model_loads(mdlm_run):
-  cfg, summary, workdir = mdlm_run
-  assert summary["final_step"] == 20
-  rows = reporting.read_metrics(workdir)
-  ce = [r["train/ce"] for r in rows if "train/ce" in r]
-  assert len(ce) == 20 and np.isfinite(summary["eval"]["eval/ce"])
+  cfg = mdlm_run[0]
+  ce = check_baseline_run(mdlm_run, 20, mdlm.MaskedDiffusionLM)
   first, last = np.mean(ce[:3]), np.mean(ce[-3:])
   assert abs(first - np.log(cfg.model.vocab_size)) < 0.3 * np.log(cfg.model.vocab_size)  # uniform start
   assert last < 0.5 * first
-  saved, model = train.load_model(workdir)
-  assert saved.objective.name == "mdlm" and isinstance(model, mdlm.MaskedDiffusionLM)
 
 
 def test_sample_baseline_cli_prints_samples(mdlm_run, capsys):
-  _, _, workdir = mdlm_run
-  code = cli.main(["sample-baseline", "--workdir", str(workdir), "--prompt", "The state",
-                   "--config.sample.num=2", "--config.sample.seq_len=12", "--config.sample.steps=6"])
-  out = capsys.readouterr().out
-  assert code == 0 and out.count("--- sample") == 2
-  assert out.count("<|endoftext|>The state") == 2  # BOS, then the prompt
+  check_sample_baseline_cli(mdlm_run[2], capsys, "--config.sample.steps=6")
 
 
 def test_user_mistakes_are_config_errors(model):
