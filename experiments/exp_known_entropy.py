@@ -275,7 +275,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args.runs = base_runs / corpus.name
     res = results.setdefault(corpus.name, {"card": {k: card[k] for k in card if k not in ("words",)},
                                            "ladder": {}, "ablations": {}})
-    carry_over(res, previous.get(corpus.name), methods)
+    carry_over(res, previous.get(corpus.name))
     top = rungs if corpus.kind == "tokens" or args.quick else tuple(r for r in rungs if r <= args.max_rung_words)
     for steps in top:
       for method in methods:
@@ -304,15 +304,15 @@ def previous_results(path: pathlib.Path) -> dict:
   return json.loads(path.read_text()).get("results", {}) if path.is_file() else {}
 
 
-def carry_over(res: dict, old: dict | None, methods: Sequence[str]) -> None:
-  """Rows an earlier invocation measured whose experiment this one leaves alone: the ladder of the
-  baselines not run now, and the absolute ablation rows. Marked ``carried`` (the tables flag them);
-  a row measured now replaces its carried copy."""
+def carry_over(res: dict, old: dict | None) -> None:
+  """Rows an earlier invocation measured whose experiment does not depend on LangFlow's shipped
+  recipe: the baselines' ladder and the absolute ablation rows. Marked ``carried`` (the tables
+  star them); a row measured now replaces its carried copy."""
   if not old:
     return
   absolute = {a.name for a in ABLATIONS if a.absolute}
   for method, per in old.get("ladder", {}).items():
-    if method != "langflow" and method not in methods:
+    if method != "langflow":
       res["ladder"][method] = {s: {**r, "carried": True} for s, r in per.items()}
   for key, r in old.get("ablations", {}).items():
     if key.partition("@")[0] in absolute:
