@@ -60,7 +60,7 @@ import harness
 import serving_pair
 from harness import fmt
 from langflow_jax import checkpoint as ckpt_lib
-from langflow_jax import methods, sampling, train
+from langflow_jax import methods, plots, sampling, train
 
 QUICK_DIR = "runs/bench_serve_quick"
 
@@ -360,7 +360,7 @@ def write_plot(out: pathlib.Path, rows: list[dict]) -> str:
   for ax, title in ((ax1, "p50 latency (s)"), (ax2, "requests / s")):
     serving_pair.log_log_axes(ax, "concurrency (closed-loop clients)", title)
   ax2.legend(fontsize=7)
-  return serving_pair.save_figure(fig, out / "serve.png")
+  return plots.save_figure(fig, out / "serve.png")
 
 
 # --------------------------------------------------------------------------- main

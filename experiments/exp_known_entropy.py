@@ -53,18 +53,13 @@ import dataclasses
 import json
 import math
 import pathlib
-import sys
 from typing import Sequence
 
-import numpy as np
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
-
-from experiments import common  # noqa: E402
-import harness  # noqa: E402
-from experiments.exp_baselines import likelihood  # noqa: E402
-from langflow_jax.data import markov  # noqa: E402
-from langflow_jax.data.tokenizer import load_tokenizer  # noqa: E402
+import common
+import harness
+from exp_baselines import likelihood
+from langflow_jax.data import markov
+from langflow_jax.data.tokenizer import load_tokenizer
 
 NAME = "known_entropy"
 RUNGS, QUICK_RUNGS = (300, 1200, 4800), (3,)

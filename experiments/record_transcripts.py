@@ -23,10 +23,9 @@ import sys
 import tempfile
 import time
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import harness
 
-from experiments import common  # noqa: E402
+ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 COMMANDS = (
     "langflow-jax demo --workdir runs/demo",
@@ -57,7 +56,7 @@ def main(argv=None) -> dict:
   runs = []
   for command in COMMANDS:
     argv_ = shlex.split(command)
-    common.log(f"$ {command}")
+    harness.log(f"$ {command}")
     start = time.perf_counter()
     proc = subprocess.run([str(exe), *argv_[1:]], cwd=scratch, capture_output=True, text=True)
     if proc.returncode:
@@ -66,10 +65,10 @@ def main(argv=None) -> dict:
   evals = sorted((scratch / "runs" / "demo" / "eval").glob("*.json"))
   if git_commit() != commit:
     sys.exit(f"the checkout changed while recording (from {commit} to {git_commit()}): record again")
-  out = {"commit": commit, "date": time.strftime("%Y-%m-%d %H:%M"), "machine": common.machine_note(),
+  out = {"commit": commit, "date": time.strftime("%Y-%m-%d %H:%M"), "machine": harness.machine_note(),
          "runs": runs, "demo_eval": json.loads(evals[0].read_text()) if evals else None}
   args.out.write_text(json.dumps(out, indent=1) + "\n")
-  common.log(f"wrote {args.out}")
+  harness.log(f"wrote {args.out}")
   return out
 
 

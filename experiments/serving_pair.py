@@ -99,14 +99,3 @@ def log_log_axes(ax, xlabel: str, title: str, xbase: float = 2) -> None:
   ax.set_xlabel(xlabel)
   ax.set_title(title)
   ax.grid(True, which="both", alpha=0.3)
-
-
-def save_figure(fig, path: pathlib.Path) -> str:
-  """Lays out, writes (creating the folder) and closes a serving figure; its path."""
-  import matplotlib.pyplot as plt
-
-  fig.tight_layout()
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return str(path)

@@ -11,7 +11,7 @@ import pathlib
 import numpy as np
 
 import serving_pair
-from langflow_jax import sampling
+from langflow_jax import plots, sampling
 
 
 def _fmt_s(row: dict) -> str:
@@ -258,7 +258,7 @@ def write_plots(out: pathlib.Path, results: list[dict], args) -> list[str]:
     serving_pair.log_log_axes(ax, "concurrency (sequences per call)", f"length {r['length']}")
     ax.set_ylabel("seconds to the full output")
   axes[0][0].legend(fontsize=7, title="hollow: from the line fit", title_fontsize=7)
-  latency = serving_pair.save_figure(fig, out / "serving_latency.png")
+  latency = plots.save_figure(fig, out / "serving_latency.png")
 
   fig, axes = plt.subplots(1, n, figsize=(5.5 * n, 4.2), squeeze=False)
   b0 = min(args.batches)
@@ -293,5 +293,5 @@ def write_plots(out: pathlib.Path, results: list[dict], args) -> list[str]:
     serving_pair.log_log_axes(ax, f"seconds to the full output (batch {b0})", f"length {r['length']}", xbase=10)
     ax.set_ylabel("Gen. PPL under the AR scorer (lower is better)")
     ax.legend(fontsize=7)
-  pareto = serving_pair.save_figure(fig, out / "serving_pareto.png")
+  pareto = plots.save_figure(fig, out / "serving_pareto.png")
   return [latency, pareto]

@@ -23,8 +23,8 @@ def _pyplot():
   return plt
 
 
-def _save(fig, path: str | pathlib.Path) -> str:
-  """Lays out, writes and closes a figure; returns its path."""
+def save_figure(fig, path: str | pathlib.Path) -> str:
+  """Lays out, writes (creating the folder) and closes a figure; returns its path."""
   plt = _pyplot()
   fig.tight_layout()
   path = pathlib.Path(path)
@@ -54,10 +54,7 @@ def training_plots(workdir: str | pathlib.Path, schedule=None) -> list[str]:
     ax.set_ylabel("nats / token")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(out_dir / "loss.png", dpi=120)
-    plt.close(fig)
-    written.append(str(out_dir / "loss.png"))
+    written.append(save_figure(fig, out_dir / "loss.png"))
 
   samples = workdir / "last_gamma_ce.npz"
   if schedule is not None:
@@ -79,10 +76,7 @@ def training_plots(workdir: str | pathlib.Path, schedule=None) -> list[str]:
         ax2.scatter(f["gamma"], f["ce"], s=6, color="C2", alpha=0.6, label="CE of last batch")
     ax2.set_ylabel("nats / token", color="C1")
     fig.legend(loc="upper left", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out_dir / "schedule.png", dpi=120)
-    plt.close(fig)
-    written.append(str(out_dir / "schedule.png"))
+    written.append(save_figure(fig, out_dir / "schedule.png"))
   return written
 
 
@@ -135,7 +129,7 @@ def denoising_curve_plot(path: str | pathlib.Path, gamma_G: np.ndarray, curves: 
   ax2.legend(fontsize=7)
   if title:
     fig.suptitle(title, fontsize=10)
-  return _save(fig, path)
+  return save_figure(fig, path)
 
 
 def bar_panels(path: str | pathlib.Path, labels: list[str], panels: dict[str, list[float | None]],
@@ -155,7 +149,7 @@ def bar_panels(path: str | pathlib.Path, labels: list[str], panels: dict[str, li
       ax.set_yscale("log")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3, axis="y")
-  return _save(fig, path)
+  return save_figure(fig, path)
 
 
 def loglog_lines(path: str | pathlib.Path, series: dict[str, tuple[list[float], list[float]]], *, xlabel: str,
@@ -175,7 +169,7 @@ def loglog_lines(path: str | pathlib.Path, series: dict[str, tuple[list[float], 
   ax.grid(alpha=0.3, which="both")
   ax.legend(fontsize=7)
   fig.tight_layout()
-  return _save(fig, path)
+  return save_figure(fig, path)
 
 
 def bound_plot(path: str | pathlib.Path, sweep: list[dict[str, float]] | None,
@@ -204,4 +198,4 @@ def bound_plot(path: str | pathlib.Path, sweep: list[dict[str, float]] | None,
     ax2.set_title("flow integrand (alpha/2) div x_hat", fontsize=10)
     ax2.grid(alpha=0.3)
   fig.suptitle(title, fontsize=10)
-  return _save(fig, path)
+  return save_figure(fig, path)

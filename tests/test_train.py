@@ -66,7 +66,8 @@ def test_grad_accumulation_equals_full_batch(monkeypatch):
     params.append((new_state.params, float(metrics["grad_norm"]), float(metrics["terms"].ce_sum)))
   (p1, g1, c1), (p4, g4, c4) = params
   np.testing.assert_allclose(g4, g1, rtol=1e-5)
-  np.testing.assert_allclose(c4, c1, rtol=1e-5)
+  # float32 sums in another order (4 partial sums): ~1e-5 apart; a mis-weighted micro-batch is ~1e-2
+  np.testing.assert_allclose(c4, c1, rtol=1e-4)
   for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p4)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
