@@ -4,6 +4,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+# Two pytest workers, one test file each at a time (module fixtures are built once): compiling is
+# single-threaded, so two workers keep both cores busy (the suite: 18.5 -> 14 min on 2 cores).
+TEST_WORKERS ?= 2
 
 .PHONY: venv demo test bench clean
 
@@ -20,7 +23,7 @@ demo: $(STAMP)
 	$(VENV)/bin/langflow-jax demo --workdir runs/demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # Training throughput, then the serving benchmark (LangFlow vs AR; writes experiments/results/serving.md).
 bench: $(STAMP)
