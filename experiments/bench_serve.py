@@ -118,10 +118,7 @@ def prepare_run(args, method: str) -> pathlib.Path:
     if not ckpt_lib.checkpoint_dir(workdir).exists():
       model = methods.create_model(cfg, seed=cfg.train.seed)
       tx = train.make_optimizer(cfg.optimizer, cfg.train.steps)
-      state = train.state_from_model(model, tx, cfg.train.seed)
-      checkpointer = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(workdir), async_save=False)
-      checkpointer.save(1, state, ckpt_lib.meta_json(cfg, {"step": 1}), force=True)
-      checkpointer.close()
+      ckpt_lib.save_state(workdir, 1, train.state_from_model(model, tx, cfg.train.seed), cfg)
       harness.log(f"[serve-bench] {workdir}: fresh weights (not trained)")
     return workdir
   serving_pair.train_run(cfg, workdir)

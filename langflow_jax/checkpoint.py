@@ -479,6 +479,18 @@ def meta_json(config: ml_collections.ConfigDict, data_state: dict, extra: dict |
           **(extra or {})}
 
 
+def save_state(workdir: str | pathlib.Path, step: int, state: Any, config: ml_collections.ConfigDict,
+               extra: dict | None = None) -> pathlib.Path:
+  """Writes ``state`` as ``workdir``'s checkpoint ``step`` and waits for it: a run directory made
+  without the trainer (converted weights, a fresh or hand-made model) that every command can read."""
+  checkpointer = Checkpointer(checkpoint_dir(workdir), async_save=False)
+  try:
+    checkpointer.save(step, state, meta_json(config, {"step": step}, extra), force=True)
+  finally:
+    checkpointer.close()
+  return pathlib.Path(workdir)
+
+
 # --------------------------------------------------------------------------- a run's model
 
 

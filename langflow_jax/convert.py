@@ -325,12 +325,9 @@ def convert_official(source: str | pathlib.Path, workdir: str | pathlib.Path) ->
   config, model = load_official(directory)
   if config.model.vocab_size in _PROTOCOLS:
     config.data.tokenizer, config.data.name = _PROTOCOLS[config.model.vocab_size]
-  checkpointer = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(workdir), async_save=False)
   tx = train_state.make_optimizer(config.optimizer, config.train.steps)
-  state = train_state.state_from_model(model, tx, config.train.seed)
-  meta = ckpt_lib.meta_json(config, {"step": 0}, {"converted_from": origin})
-  checkpointer.save(0, state, meta, force=True)
-  checkpointer.close()
+  ckpt_lib.save_state(workdir, 0, train_state.state_from_model(model, tx, config.train.seed), config,
+                      {"converted_from": origin})
   (workdir / "config.json").write_text(config_lib.to_json(config))
   return workdir
 

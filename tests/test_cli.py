@@ -177,9 +177,7 @@ def saved_run(tmp_path_factory):
   c = small_config()
   tx = train.make_optimizer(c.optimizer, c.train.steps)
   state = jax.jit(lambda: train.fresh_train_state(c, tx))()
-  checkpointer = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(root / "run"), async_save=False)
-  checkpointer.save(1, state, ckpt_lib.meta_json(c, {"step": 1}), force=True)
-  checkpointer.close()
+  ckpt_lib.save_state(root / "run", 1, state, c)
   (root / "empty").mkdir()
   (root / "no_steps" / "checkpoints").mkdir(parents=True)
   return root

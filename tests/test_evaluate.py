@@ -30,9 +30,7 @@ def run(tmp_path_factory):
   tx = train.make_optimizer(c.optimizer, c.train.steps)
   state = jax.jit(lambda: train.fresh_train_state(c, tx))()
   state = state.replace(params=jax.tree.map(lambda p: p * 1.01 + 0.01, state.params))
-  checkpointer = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(root / "run"), async_save=False)
-  checkpointer.save(2, state, ckpt_lib.meta_json(c, {"step": 2}), force=True)
-  checkpointer.close()
+  ckpt_lib.save_state(root / "run", 2, state, c)
   return root / "run", mine
 
 

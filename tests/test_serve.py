@@ -55,11 +55,7 @@ def save_run(path, objective="langflow"):
   else:
     perturbed(model)
   tx = train.make_optimizer(c.optimizer, c.train.steps)
-  state = train.state_from_model(model, tx, c.train.seed)
-  checkpointer = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(path), async_save=False)
-  checkpointer.save(1, state, ckpt_lib.meta_json(c, {"step": 1}), force=True)
-  checkpointer.close()
-  return path
+  return ckpt_lib.save_state(path, 1, train.state_from_model(model, tx, c.train.seed), c)
 
 
 def free_port() -> int:

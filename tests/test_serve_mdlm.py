@@ -28,11 +28,7 @@ def mdlm_run(tmp_path_factory):
   c.sample.update(steps=8, batch_size=4)
   model = perturbed(mdlm.create_model(c, seed=3))
   tx = train.make_optimizer(c.optimizer, c.train.steps)
-  checkpointer = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(path), async_save=False)
-  checkpointer.save(1, train.state_from_model(model, tx, c.train.seed), ckpt_lib.meta_json(c, {"step": 1}),
-                    force=True)
-  checkpointer.close()
-  return path
+  return ckpt_lib.save_state(path, 1, train.state_from_model(model, tx, c.train.seed), c)
 
 
 def test_mdlm_server_matches_generate_streams_and_ranks(mdlm_run):
