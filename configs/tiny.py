@@ -4,8 +4,10 @@
 
 2 blocks of width 128, batches of 32 sequences of 64 tokens of the embedded 8k
 BPE. On 2 idle CPU cores (~2.4 steps/s) it trains for 400 steps in about three
-minutes, compilation included, with the training CE falling to about half the
-corpus's unigram entropy (3.3 against 6.65 nats/token).
+minutes, compilation included. What it learned shows in the bound against its
+context-free reference and in the denoising CE per noise level against the
+context-free denoiser's (both printed by the demo); the mean training CE is
+about half of H_inf under the learned schedule whatever the model knows.
 """
 
 from langflow_jax.config import base_config

@@ -264,6 +264,13 @@ def _ratio(x: float | None, h: float) -> str:
   return "n/a" if x is None or not math.isfinite(x) else f"{x:.3f} ({x / h:.2f})"
 
 
+def _cell(row: dict | None, key: str, h: float) -> str:
+  """``_ratio`` of a row's figure, starred when the study carried the row over from an earlier run."""
+  row = row or {}
+  text = _ratio(row.get(key), h)
+  return text + " *" if row.get("carried") and text != "n/a" else text
+
+
 @block("known_entropy", "known_entropy.json")
 def known_entropy(r: Results) -> str:
   """The ladder (and the ablations, once there are any) of exp_known_entropy.py, from its JSON."""
@@ -272,7 +279,7 @@ def known_entropy(r: Results) -> str:
   for corpus, res in k["results"].items():
     h, ladder = res["card"]["H"], res["ladder"]
     rungs = sorted({int(s) for per in ladder.values() for s in per})
-    rows = [[names.get(m, m)] + [_ratio(per.get(str(s), {}).get("nats_per_token"), h) for s in rungs]
+    rows = [[names.get(m, m)] + [_cell(per.get(str(s)), "nats_per_token", h) for s in rungs]
             for m, per in ladder.items()]
     lf = ladder.get("langflow", {})
     if lf:
@@ -283,10 +290,14 @@ def known_entropy(r: Results) -> str:
               "(steps of 32 x 64 tokens):",
               table(["model"] + [f"{s} steps" for s in rungs], rows)]
     if res.get("ablations"):
-      arows = [[a["label"], a["steps"], _ratio(a["nats_per_token"], h), _ratio(a.get("flow_mode"), h),
+      arows = [[a["label"], a["steps"], _cell(a, "nats_per_token", h), _cell(a, "flow_mode", h),
                 num(a.get("stderr"))] for a in res["ablations"].values()]
       parts += ["Ablations (one change each):",
                 table(["variant", "steps", "held-out nats/token (x H)", "flow mode (x H)", "stderr"], arows)]
+  if any(row.get("carried") for res in k["results"].values()
+         for per in [*res["ladder"].values(), res["ablations"]] for row in per.values()):
+    parts.append("\\* carried over from an earlier invocation of the study: a baseline, or a change of the "
+                 "previous recipe, whose code is unchanged since.")
   p = k["protocol"]
   parts.append(f"LangFlow: {p['mode']} ODE bound, {p['solver']} {p['steps']}, variance-reduced, on the first "
                f"{p['num_batches']} x {p['batch_size']} held-out rows; MDLM: NELBO; AR: exact NLL. The study "
