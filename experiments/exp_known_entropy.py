@@ -115,9 +115,9 @@ def on_v0(name: str, label: str, *overrides: str) -> "Ablation":
 ABLATIONS = (
     # Ordered by what they can tell: the run order of an interrupted study.
     Ablation("v0", "previous recipe (p_sc 0.25, schedule lr x5, H_inf from the config)", V0),
-    Ablation("zero-head", "head kernel starts at zero (the official init; shipped: logits ~ N(0, 1))",
+    Ablation("zero-head", "head kernel starts at zero (the official init; shipped: logits ~ N(0, 0.1^2))",
              ("config.model.logit_init_std=0.0",), corpora=("tok32", "words16")),
-    Ablation("head-std0.1", "head kernel starts small (logits ~ N(0, 0.1^2))", ("config.model.logit_init_std=0.1",)),
+    Ablation("head-std1", "head kernel starts larger (logits ~ N(0, 1))", ("config.model.logit_init_std=1.0",)),
     Ablation("sc0.25", "self-conditioning p = 0.25 (the paper's; shipped: 1)", ("config.objective.self_cond_prob=0.25",)),
     Ablation("mdlm-lr4e-3", "MDLM lr 4e-3 (shipped 2e-3)", ("config.optimizer.lr=4e-3",), method="mdlm"),
     Ablation("mdlm-lr1e-3", "MDLM lr 1e-3", ("config.optimizer.lr=1e-3",), method="mdlm"),
