@@ -46,6 +46,8 @@ def base_config() -> ml_collections.ConfigDict:
                                   # leaves late; 0.1 escapes it and matched the zero head where both learned, 1.0
                                   # was slower early (experiments/results/known_entropy.md)
       compute_dtype="float32",    # matmul dtype in the blocks/head: float32 | bfloat16
+      attention="einsum",         # einsum (own kernel, fastest on XLA:CPU) | xla | cudnn | auto:
+                                  # jax.nn.dot_product_attention (auto: cuDNN flash attention where it applies)
   ))
 
   # Noise schedule over gamma (method §4.3). For fixed schedules the endpoints
@@ -343,6 +345,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(d.seq_len <= m.max_length,
            f"data.seq_len={d.seq_len} is longer than model.max_length={m.max_length}.",
            "lower --config.data.seq_len or raise --config.model.max_length (new models only).")
+  _one_of(m.attention, ATTENTION, "model.attention")
   _require(m.compute_dtype in ("float32", "bfloat16"),
            f"model.compute_dtype='{m.compute_dtype}' is not supported.", "use float32 or bfloat16.")
   _require(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must lie in [0, 1).", "use e.g. 0.1.")
@@ -375,6 +378,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 # The names the likelihood and sampling code accept: the one list of each
 # (likelihood.py and sampling.py import them; extend them with new methods).
+ATTENTION = ("einsum", "xla", "cudnn", "auto")  # model.attention (model.dot_product_attention)
 EVAL_SOLVERS = ("euler", "heun", "rk4", "adaptive")
 EVAL_ESTIMATORS = ("hutchinson_gaussian", "hutchinson_rademacher", "exact")
 EVAL_GRIDS = ("official", "gamma")

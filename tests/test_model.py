@@ -141,3 +141,30 @@ def test_rotary_matches_rotate_half_definition():
 def test_bad_head_split_is_a_config_error():
   with pytest.raises(ConfigError, match="heads of even width"):
     make(n_heads=3)
+
+
+@pytest.mark.parametrize("impl", ["xla", "auto"])
+def test_jax_attention_kernels_match_the_einsum_kernel(impl):
+  """model.attention routes through jax.nn.dot_product_attention; same maths, masked or not."""
+  kq, kk, kv = jax.random.split(jax.random.PRNGKey(3), 3)
+  q = jax.random.normal(kq, (2, 5, 4, 8))
+  k, v = jax.random.normal(kk, (2, 7, 4, 8)), jax.random.normal(kv, (2, 7, 4, 8))
+  causal_5x7 = jnp.arange(7)[None, :] <= 2 + jnp.arange(5)[:, None]  # a KV-cache step's mask
+  for mask in (None, causal_5x7):
+    ours = M.dot_product_attention(q, k, v, mask, impl="einsum")
+    np.testing.assert_allclose(np.asarray(M.dot_product_attention(q, k, v, mask, impl=impl)), np.asarray(ours),
+                               rtol=1e-5, atol=1e-6)
+  cfg_e, model_e = make()
+  cfg_j, model_j = make(attention=impl)
+  randomize_zero_inits(model_e)
+  randomize_zero_inits(model_j)
+  z, g, s = inputs()
+  np.testing.assert_allclose(np.asarray(model_j(z, g, s)), np.asarray(model_e(z, g, s)), rtol=1e-5, atol=1e-5)
+
+
+def test_unknown_attention_kernel_is_a_config_error():
+  from langflow_jax.config import validate
+  cfg = base_config()
+  cfg.model.attention = "flash"
+  with pytest.raises(ConfigError, match="model.attention"):
+    validate(cfg)

@@ -71,7 +71,7 @@ class CausalBlock(PreLNBlock):
       v = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), start, axis=1)
       kv = (k, v)
     mask_TxS = (jnp.arange(k.shape[1])[None, :] <= start + jnp.arange(t)[:, None]) if self.causal else None
-    o_BxTxHxK = dot_product_attention(q, k, v, mask_TxS)
+    o_BxTxHxK = dot_product_attention(q, k, v, mask_TxS, impl=self.attention_impl)
     h_BxTxD = h_BxTxD + dropout(self.attn_out(o_BxTxHxK.reshape(b, t, d)), self.dropout_rate, k1)
     m = self.mlp_2(jax.nn.gelu(self.mlp_1(self.norm2(h_BxTxD)), approximate=True))
     return h_BxTxD + dropout(m, self.dropout_rate, k2), kv
@@ -116,7 +116,8 @@ class PlainTransformer(nnx.Module):
     self.rotary_inv_freq = nnx.Variable(rotary_inv_freq(d // model_cfg.n_heads))
     self.blocks = nnx.List([
         self.block_class(d, model_cfg.n_heads, model_cfg.mlp_ratio, model_cfg.dropout, compute_dtype,
-                         rngs=rngs) for _ in range(model_cfg.n_blocks)
+                         rngs=rngs, attention=model_cfg.get("attention", "einsum"))
+        for _ in range(model_cfg.n_blocks)
     ])
     self.output_layer = OutputLayer(d, v, compute_dtype, rngs=rngs)
 
