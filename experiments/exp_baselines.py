@@ -20,11 +20,11 @@ gamma MLP) and the self-conditioning projection, and a quarter of its steps
 run a second (self-conditioning) pass; the table gives each model's parameter
 count and measured training time per step.
 
-Measured on the same 128 held-out sequences (8192 tokens, BOS/EOS counted):
+Measured on the same 32 held-out sequences (2048 tokens, BOS/EOS counted):
 
 * likelihood: what ``langflow-jax eval`` reports for each run
-  (:mod:`langflow_jax.methods`): LangFlow's ODE bound (``common.EVAL``: Heun,
-  32 steps, one Gaussian probe, self-conditioning, seed 1), the AR model's
+  (:mod:`langflow_jax.methods`): LangFlow's ODE bound (``common.EVAL``: sc_chain_rule,
+  Heun 128 steps, one Gaussian probe, self-conditioning, seed 1), the AR model's
   exact NLL (teacher forcing, every token scored, the first from the start
   vector), and MDLM's NELBO by ``mdlm.nelbo(estimator="mask_count", num_samples=64)``
   (every mask size 1..64 once per sequence: t integrated out exactly);
@@ -44,7 +44,7 @@ Writes ``baselines.md`` and ``baselines.png``.
 
 Compute: 3 trainings (LangFlow about 8 min at ~0.6 s/step on 2 idle cores,
 shared with the other scripts; AR and MDLM about 4-5 min each), one ODE
-bound (about 1.5 min), the MDLM bound and the sample sets (seconds each):
+bound (about 2 min), the MDLM bound and the sample sets (seconds each):
 about 20 min on an idle 2-core CPU. ``--quick`` runs the same code on a one-block model.
 """
 

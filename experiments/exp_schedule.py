@@ -15,8 +15,8 @@ the Gumbel's initial endpoints [0.80, 13.36]. Each trains 800 steps of
 
 Measured, the same for every model:
 
-* the likelihood bound on held-out text (``common.EVAL``: Heun, 32 steps on
-  the schedule's own quantile grid, 128 held-out sequences, the
+* the likelihood bound on held-out text (``common.EVAL``: sc_chain_rule, Heun
+  128 steps on the schedule's own quantile grid, 32 held-out sequences, the
   self-conditioning pre-pass, EMA weights, seed 1), and again on a grid
   uniform in gamma, so that what training did is told apart from how well the
   ODE grid suits the model;
@@ -32,7 +32,7 @@ of the three models, the Gumbel run's fitted H_inf x CDF and its last training
 batch; right: schedule densities against the measured rates).
 
 Compute (measured on an idle 2-core CPU): 3 trainings of about 8 min each
-(0.6 s/step), 6 bounds of about 1.5 min each and 3 curves (seconds): about
+(0.6 s/step), 6 bounds of about 2 min each and 3 curves (seconds): about
 35 min, less when ``exp_selfcond`` or ``exp_baselines`` already trained the
 Gumbel run. ``--quick`` runs the same code on a one-block model in seconds
 (plus compilation) for the tests.

@@ -19,8 +19,8 @@ trained without it.
 
 Measured:
 
-* the likelihood bound on held-out text, ``common.EVAL`` (Heun, 32 steps on
-  the schedule's quantile grid, 128 sequences, EMA, seed 1);
+* the likelihood bound on held-out text, ``common.EVAL`` (sc_chain_rule,
+  Heun 128 steps on the schedule's quantile grid, 32 sequences, EMA, seed 1);
 * Gen. PPL and the mean per-sample unigram entropy of 64 unconditional
   samples of 64 tokens from the official Euler sampler at 16, 32 and 64 steps
   (network evaluations), scored by the Kneser-Ney bigram of the training split
@@ -32,7 +32,7 @@ Writes ``selfcond.md`` and ``selfcond.png`` (bound, Gen. PPL and entropy per row
 
 Compute: 2 trainings (about 8 and 7 min at ~0.6 / 0.5 s/step on 2 idle
 cores; the self-conditioned run is shared with the other scripts), 3 bounds
-(about 1.5 min each) and 9 sample sets (seconds each): about 20 min on an
+(about 2 min each) and 9 sample sets (seconds each): about 20 min on an
 idle 2-core CPU. ``--quick`` runs the same code on a one-block model.
 """
 
