@@ -1,6 +1,7 @@
 """``langflow-jax``: one command line, one subcommand per task.
 
     langflow-jax train  --config tiny --workdir runs/demo [--config.train.steps=200 ...]
+    langflow-jax distill --teacher runs/demo --workdir runs/student [--config.distill.method=progressive]
     langflow-jax config --config tiny [--config.x=y ...]     # print the resolved config
     langflow-jax demo   --workdir runs/demo                    # what `make demo` runs
     langflow-jax convert --from DIR --workdir runs/official    # import official weights (or --from hf:OWNER/NAME)
@@ -133,6 +134,15 @@ def cmd_train(args, overrides) -> int:
     overrides = [*overrides, f"config.train.restore_from={args.restore_from}"]
   config = _config_from_args(args, overrides)
   summary = train.train_and_evaluate(config, args.workdir)
+  print(json.dumps({k: v for k, v in summary.items() if k != "plots"}, indent=2, default=str))
+  return preempted_exit_status(summary.get("preempted"))
+
+
+def cmd_distill(args, overrides) -> int:
+  from langflow_jax import distill, parallel
+
+  parallel.maybe_initialize_distributed()
+  summary = distill.distill_workdir(args.teacher, args.workdir, overrides)
   print(json.dumps({k: v for k, v in summary.items() if k != "plots"}, indent=2, default=str))
   return preempted_exit_status(summary.get("preempted"))
 
@@ -291,6 +301,7 @@ def cmd_serve(args, overrides) -> int:
 
 COMMANDS: dict[str, tuple[Callable, str]] = {
     "train": (cmd_train, "train a model (resumes from --workdir when it has checkpoints)"),
+    "distill": (cmd_distill, "train a few-step student of a LangFlow run (resumes like train)"),
     "config": (cmd_config, "print the resolved config"),
     "demo": (cmd_demo, "train the tiny config, evaluate it and print samples"),
     "convert": (cmd_convert, "import an official release (config.json + model.safetensors) as a run"),
@@ -333,6 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
       p.add_argument("--workdir", required=True, help="run directory of an ar or mdlm training run")
       p.add_argument("--prompt", default="", help="text every sample continues (after BOS; mdlm: none "
                                                   "samples unconditionally)")
+    if name == "distill":
+      p.add_argument("--teacher", required=True, help="run directory of the trained LangFlow teacher")
+      p.add_argument("--workdir", required=True, help="run directory of the student")
     if name == "train":
       p.add_argument("--restore_from", default="", metavar="RUN_DIR",
                      help="start from another run's weights (fresh optimizer, step 0) unless --workdir "

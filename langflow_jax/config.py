@@ -183,6 +183,18 @@ def base_config() -> ml_collections.ConfigDict:
       gap_tokens=8,               # infill: free tokens per ___ gap
       batch_size=64,              # sequences per sampler call (best-of candidates included)
   ))
+
+  # Few-step students (objective.name=distill; `langflow-jax distill --teacher RUN` sets it up; method §6.4).
+  c.distill = ml_collections.ConfigDict(dict(
+      teacher="",                 # the frozen teacher's run directory (a LangFlow run)
+      method="flowmap",           # flowmap: one student jump = the teacher's ODE solution between two grid
+                                  # levels | progressive: Salimans & Ho, one student jump = two teacher jumps,
+                                  # halving the steps round by round
+      steps=(1, 2, 4, 8),         # sampler steps the student is trained for (progressive: down to the smallest)
+      teacher_steps=64,           # jumps of the teacher's DDIM solution over the whole grid that define the target
+      round=0,                    # progressive: this run's round (0: its teacher is distill.teacher)
+      round_teacher="",           # progressive: the previous round's run, this round's frozen teacher ("": teacher)
+  ))
   return c
 
 
@@ -374,6 +386,31 @@ def validate(config: ml_collections.ConfigDict) -> None:
            "set --config.train.keep_period=0 or e.g. 10000.")
   validate_eval(config)
   validate_sample(config)
+  if config.objective.name == "distill":
+    validate_distill(config)
+
+
+DISTILL_METHODS = ("flowmap", "progressive")
+
+
+def validate_distill(config: ml_collections.ConfigDict) -> None:
+  """Checks the ``distill`` group of a student run (``objective.name=distill``)."""
+  d = config.distill
+  _one_of(d.method, DISTILL_METHODS, "distill.method")
+  _require(bool(d.teacher), "distill.teacher is empty: a student needs a teacher run.",
+           "use `langflow-jax distill --teacher RUN --workdir RUN2` (or --config.distill.teacher=RUN).")
+  steps = tuple(int(s) for s in d.steps)
+  _require(len(steps) > 0 and min(steps) >= 1, f"distill.steps={d.steps} must be sampler step counts >= 1.",
+           "use e.g. --config.distill.steps='(1, 2, 4, 8)'.")
+  _require(d.teacher_steps >= 2 * max(max(steps) - 1, 1),
+           f"distill.teacher_steps={d.teacher_steps} must be at least twice the student's jumps "
+           f"({max(max(steps) - 1, 1)}).", "use e.g. --config.distill.teacher_steps=64.")
+  if d.method == "progressive":
+    jumps = max(min(steps) - 1, 1)
+    ratio = d.teacher_steps // jumps
+    _require(d.teacher_steps % jumps == 0 and ratio >= 2 and ratio & (ratio - 1) == 0,
+             f"distill.method=progressive halves the teacher's {d.teacher_steps} jumps down to the student's "
+             f"{jumps}; their ratio must be a power of two.", "use e.g. --config.distill.teacher_steps=64.")
 
 
 # The names the likelihood and sampling code accept: the one list of each

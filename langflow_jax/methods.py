@@ -13,7 +13,14 @@ A method is what ``config.objective.name`` names. Each one owns
 * its sampler: :meth:`Method.generate` (token ids, for benchmarks) and
   :meth:`Method.sample_texts` (decoded samples of ``config.sample``);
 * how it is served: :attr:`Method.serving`, a :class:`langflow_jax.serving.Serving`
-  (its request fields, engine job, stream and slot engine).
+  (its request fields, engine job, stream and slot engine);
+* what the trainer needs beyond the objective: :meth:`Method.training_objective`
+  (the objective with what it reads bound, e.g. a student's frozen teacher),
+  :meth:`Method.start_weights` (which weights of ``train.restore_from`` start
+  the run) and :meth:`Method.card` (what a run says about itself).
+
+``distill`` is LangFlow trained as a few-step student of a frozen LangFlow
+teacher (:mod:`langflow_jax.distillation`); it samples and serves as LangFlow.
 
 The trainer, ``eval``, ``sample-baseline``, ``serve`` and the experiments ask
 :func:`get` (or :func:`for_config`) and never branch on the name. A new
@@ -23,14 +30,16 @@ method is a subclass registered in :data:`METHODS`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import ml_collections
 import numpy as np
 from flax import nnx
 
+from langflow_jax import distillation
 from langflow_jax import likelihood as lk
 from langflow_jax import model as model_lib
 from langflow_jax import objective as objective_lib
@@ -74,7 +83,7 @@ class Method:
   serving: serving_lib.Serving = serving_lib.Serving()
   # Config keys (or "group." prefixes) this method's training never reads: two runs
   # that differ only there are the same experiment.
-  unused_keys: tuple[str, ...] = ()
+  unused_keys: tuple[str, ...] = ("distill.",)
 
   def uses_key(self, key: str) -> bool:
     return not any(key == k or (k.endswith(".") and key.startswith(k)) for k in self.unused_keys)
@@ -86,6 +95,21 @@ class Method:
                 cfg: ml_collections.ConfigDict, skip_scale: Array | float = 1.0,
                 train: bool = True) -> objective_lib.ObjectiveOutput:
     raise NotImplementedError
+
+  def training_objective(self, config: ml_collections.ConfigDict) -> Callable[..., objective_lib.ObjectiveOutput]:
+    """What the trainer differentiates: ``(model, ids_BxL, mask_BxL, key, *, skip_scale, train)``,
+    :meth:`objective` with ``config.objective`` bound."""
+    return functools.partial(self.objective, cfg=config.objective)
+
+  def start_weights(self, weights: dict[str, Any]) -> dict[str, Any]:
+    """The ``params``, ``ema_params`` and ``buffers`` a ``train.restore_from`` run starts from
+    (fine-tuning: the other run's own)."""
+    return weights
+
+  def card(self, config: ml_collections.ConfigDict) -> dict[str, Any] | None:
+    """What a run of this method says about itself beyond its config (None: nothing)."""
+    del config
+    return None
 
   def likelihood(self, model: nnx.Module, data: PackedSplit, config: ml_collections.ConfigDict, *,
                  mesh: jax.sharding.Mesh | None = None, progress: bool = False,
@@ -201,7 +225,8 @@ class _Baseline(Method):
 
   module: Any = None
   # LangFlow's noise schedule, self-conditioning and skip ramp
-  unused_keys = ("schedule.", "objective.self_cond_prob", "objective.self_cond_mode", "objective.skip_warmup_steps",
+  unused_keys = ("distill.", "schedule.", "objective.self_cond_prob", "objective.self_cond_mode",
+                 "objective.skip_warmup_steps",
                  "objective.schedule_loss_weight", "objective.elbo_weight", "optimizer.schedule_lr_scale",
                  "model.logit_init_std", "model.use_skip", "model.self_conditioning")
 
@@ -290,7 +315,67 @@ class MDLMMethod(_Baseline):
     return mdlm.generate(model, key, length, steps=steps, batch_size=num, return_nfe=True)
 
 
-METHODS: dict[str, Method] = {m.name: m for m in (LangFlowMethod(), ARMethod(), MDLMMethod())}
+class DistillMethod(LangFlowMethod):
+  """A LangFlow trained as a few-step student of a frozen LangFlow teacher (``config.distill``).
+
+  It samples, serves and is evaluated as LangFlow; only its training differs:
+  the objective is :func:`distillation.distill_objective` against the teacher
+  read from ``distill.teacher`` (a progressive round's: ``distill.round_teacher``),
+  and the run starts from that teacher's EMA weights.
+  """
+
+  name, label = "distill", "LangFlow student"
+  unused_keys = ()
+
+  def objective(self, model, ids_BxL, mask_BxL, key, *, cfg, skip_scale=1.0, train=True):
+    raise ConfigError("objective.name=distill trains against a teacher, which config.objective does not name.",
+                      "train students with `langflow-jax distill --teacher RUN --workdir RUN2`.")
+
+  def training_objective(self, config):
+    teacher = load_teacher(config.distill)
+    grids = distillation.jump_grids(config.distill)
+
+    def objective(model, ids_BxL, mask_BxL, key, *, skip_scale=1.0, train=True):
+      return distillation.distill_objective(model, teacher, ids_BxL, mask_BxL, key, grids=grids,
+                                            skip_scale=skip_scale, train=train)
+    return objective
+
+  def start_weights(self, weights):
+    """Both copies from the teacher's EMA weights: the teacher samples with those."""
+    return {**weights, "params": jax.tree.map(jax.numpy.copy, weights["ema_params"])}  # two buffers: both donated
+
+  def card(self, config):
+    return distillation.student_card(config.distill)
+
+
+def teacher_config(path: str) -> ml_collections.ConfigDict:
+  """The saved config of a teacher run, with one clear error when it is missing or no LangFlow run."""
+  from langflow_jax import checkpoint  # checkpoint imports this module (through train_state)
+  from langflow_jax.errors import CheckpointError
+
+  try:
+    config = checkpoint.saved_config(path)
+  except CheckpointError as e:
+    raise CheckpointError(f"teacher {path}: {e.problem}",
+                          "pass --teacher the --workdir of a trained LangFlow run (langflow-jax train makes one)."
+                          ) from e
+  method = get(config.objective.name)
+  if method.model_class is not model_lib.LangFlow:
+    raise ConfigError(f"the teacher {path} is a {method.label} run (objective.name={method.name}), not LangFlow.",
+                      "pass --teacher the --workdir of a LangFlow training run; students distil LangFlow's flow.")
+  return config
+
+
+def load_teacher(cfg: ml_collections.ConfigDict) -> model_lib.LangFlow:
+  """The frozen teacher of a student run (``config.distill``): its EMA weights."""
+  from langflow_jax import checkpoint
+
+  path = cfg.round_teacher or cfg.teacher
+  _, teacher = checkpoint.load_model(path, use_ema=True, config=teacher_config(path))
+  return teacher
+
+
+METHODS: dict[str, Method] = {m.name: m for m in (LangFlowMethod(), ARMethod(), MDLMMethod(), DistillMethod())}
 
 
 def get(name: str) -> Method:

@@ -43,6 +43,9 @@ class LossTerms:
   # LangFlow: importance-weighted ELBO integrand 0.5 exp(-gamma - log pi(gamma)) ||x_hat - E[x]||^2,
   # summed over valid tokens (nats; an unbiased estimate of the bound's diffusion part)
   elbo_sum: Array = 0.0
+  # distill: the truncated-SNR-weighted squared error of the student's x_hat against the
+  # teacher's jump target, summed over valid tokens (mean over the width; distillation.py)
+  distill_sum: Array = 0.0
 
 
 @flax.struct.dataclass
@@ -157,6 +160,7 @@ def objective_output(ce_BxL: Array, tokens_B: Array, fit_B: Array, sc_B: Array, 
       num_seqs=jnp.sum(has_tokens_B),
       self_cond_seqs=jnp.sum(sc_B.astype(jnp.float32) * has_tokens_B),
       elbo_sum=jnp.zeros((), jnp.float32) if elbo_B is None else jnp.sum(elbo_B * has_tokens_B),
+      distill_sum=jnp.zeros((), jnp.float32),
   )
   ce_per_token_B = jnp.sum(ce_BxL, axis=-1) / jnp.maximum(tokens_B, 1.0)
   return ObjectiveOutput(terms=terms, gamma_B=gamma_B, ce_per_token_B=ce_per_token_B)
@@ -164,7 +168,8 @@ def objective_output(ce_BxL: Array, tokens_B: Array, fit_B: Array, sc_B: Array, 
 
 def total_loss(terms: LossTerms, cfg: ml_collections.ConfigDict, num_tokens: Array,
                num_seqs: Array) -> Array:
-  """Scalar to differentiate: token-mean CE plus the weighted schedule fit.
+  """Scalar to differentiate: token-mean CE plus the weighted schedule fit (plus, for a
+  student, the token-mean distillation error; zero for every other objective).
 
   The denominators are those of the whole (global, all micro-batch) batch, so
   summing this over micro-batches gives the full-batch loss exactly.
@@ -174,7 +179,7 @@ def total_loss(terms: LossTerms, cfg: ml_collections.ConfigDict, num_tokens: Arr
   loss = cfg.ce_weight * ce + cfg.schedule_loss_weight * fit
   if cfg.elbo_weight > 0:
     loss = loss + cfg.elbo_weight * terms.elbo_sum / jnp.maximum(num_tokens, 1.0)
-  return loss
+  return loss + terms.distill_sum / jnp.maximum(num_tokens, 1.0)  # exactly 0 + loss for the others
 
 
 def skip_warmup_scale(step: Array, warmup_steps: int) -> Array:
@@ -188,7 +193,8 @@ def metrics_from_terms(terms: LossTerms, schedule_loss_weight: float) -> dict[st
   """Reported figures from summed terms (host-side floats)."""
   ce = float(terms.ce_sum) / max(float(terms.num_tokens), 1.0)
   fit = float(terms.schedule_fit_sum) / max(float(terms.num_seqs), 1.0)
-  return {"ce": ce, "schedule_fit": fit, "loss": ce + schedule_loss_weight * fit,
+  distill = float(terms.distill_sum) / max(float(terms.num_tokens), 1.0)
+  return {"ce": ce, "schedule_fit": fit, "loss": ce + schedule_loss_weight * fit + distill, "distill": distill,
           "elbo_integrand": float(terms.elbo_sum) / max(float(terms.num_tokens), 1.0),
           "self_cond_frac": float(terms.self_cond_seqs) / max(float(terms.num_seqs), 1.0)}
 
@@ -199,4 +205,4 @@ def add_terms(a: LossTerms, b: LossTerms) -> LossTerms:
 
 def zero_terms() -> LossTerms:
   z = jnp.zeros((), jnp.float32)
-  return LossTerms(z, z, z, z, z, z)
+  return LossTerms(z, z, z, z, z, z, z)

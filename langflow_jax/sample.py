@@ -25,6 +25,7 @@ import numpy as np
 from langflow_jax import checkpoint as ckpt_lib
 from langflow_jax import config as config_lib
 from langflow_jax import methods, parallel
+from langflow_jax.distillation import describe_card
 from langflow_jax.data.tokenizer import load_tokenizer
 from langflow_jax.errors import ConfigError, UserError
 from langflow_jax.model import LangFlow
@@ -176,6 +177,9 @@ def generate_from_workdir(workdir: str, *, num: int | None = None, steps: int | 
           "best_of": best_of, "score": sc.score, "seed": seed, "prompt": prompt, "infill": infill,
           "options": dataclasses.asdict(options), "nfe": options.nfe, "tokenizer": config.data.tokenizer,
           "config": config_lib.to_json(config)}
+  card = method.card(config)
+  if card:
+    meta["card"] = card  # a student: of which teacher, by which method, for how many steps
   if jax.process_index() != 0:
     print_fn, out = None, None
   if print_fn is not None:
@@ -183,6 +187,8 @@ def generate_from_workdir(workdir: str, *, num: int | None = None, steps: int | 
              f"({options.nfe} network evaluations per candidate), grid {options.grid}, "
              f"temperature {options.temperature:g}, best of {best_of} by score '{sc.score}' "
              f"(nats/generated token, lower is better), seed {seed}")
+    if card:
+      print_fn(f"[sample] {describe_card(card)}")
     for rec, i in zip(records, range(len(records))):
       text = marked_text(tokenizer, np.asarray(rec["ids"]), fixed)
       print_fn(f"--- sample {i}  score {rec['score']:.3f}")

@@ -576,6 +576,13 @@ def serve_workdir(workdir: str, *, host: str = "127.0.0.1", port: int = 8000, pr
            + (f", {d.steps} steps by default (at most {d.max_steps})" if "steps" in fields else "")
            + (f", sampler {d.sampler}" if "sampler" in fields else "")
            + f"; ready in {time.monotonic() - t0:.1f} s")
+  from langflow_jax import checkpoint as ckpt_lib
+  from langflow_jax.distillation import describe_card
+
+  saved = ckpt_lib.saved_config(workdir)
+  card = methods.for_config(saved).card(saved)
+  if card:  # a student: of which teacher, by which method, for how many steps
+    print_fn(f"[serve] {describe_card(card)}")
   print_fn(f"[serve] listening on http://{host}:{port}  (POST /v1/completions, GET /health, GET /metrics)")
   app = create_app(service)
   config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on", access_log=False)

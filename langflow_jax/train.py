@@ -71,8 +71,11 @@ def init_train_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
 # --------------------------------------------------------------------------- steps
 
 
-def make_grad_fn(config: ml_collections.ConfigDict, parts: ModelParts) -> Callable:
+def make_grad_fn(config: ml_collections.ConfigDict, parts: ModelParts, objective: Callable | None = None) -> Callable:
   """``(params, batch, key, skip_scale) -> (grads, terms, gamma_B, ce_B)`` for one global batch.
+
+  ``objective`` is the method's :meth:`~langflow_jax.methods.Method.training_objective`
+  (built from ``config`` when not given).
 
   The batch is split into ``train.grad_accum`` micro-batches scanned in
   turn. Micro-batch k takes rows k, k + accum, ... so that every micro-batch
@@ -80,7 +83,7 @@ def make_grad_fn(config: ml_collections.ConfigDict, parts: ModelParts) -> Callab
   on a few of them). Terms are sums with whole-batch denominators, so the
   result does not depend on ``accum``.
   """
-  objective = methods.for_config(config).objective
+  objective = objective or methods.for_config(config).training_objective(config)
   obj_cfg = config.objective
   accum = int(config.train.grad_accum)
 
@@ -96,7 +99,7 @@ def make_grad_fn(config: ml_collections.ConfigDict, parts: ModelParts) -> Callab
 
     def loss_fn(params, ids_m, mask_m, key_m):
       model = parts.merge(params)
-      out = objective(model, ids_m, mask_m, key_m, cfg=obj_cfg, skip_scale=skip_scale)
+      out = objective(model, ids_m, mask_m, key_m, skip_scale=skip_scale)
       return objective_lib.total_loss(out.terms, obj_cfg, num_tokens, num_seqs), out
 
     def accumulate(carry, xs):
@@ -115,10 +118,10 @@ def make_grad_fn(config: ml_collections.ConfigDict, parts: ModelParts) -> Callab
   return grad_fn
 
 
-def make_train_step(config: ml_collections.ConfigDict, parts: ModelParts,
-                    tx: optax.GradientTransformation) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+def make_train_step(config: ml_collections.ConfigDict, parts: ModelParts, tx: optax.GradientTransformation,
+                    objective: Callable | None = None) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
   """The pure train step; jit it with shardings (see :func:`jit_train_step`)."""
-  grad_fn = make_grad_fn(config, parts)
+  grad_fn = make_grad_fn(config, parts, objective)
 
   def train_step(state: TrainState, batch: dict[str, Array]) -> tuple[TrainState, dict]:
     key = jax.random.fold_in(state.rng, state.step)
@@ -153,17 +156,18 @@ def jit_train_step(step_fn, state_shardings, mesh):
 
 
 def make_eval_step(config: ml_collections.ConfigDict, parts: ModelParts,
-                   mesh: jax.sharding.Mesh | None = None, param_shardings: Any = None):
+                   mesh: jax.sharding.Mesh | None = None, param_shardings: Any = None,
+                   objective: Callable | None = None):
   """Held-out loss of the same objective without dropout, summed terms.
 
   With ``mesh`` (and the parameters' shardings) it is jitted with explicit
   shardings like the train step.
   """
-  objective = methods.for_config(config).objective
+  objective = objective or methods.for_config(config).training_objective(config)
 
   def eval_step(params: nnx.State, batch: dict[str, Array], key: Array) -> objective_lib.LossTerms:
     model = parts.merge(params)
-    return objective(model, batch["ids"], batch["mask"], key, cfg=config.objective, train=False).terms
+    return objective(model, batch["ids"], batch["mask"], key, train=False).terms
 
   if mesh is None:
     return jax.jit(eval_step)
@@ -348,6 +352,7 @@ def _start_state(config, workdir, checkpointer, state, state_shardings, tokenize
     ckpt_lib.check_tokenizer(meta, tokenizer, str(restore_from))
     origin = f"{source.directory}/{step}"
     log.info("starting from the weights of %s (params and EMA; fresh optimizer, step 0)", origin)
+    weights = methods.for_config(config).start_weights(weights)
     return state.replace(params=weights["params"], ema_params=weights["ema_params"],
                          buffers=weights["buffers"]), {"step": 0}, \
         {"restored_from": origin}
@@ -458,8 +463,11 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh: jax.s
     checkpointer.close()
     raise
   parts = ModelParts.from_state(parts.graphdef, state)  # restored buffers, not the donated ones
+  method = methods.for_config(config)
   run_meta = {"tokenizer": tokenizer_info, "mesh": {"shape": dict(mesh.shape), "devices": jax.device_count(),
                                                     "processes": jax.process_count()}, **origin}
+  if method.card(config) is not None:
+    run_meta["card"] = method.card(config)
   if jax.process_index() == 0:
     write_atomic(workdir / "config.json", config_lib.to_json(config))
 
@@ -470,8 +478,9 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh: jax.s
                               process_index=data_index, process_count=data_count,
                               prefetch=config.data.prefetch, threads=config.data.prefetch_threads)
   it.set_state(data_state)
-  train_step = jit_train_step(make_train_step(config, parts, tx), state_shardings, mesh)
-  eval_step = make_eval_step(config, parts, mesh, state_shardings.ema_params)
+  objective = method.training_objective(config)  # a student's teacher is read once, here
+  train_step = jit_train_step(make_train_step(config, parts, tx, objective), state_shardings, mesh)
+  eval_step = make_eval_step(config, parts, mesh, state_shardings.ema_params, objective)
   writer = reporting.MetricWriter(workdir)
   timer = reporting.PhaseTimer()
   progress = reporting.Progress(config.train.steps, start, config.train.progress)

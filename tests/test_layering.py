@@ -16,7 +16,7 @@ from tests.conftest import ROOT
 PACKAGE = ROOT / "langflow_jax"
 # One module per user task (and the command line over them); every other module is library.
 APPLICATION = frozenset({"train", "evaluate", "sample", "genppl", "convert", "aot", "demo", "serve", "cli",
-                         "notebook"})  # notebook: what the Colab notebooks share
+                         "notebook", "distill"})  # notebook: what the Colab notebooks share
 
 
 def module_name(path: pathlib.Path) -> str:
