@@ -44,10 +44,13 @@ def test_analytic_flops_match_xla_count_of_forward_and_gradient(bench):
   assert sc_flops == pytest.approx(train_flops / 3 + 2 * d * config.model.vocab_size)
 
 
-def test_quick_run_prints_throughput_against_the_peak(bench, capsys):
-  assert bench.main(["--config", "tiny", "--quick"]) == 0
+def test_quick_run_prints_throughput_against_both_peaks_and_the_bf16_ratio(bench, capsys):
+  assert bench.main(["--config", "tiny", "--quick", "--dtype", "both"]) == 0
   out = capsys.readouterr().out
-  fraction = float(re.search(r"fraction of peak:\s+([\d.]+)%", out).group(1))
-  steps = re.search(r"pre-pass in (\d+)% of steps", out)
-  assert fraction > 0 and steps is not None
+  fractions = [float(f) for f in re.findall(r"fraction of it: ([\d.]+)%", out)]
+  assert len(fractions) == 4 and all(f > 0 for f in fractions)  # two steps against two peaks
+  assert re.findall(r"dtype=(\w+)", out) == ["float32", "bfloat16"]
+  assert re.search(r"pre-pass in (\d+)% of steps", out) is not None
   assert re.search(r"tokens/s:\s+[\d,]+", out)
+  ratio = re.search(r"bf16 / float32:\s+step ([\d.]+)x the time \(([\d.]+)x the speed\)", out)
+  assert ratio and float(ratio.group(1)) == pytest.approx(1 / float(ratio.group(2)), rel=0.02)
