@@ -119,6 +119,8 @@ ABLATIONS = (
              ("config.model.logit_init_std=0.0",), corpora=("tok32", "words16")),
     Ablation("head-std1", "head kernel starts larger (logits ~ N(0, 1))", ("config.model.logit_init_std=1.0",)),
     Ablation("sc0.25", "self-conditioning p = 0.25 (the paper's; shipped: 1)", ("config.objective.self_cond_prob=0.25",)),
+    Ablation("lr3e-3", "lr 3e-3 (shipped 2e-3)", ("config.optimizer.lr=3e-3",)),
+    Ablation("lr1e-3", "lr 1e-3", ("config.optimizer.lr=1e-3",)),
     Ablation("mdlm-lr4e-3", "MDLM lr 4e-3 (shipped 2e-3)", ("config.optimizer.lr=4e-3",), method="mdlm"),
     Ablation("mdlm-lr1e-3", "MDLM lr 1e-3", ("config.optimizer.lr=1e-3",), method="mdlm"),
     Ablation("ar-lr4e-3", "AR lr 4e-3", ("config.optimizer.lr=4e-3",), method="ar"),
@@ -325,6 +327,39 @@ def cell(r: dict | None, key: str, h: float) -> str:
   return text + " *" if r.get("carried") and text != "n/a" else text
 
 
+def excess_slope(per: dict, h: float) -> tuple[int, int, float, float] | None:
+  """The power law through a method's last two rungs: ``(s1, s2, excess at s2, a)`` with the excess
+  over H falling as ``steps^-a`` (None with fewer than two rungs or an excess <= 0)."""
+  rungs = sorted(int(s) for s in per if per[s].get("nats_per_token") is not None)
+  if len(rungs) < 2:
+    return None
+  s1, s2 = rungs[-2:]
+  e1, e2 = (per[str(s)]["nats_per_token"] - h for s in (s1, s2))
+  if e1 <= 0 or e2 <= 0:
+    return None
+  return s1, s2, e2, math.log(e1 / e2) / math.log(s2 / s1)
+
+
+def crossing_budget(langflow: tuple | None, mdlm: tuple | None) -> str:
+  """Where LangFlow's extrapolated excess meets MDLM's, both continued from their last rungs."""
+  if not langflow or not mdlm or langflow[1] != mdlm[1]:
+    return "n/a"
+  (_, s2, e_lf, a_lf), (_, _, e_md, a_md) = langflow, mdlm
+  if e_lf <= e_md:
+    return f"already at {s2}"
+  if a_lf <= a_md:
+    return "never (LangFlow's excess does not fall faster)"
+  return f"{s2 * (e_lf / e_md) ** (1 / (a_lf - a_md)):,.0f} steps"
+
+
+def slopes_table(res: dict, h: float) -> list[list]:
+  fits = {m: excess_slope(per, h) for m, per in res["ladder"].items()}
+  rows = [[METHODS[m][0], f"{f[0]} -> {f[1]}", f"{f[2]:.3f}", f"{f[3]:.2f}"] for m, f in fits.items() if f]
+  if rows:
+    rows.append(["LangFlow meets MDLM at", "", "", crossing_budget(fits.get("langflow"), fits.get("mdlm"))])
+  return rows
+
+
 def _stderr(r: dict) -> str:
   return f"{r['stderr']:.3f}" if r.get("stderr") is not None else ""
 
@@ -355,6 +390,12 @@ def write(args, results: dict, protocol: dict) -> dict:
         f"{'token' if c['kind'] == 'token ids' else 'word'})",
         "Held-out nats/token (x H) at each training budget (steps of 32 x 64 tokens):",
         harness.markdown_table(["model"] + [f"{s} steps" for s in rungs], rows)]
+    slopes = slopes_table(res, h)
+    if slopes:
+      paragraphs += ["Slopes: the excess over H (nats/token) through each method's last two rungs, as a power "
+                     "law excess ~ steps^-a, and the budget where LangFlow's meets MDLM's if both laws held "
+                     "(an extrapolation from two points, each with the stderr of its row):",
+                     harness.markdown_table(["model", "rungs", "excess at the last", "a"], slopes)]
     if res["ablations"]:
       arows = []
       for ab_steps in sorted({r["steps"] for r in res["ablations"].values()}):
