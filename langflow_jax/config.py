@@ -184,7 +184,7 @@ def base_config() -> ml_collections.ConfigDict:
       batch_size=64,              # sequences per sampler call (best-of candidates included)
   ))
 
-  # Few-step students (objective.name=distill; `langflow-jax distill --teacher RUN` sets it up; method §6.4).
+  # Few-step students (objective.name=distill; `langflow-jax distill --teacher RUN` sets it up; docs/sampling.md).
   c.distill = ml_collections.ConfigDict(dict(
       teacher="",                 # the frozen teacher's run directory (a LangFlow run)
       method="flowmap",           # flowmap: one student jump = the teacher's ODE solution between two grid

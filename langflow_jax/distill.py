@@ -23,6 +23,8 @@ import ml_collections
 from langflow_jax import checkpoint as ckpt_lib
 from langflow_jax import config as config_lib
 from langflow_jax import distillation, methods, train
+from langflow_jax.errors import CheckpointError, ConfigError
+from langflow_jax.model import LangFlow
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +42,25 @@ STUDENT_DEFAULTS = (
 )
 
 
+def teacher_config(path: str) -> ml_collections.ConfigDict:
+  """The saved config of a teacher run, with one clear error when it is missing or no LangFlow run."""
+  try:
+    config = ckpt_lib.saved_config(path)
+  except CheckpointError as e:
+    raise CheckpointError(f"teacher {path}: {e.problem}",
+                          "pass --teacher the --workdir of a trained LangFlow run (langflow-jax train makes one)."
+                          ) from e
+  method = methods.get(config.objective.name)
+  if method.model_class is not LangFlow:
+    raise ConfigError(f"the teacher {path} is a {method.label} run (objective.name={method.name}), not LangFlow.",
+                      "pass --teacher the --workdir of a LangFlow training run; students distil LangFlow's flow.")
+  return config
+
+
 def student_config(teacher: str | pathlib.Path, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
   """The config of a student of ``teacher``: the teacher's, :data:`STUDENT_DEFAULTS`, then ``overrides``."""
   teacher = str(pathlib.Path(teacher).expanduser().resolve())
-  config = methods.teacher_config(teacher)
+  config = teacher_config(teacher)
   config_lib.apply_overrides(config, [*STUDENT_DEFAULTS, f"config.distill.teacher={teacher}",
                                       f"config.train.restore_from={teacher}", *overrides])
   config_lib.validate(config)

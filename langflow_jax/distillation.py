@@ -1,4 +1,4 @@
-"""Few-step students: the distillation objective of a frozen LangFlow teacher (method §6.4).
+"""Few-step students: the distillation objective of a frozen LangFlow teacher (docs/sampling.md, few-step students).
 
 The student is a LangFlow of the teacher's shape, started from its weights, and
 it samples with the unchanged sampler (:mod:`langflow_jax.sampling`): N steps

@@ -96,9 +96,13 @@ class Method:
                 train: bool = True) -> objective_lib.ObjectiveOutput:
     raise NotImplementedError
 
-  def training_objective(self, config: ml_collections.ConfigDict) -> Callable[..., objective_lib.ObjectiveOutput]:
+  def training_objective(self, config: ml_collections.ConfigDict, load_run: Callable | None = None
+                         ) -> Callable[..., objective_lib.ObjectiveOutput]:
     """What the trainer differentiates: ``(model, ids_BxL, mask_BxL, key, *, skip_scale, train)``,
-    :meth:`objective` with ``config.objective`` bound."""
+    :meth:`objective` with ``config.objective`` bound. ``load_run(path, use_ema=True)`` gives
+    ``(config, model)`` of another run (the trainer passes ``checkpoint.load_model``): what a
+    student reads its teacher with."""
+    del load_run
     return functools.partial(self.objective, cfg=config.objective)
 
   def start_weights(self, weights: dict[str, Any]) -> dict[str, Any]:
@@ -331,8 +335,15 @@ class DistillMethod(LangFlowMethod):
     raise ConfigError("objective.name=distill trains against a teacher, which config.objective does not name.",
                       "train students with `langflow-jax distill --teacher RUN --workdir RUN2`.")
 
-  def training_objective(self, config):
-    teacher = load_teacher(config.distill)
+  def training_objective(self, config, load_run=None):
+    if load_run is None:
+      raise ConfigError("objective.name=distill needs its teacher read from a run directory.",
+                        "train students with `langflow-jax distill --teacher RUN --workdir RUN2`.")
+    path = config.distill.round_teacher or config.distill.teacher
+    _, teacher = load_run(path, use_ema=True)
+    if not isinstance(teacher, model_lib.LangFlow):
+      raise ConfigError(f"the teacher {path} is a {type(teacher).__name__}, not a LangFlow.",
+                        "pass --teacher the --workdir of a LangFlow training run.")
     grids = distillation.jump_grids(config.distill)
 
     def objective(model, ids_BxL, mask_BxL, key, *, skip_scale=1.0, train=True):
@@ -346,33 +357,6 @@ class DistillMethod(LangFlowMethod):
 
   def card(self, config):
     return distillation.student_card(config.distill)
-
-
-def teacher_config(path: str) -> ml_collections.ConfigDict:
-  """The saved config of a teacher run, with one clear error when it is missing or no LangFlow run."""
-  from langflow_jax import checkpoint  # checkpoint imports this module (through train_state)
-  from langflow_jax.errors import CheckpointError
-
-  try:
-    config = checkpoint.saved_config(path)
-  except CheckpointError as e:
-    raise CheckpointError(f"teacher {path}: {e.problem}",
-                          "pass --teacher the --workdir of a trained LangFlow run (langflow-jax train makes one)."
-                          ) from e
-  method = get(config.objective.name)
-  if method.model_class is not model_lib.LangFlow:
-    raise ConfigError(f"the teacher {path} is a {method.label} run (objective.name={method.name}), not LangFlow.",
-                      "pass --teacher the --workdir of a LangFlow training run; students distil LangFlow's flow.")
-  return config
-
-
-def load_teacher(cfg: ml_collections.ConfigDict) -> model_lib.LangFlow:
-  """The frozen teacher of a student run (``config.distill``): its EMA weights."""
-  from langflow_jax import checkpoint
-
-  path = cfg.round_teacher or cfg.teacher
-  _, teacher = checkpoint.load_model(path, use_ema=True, config=teacher_config(path))
-  return teacher
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (LangFlowMethod(), ARMethod(), MDLMMethod(), DistillMethod())}

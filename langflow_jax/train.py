@@ -71,6 +71,11 @@ def init_train_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
 # --------------------------------------------------------------------------- steps
 
 
+def training_objective(config: ml_collections.ConfigDict) -> Callable:
+  """The method's objective with what it reads bound (a student's teacher: read from its run here)."""
+  return methods.for_config(config).training_objective(config, load_run=ckpt_lib.load_model)
+
+
 def make_grad_fn(config: ml_collections.ConfigDict, parts: ModelParts, objective: Callable | None = None) -> Callable:
   """``(params, batch, key, skip_scale) -> (grads, terms, gamma_B, ce_B)`` for one global batch.
 
@@ -83,7 +88,7 @@ def make_grad_fn(config: ml_collections.ConfigDict, parts: ModelParts, objective
   on a few of them). Terms are sums with whole-batch denominators, so the
   result does not depend on ``accum``.
   """
-  objective = objective or methods.for_config(config).training_objective(config)
+  objective = objective or training_objective(config)
   obj_cfg = config.objective
   accum = int(config.train.grad_accum)
 
@@ -163,7 +168,7 @@ def make_eval_step(config: ml_collections.ConfigDict, parts: ModelParts,
   With ``mesh`` (and the parameters' shardings) it is jitted with explicit
   shardings like the train step.
   """
-  objective = objective or methods.for_config(config).training_objective(config)
+  objective = objective or training_objective(config)
 
   def eval_step(params: nnx.State, batch: dict[str, Array], key: Array) -> objective_lib.LossTerms:
     model = parts.merge(params)
@@ -478,7 +483,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh: jax.s
                               process_index=data_index, process_count=data_count,
                               prefetch=config.data.prefetch, threads=config.data.prefetch_threads)
   it.set_state(data_state)
-  objective = method.training_objective(config)  # a student's teacher is read once, here
+  objective = training_objective(config)  # a student's teacher is read once, here
   train_step = jit_train_step(make_train_step(config, parts, tx, objective), state_shardings, mesh)
   eval_step = make_eval_step(config, parts, mesh, state_shardings.ema_params, objective)
   writer = reporting.MetricWriter(workdir)

@@ -18,8 +18,9 @@ EVAL_ARGS = ["--config.eval.batch_size=4", "--config.eval.num_batches=2", "--con
 
 
 def test_every_objective_name_is_a_method_with_its_model():
-  assert set(methods.METHODS) == {"langflow", "ar", "mdlm"}
-  for name, model_class in (("langflow", LangFlow), ("ar", ar.ARTransformer), ("mdlm", mdlm.MaskedDiffusionLM)):
+  assert set(methods.METHODS) == {"langflow", "ar", "mdlm", "distill"}
+  for name, model_class in (("langflow", LangFlow), ("ar", ar.ARTransformer), ("mdlm", mdlm.MaskedDiffusionLM),
+                            ("distill", LangFlow)):
     cfg = small_config()
     cfg.objective.name = name
     method = methods.for_config(cfg)
@@ -27,8 +28,9 @@ def test_every_objective_name_is_a_method_with_its_model():
     model = nnx.eval_shape(lambda: methods.create_model(cfg))
     assert isinstance(model, model_class)
     method.check_model(model)
-    assert method.serving.name == name  # what serve reports in /health and asks for its request fields
-  with pytest.raises(ConfigError, match="unknown objective 'arr'.*one of \\['ar', 'langflow', 'mdlm'\\]"):
+    # what serve reports in /health and asks for its request fields (a student serves as LangFlow)
+    assert method.serving.name == ("langflow" if name == "distill" else name)
+  with pytest.raises(ConfigError, match="unknown objective 'arr'.*one of \\['ar', 'distill', 'langflow', 'mdlm'\\]"):
     methods.get("arr")
   with pytest.raises(ConfigError, match="trains a ARTransformer, but the model is a LangFlow"):
     methods.get("ar").check_model(nnx.eval_shape(lambda: methods.create_model(small_config())))
