@@ -55,6 +55,8 @@ import math
 import pathlib
 from typing import Sequence
 
+import numpy as np
+
 import common
 import harness
 from exp_baselines import likelihood
@@ -194,8 +196,10 @@ def variant(method: str, corpus_card: dict, extra: Sequence[str] = (), suffix: s
   return common.Variant(f"{method}{suffix}", label, config=cfg, overrides=(*corpus_card["overrides"], *extra))
 
 
-def measure(v: common.Variant, args: argparse.Namespace, steps: int, protocol: dict) -> dict:
-  """Train (or reuse) the variant at ``steps`` and measure its held-out nats/token."""
+def measure(v: common.Variant, args: argparse.Namespace, steps: int, protocol: dict,
+            chain: markov.MarkovChain | None = None) -> dict:
+  """Train (or reuse) the variant at ``steps`` and measure its held-out nats/token (and, for
+  LangFlow on a token chain, where it loses them: :func:`gap_profile`)."""
   rung = argparse.Namespace(**{**vars(args), "steps": steps})
   workdir, config = common.ensure_trained(v, rung)
   if config.objective.name != "langflow":
@@ -209,7 +213,47 @@ def measure(v: common.Variant, args: argparse.Namespace, steps: int, protocol: d
           "what": f"ODE bound, sc_chain_rule, heun {protocol['steps']} (variance-reduced)",
           "flow_mode": flow.get("nats_per_token_vr"), "official_estimate": sc["nats_per_token"],
           "context_free": ref.get("ode"), "context_free_exact": ref.get("analytic"),
-          "solver_bias": ref.get("solver_bias"), "seconds_per_step": common.seconds_per_step(workdir)}
+          "solver_bias": ref.get("solver_bias"), "seconds_per_step": common.seconds_per_step(workdir),
+          **({"gap": gap_profile(workdir, chain, protocol)} if chain is not None else {})}
+
+
+GAP_LEVELS = 97  # noise levels across the bound's gamma range
+# Where the schedule puts its training draws, in quantiles u of its CDF: the gap profile reports the
+# share of the excess whose noise levels fall in each band beside the share of draws (the band's width).
+U_BANDS = (0.0, 0.1, 0.5, 0.9, 1.0)
+
+
+def gap_profile(workdir, chain: markov.MarkovChain, protocol: dict) -> dict:
+  """Where a LangFlow run's ELBO falls short of the exact posterior's, per noise level.
+
+  The reference is the chain's exact posterior (forward-backward) over the run's own EMA
+  embeddings, so the excess is the network's alone: ``evaluate.denoiser_gap_curve`` at
+  GAP_LEVELS gammas across the bound's range, on the bound's rows and seed. Its integral plus the
+  reconstruction CE's gap is the sde ELBO's excess over the exact posterior's (nats/token);
+  ``bands`` splits it by the schedule's quantiles, beside the share of training draws there.
+  """
+  from langflow_jax import checkpoint as ckpt_lib
+  from langflow_jax import evaluate, oracles
+
+  def compute():
+    config, model = ckpt_lib.load_model(workdir, use_ema=True)
+    lo, hi = (float(x) for x in model.schedule.endpoints())
+    gamma_G = np.linspace(lo, hi, GAP_LEVELS)
+    exact = oracles.MarkovDenoiser(chain, model.embedding_matrix(), model.schedule, offset=1)
+    curve = evaluate.denoiser_gap_curve(model, exact, common.heldout(config), gamma_G,
+                                        batch_size=protocol["batch_size"], num_batches=protocol["num_batches"],
+                                        seed=protocol["seed"])
+    u_G = np.asarray(model.schedule.cdf(gamma_G))
+    pieces = 0.5 * (curve["elbo_excess"][1:] + curve["elbo_excess"][:-1]) * np.diff(gamma_G)
+    u_mid = 0.5 * (u_G[1:] + u_G[:-1])
+    bands = [{"u": [u0, u1], "draws": u1 - u0, "excess": float(pieces[(u_mid >= u0) & (u_mid < u1)].sum())}
+             for u0, u1 in zip(U_BANDS[:-1], U_BANDS[1:])]
+    return {"gamma": gamma_G.tolist(), "u": u_G.tolist(), **{k: np.asarray(x).tolist() for k, x in curve.items()},
+            "reconstruction_gap": float(curve["ce"][0] - curve["ce_reference"][0]),
+            "excess_integral": float(pieces.sum()), "bands": bands}
+
+  keys = {k: protocol[k] for k in ("batch_size", "num_batches", "seed")}
+  return common.cached(workdir, "gap-profile", {**keys, "levels": GAP_LEVELS}, compute)
 
 
 def ablation_budgets(args: argparse.Namespace) -> dict[str, list[int]]:
@@ -269,6 +313,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
   previous = {} if args.quick or args.no_carry else previous_results(args.out / f"{NAME}.json")
   for corpus in corpora:
     card = build_corpus(corpus, base_runs)
+    chain = markov.random_chain(corpus.states, 3, seed=corpus.seed) if corpus.kind == "tokens" else None
     args.runs = base_runs / corpus.name
     res = results.setdefault(corpus.name, {"card": {k: card[k] for k in card if k not in ("words",)},
                                            "ladder": {}, "ablations": {}})
@@ -279,7 +324,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         v = variant(method, card)
         if args.cached_only and not trained(v, args, steps):
           continue
-        res["ladder"].setdefault(method, {})[str(steps)] = measure(v, args, steps, protocol)
+        res["ladder"].setdefault(method, {})[str(steps)] = measure(
+            v, args, steps, protocol, chain if method == "langflow" else None)
         write(args, results, protocol)
     for ab in ABLATIONS:
       if corpus.name not in ab.corpora and not args.quick:
@@ -396,6 +442,22 @@ def write(args, results: dict, protocol: dict) -> dict:
                      "law excess ~ steps^-a, and the budget where LangFlow's meets MDLM's if both laws held "
                      "(an extrapolation from two points, each with the stderr of its row):",
                      harness.markdown_table(["model", "rungs", "excess at the last", "a"], slopes)]
+    gaps = {int(st): r["gap"] for st, r in res["ladder"].get("langflow", {}).items() if r.get("gap")}
+    if gaps:
+      grows = [[st, f"{g['excess_integral'] + g['reconstruction_gap']:.3f}", f"{g['reconstruction_gap']:.3f}",
+                *(f"{b['excess'] / max(g['excess_integral'], 1e-12):.0%}" for b in g["bands"])]
+               for st, g in sorted(gaps.items())]
+      bands = next(iter(gaps.values()))["bands"]
+      paragraphs += [
+          "Where LangFlow loses its nats: the ELBO's excess over the exact posterior (the chain's, by "
+          "forward-backward over the run's own embeddings, so the excess is the network's), integrated over the "
+          "bound's gamma range (plus the reconstruction CE's excess at its clean end), and the integral's share "
+          "in each band of the schedule's quantiles u, whose width is the share of training draws there:",
+          harness.markdown_table(
+              ["steps", "ELBO excess (nats/token)", "of which reconstruction"] +
+              [f"u {b['u'][0]:g}-{b['u'][1]:g} ({b['draws']:.0%} of draws)" for b in bands], grows),
+          f"![gap profile]({NAME}_gap.png)"]
+      plots.gap_profile_plot(args.out / f"{NAME}_gap.png", {f"{name}, {st} steps": g for st, g in sorted(gaps.items())})
     if res["ablations"]:
       arows = []
       for ab_steps in sorted({r["steps"] for r in res["ablations"].values()}):

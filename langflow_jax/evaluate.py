@@ -20,7 +20,9 @@ Totals are sums over sequences divided by the valid-token count (method §5.3);
 in wrapped data the BOS/EOS separators are tokens and count.
 
 :func:`denoising_curve` measures the denoiser's held-out cross-entropy at
-fixed noise levels: the conditional-entropy curve the learned schedule fits.
+fixed noise levels: the conditional-entropy curve the learned schedule fits;
+:func:`denoiser_gap_curve` compares it, level by level, with an exact
+posterior's and says where the model's ELBO loses its nats.
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ from langflow_jax.data.tokenizer import check_matches_model, load_tokenizer
 from langflow_jax.errors import CheckpointError, ConfigError
 from langflow_jax.model import LangFlow, count_params
 from langflow_jax.objective import token_cross_entropy
+
+Array = jax.Array
 
 # The names the library gave these before they moved there (notebooks and scripts use them).
 TERMS = lk.TERMS
@@ -167,6 +171,20 @@ def _curve_sums(graphdef, state, ids_BxL, mask_BxL, key, gamma_G, *, self_cond: 
   return jax.lax.map(at, gamma_G)
 
 
+def _per_gamma_means(sums_fn, split: pipeline.PackedSplit, batch_size: int, num_batches: int, seed: int):
+  """Held-out per-token means of ``sums_fn(ids, mask, key) -> pytree of [G] sums`` over the batches;
+  batch i draws its eps from fold_in(PRNGKey(seed), i), whatever is measured."""
+  key = jax.random.PRNGKey(seed)
+  sums, tokens = None, 0.0
+  n = lk.num_eval_batches(split, batch_size, num_batches)
+  for i, batch in enumerate(pipeline.eval_batches(split, batch_size, n)):
+    part = jax.tree.map(lambda x: np.asarray(x, np.float64),
+                        sums_fn(batch["ids"], batch["mask"], jax.random.fold_in(key, i)))
+    sums = part if sums is None else jax.tree.map(np.add, sums, part)
+    tokens += float(batch["mask"].sum())
+  return jax.tree.map(lambda x: x / max(tokens, 1.0), sums)
+
+
 def denoising_curve(model: LangFlow, split: pipeline.PackedSplit, gamma_G: Sequence[float] | np.ndarray, *,
                     batch_size: int, num_batches: int, seed: int, self_cond: bool = False) -> np.ndarray:
   """Held-out denoiser cross-entropy (nats/token, EMA weights as given) at fixed noise levels.
@@ -183,14 +201,63 @@ def denoising_curve(model: LangFlow, split: pipeline.PackedSplit, gamma_G: Seque
   """
   gamma_G = jnp.asarray(np.asarray(gamma_G, np.float32))
   graphdef, state = nnx.split(model)
-  key = jax.random.PRNGKey(seed)
-  sums, tokens = np.zeros(gamma_G.shape, np.float64), 0.0
-  n = lk.num_eval_batches(split, batch_size, num_batches)
-  for i, batch in enumerate(pipeline.eval_batches(split, batch_size, n)):
-    sums += np.asarray(_curve_sums(graphdef, state, batch["ids"], batch["mask"], jax.random.fold_in(key, i),
-                                   gamma_G, self_cond=bool(self_cond)), np.float64)
-    tokens += float(batch["mask"].sum())
-  return sums / max(tokens, 1.0)
+  return _per_gamma_means(
+      lambda ids, mask, key: _curve_sums(graphdef, state, ids, mask, key, gamma_G, self_cond=bool(self_cond)),
+      split, batch_size, num_batches, seed)
+
+
+def elbo_excess_density(x_hat_BxLxD: Array, mean_BxLxD: Array, gamma: Array) -> Array:
+  """0.5 e^-gamma ||E[e | z] - x_hat||^2 per token [B, L]: what a denoiser ``x_hat`` adds to the
+  diffusion ELBO's integrand (nats per unit gamma) over the exact posterior mean's.
+
+  The ELBO's integrand is 0.5 e^-gamma E||e - x_hat(z)||^2 (the ``sde`` mode, method §11);
+  splitting e - x_hat = (e - E[e|z]) + (E[e|z] - x_hat), the cross term has mean zero given z, so
+  the first part is the exact posterior's integrand and the second is this excess. Integrated over
+  the bound's gamma range, plus the reconstruction CE's excess at gamma_min, it is exactly how far
+  the model's ELBO lies above the exact posterior's (the data's NLL up to the prior's mismatch).
+  """
+  return 0.5 * jnp.exp(-gamma) * jnp.sum(jnp.square(mean_BxLxD - x_hat_BxLxD), axis=-1)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "ref_graphdef"))
+def _gap_sums(graphdef, state, ref_graphdef, ref_state, ids_BxL, mask_BxL, key, gamma_G):
+  """Per gamma, summed over one batch's valid tokens: the model's CE (self-conditioning pre-pass, as
+  the bound and the sampler run it), the reference's CE and the ELBO excess density."""
+  model, ref = nnx.merge(graphdef, state), nnx.merge(ref_graphdef, ref_state)
+  m_BxL = mask_BxL.astype(jnp.float32)
+  e_BxLxD = model.embed(ids_BxL)
+  eps = jax.random.normal(key, e_BxLxD.shape, jnp.float32)
+
+  def at(gamma):
+    gamma_B = jnp.full(ids_BxL.shape[:1], gamma, jnp.float32)
+    z = diffusion.add_noise(e_BxLxD, gamma_B, eps)
+    x_sc = model.denoise(model(z, gamma_B, None)) if model.self_conditioning else None
+    logits, ref_logits = model(z, gamma_B, x_sc), ref(z, gamma_B)
+    excess = elbo_excess_density(model.denoise(logits), ref.denoise(ref_logits), gamma)
+    return {"ce": jnp.sum(token_cross_entropy(logits, ids_BxL) * m_BxL),
+            "ce_reference": jnp.sum(token_cross_entropy(ref_logits, ids_BxL) * m_BxL),
+            "elbo_excess": jnp.sum(excess * m_BxL)}
+
+  return jax.lax.map(at, gamma_G)
+
+
+def denoiser_gap_curve(model: LangFlow, reference: nnx.Module, split: pipeline.PackedSplit,
+                       gamma_G: Sequence[float] | np.ndarray, *, batch_size: int, num_batches: int,
+                       seed: int) -> dict[str, np.ndarray]:
+  """Where a model's likelihood falls short of an exact posterior's, per noise level.
+
+  ``reference`` is an exact denoiser over the model's own embeddings (an
+  :mod:`langflow_jax.oracles` posterior, e.g. the Markov chain that made the
+  data). Returns per-token held-out means at each gamma: the model's CE, the
+  reference's CE (the conditional entropy H(x | z_gamma)) and
+  :func:`elbo_excess_density`, all on the same sequences and eps.
+  """
+  gamma_G = jnp.asarray(np.asarray(gamma_G, np.float32))
+  graphdef, state = nnx.split(model)
+  ref_graphdef, ref_state = nnx.split(reference)
+  return _per_gamma_means(
+      lambda ids, mask, key: _gap_sums(graphdef, state, ref_graphdef, ref_state, ids, mask, key, gamma_G),
+      split, batch_size, num_batches, seed)
 
 
 # --------------------------------------------------------------------------- the protocol card

@@ -172,6 +172,30 @@ def loglog_lines(path: str | pathlib.Path, series: dict[str, tuple[list[float], 
   return save_figure(fig, path)
 
 
+def gap_profile_plot(path: str | pathlib.Path, profiles: dict[str, dict]) -> str:
+  """Where models lose their likelihood: each profile's ELBO excess over the exact posterior per
+  unit gamma (left; ``evaluate.denoiser_gap_curve``) and, against the same gammas, its CE and the
+  exact posterior's (right). A profile holds lists ``gamma``, ``elbo_excess``, ``ce``, ``ce_reference``."""
+  plt = _pyplot()
+  fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.2))
+  for i, (name, prof) in enumerate(profiles.items()):
+    color = f"C{i}"
+    ax1.plot(prof["gamma"], prof["elbo_excess"], "-", color=color, label=name)
+    ax2.plot(prof["gamma"], prof["ce"], "-", color=color, label=f"{name}: model")
+    if i == len(profiles) - 1:
+      ax2.plot(prof["gamma"], prof["ce_reference"], "--", color="k", label="exact posterior")
+  ax1.set_xlabel("gamma = log(sigma^2 / alpha^2)")
+  ax1.set_ylabel("ELBO excess (nats / token / unit gamma)")
+  ax1.set_title("what the network adds to the ELBO over the exact posterior", fontsize=10)
+  ax2.set_xlabel("gamma")
+  ax2.set_ylabel("cross-entropy (nats / token)")
+  ax2.set_title("held-out CE per noise level", fontsize=10)
+  for ax in (ax1, ax2):
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+  return save_figure(fig, path)
+
+
 def bound_plot(path: str | pathlib.Path, sweep: list[dict[str, float]] | None,
                integrand: dict[str, list[float]] | None, *, title: str) -> str:
   """``eval --plot``: the bound and its terms against the step count (left; the rows of

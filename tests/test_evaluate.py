@@ -105,3 +105,36 @@ def test_official_release_directory_loads(fixture_dir):
   config, model, source, out_dir = evaluate.load_for_eval(None, fixture_dir, ["config.eval.steps=8"])
   assert source["weights"] == "official release, as stored" and out_dir == fixture_dir / "eval"
   assert config.model.vocab_size == 307 and config.eval.steps == 8 and model.hidden_size == 96
+
+
+def test_gap_curve_splits_the_elbo_difference_of_two_exact_posteriors_over_gamma():
+  """The context-free posterior against the Markov chain's on chain rows: the per-gamma ELBO excess
+  integrated over gamma (plus the reconstruction CE's gap at the clean end) is the difference of
+  the two models' NLLs of the rows; a denoiser against itself has no excess anywhere."""
+  from langflow_jax import oracles
+  from langflow_jax import schedule as schedule_lib
+  from langflow_jax.data import markov
+  from langflow_jax.data.prepare import PackedSplit
+  from langflow_jax.model import normalized_rows
+
+  chain = markov.random_chain(8, 3, seed=1)
+  ids = (chain.sample(np.random.default_rng(3), 256, 16) + 1).astype(np.int32)
+  mask = np.ones_like(ids, bool)
+  log_p = np.log(chain.stationary[ids[:, 0] - 1]) + np.log(chain.transition[ids[:, :-1] - 1, ids[:, 1:] - 1]).sum(1)
+  e = normalized_rows(jax.random.normal(jax.random.PRNGKey(0), (chain.num_states + 1, 16)))
+  schedule = schedule_lib.GumbelSchedule(1.5, 1.2, 2.0)
+  exact = oracles.MarkovDenoiser(chain, e, schedule, offset=1)
+  counts = np.bincount(ids.ravel(), minlength=chain.num_states + 1) + 1e-6
+  unigram = oracles.ContextFreeDenoiser(e, schedule, np.log(counts / counts.sum()))
+  gamma_G = np.linspace(-6.0, 14.0, 201)  # clean (tokens certain) to pure noise for D = 16
+  split, kw = PackedSplit(ids, mask), dict(batch_size=128, num_batches=0, seed=1)
+
+  same = evaluate.denoiser_gap_curve(exact, exact, split, gamma_G, **kw)
+  np.testing.assert_allclose(same["elbo_excess"], 0.0, atol=1e-7)
+  np.testing.assert_allclose(same["ce"], same["ce_reference"], atol=1e-6)
+
+  gap = evaluate.denoiser_gap_curve(unigram, exact, split, gamma_G, **kw)
+  assert np.all(gap["elbo_excess"] >= 0) and gap["elbo_excess"].max() > 0.1
+  total = np.trapezoid(gap["elbo_excess"], gamma_G) + (gap["ce"][0] - gap["ce_reference"][0])
+  nll_gap = unigram.analytic_nll(ids, mask) - float(np.mean(-log_p / 16))
+  assert nll_gap > 1.0 and abs(total - nll_gap) < 0.05, (total, nll_gap)
