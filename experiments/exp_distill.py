@@ -100,16 +100,13 @@ def parse_args(argv: Sequence[str] | None = None):
 # --------------------------------------------------------------------------- models
 
 
-def pair(args) -> tuple[dict, dict, pathlib.Path]:
-  """(configs, EMA models, teacher run directory) of the serving pair at the quality length, trained
-  or reused."""
-  configs = {m: serving_pair.model_config(args.quality_length, m, args.overrides, args.train_steps)
-             for m in serving_pair.METHODS}
-  models = {}
-  for m in serving_pair.METHODS:
-    workdir = serving_pair.run_dir(args.workdir, m, args.quality_length)
-    models[m], _ = bench_serving.trained_model(configs[m], workdir, configs[m].train.steps)
-  return configs, models, serving_pair.run_dir(args.workdir, "langflow", args.quality_length)
+def pair_member(method: str, args) -> tuple[Any, Any, pathlib.Path]:
+  """(config, EMA model, run directory) of one model of the serving pair at the quality length, trained
+  (or resumed) to its budget, or reused."""
+  cfg = serving_pair.model_config(args.quality_length, method, args.overrides, args.train_steps)
+  workdir = serving_pair.run_dir(args.workdir, method, args.quality_length)
+  model, _ = bench_serving.trained_model(cfg, workdir, cfg.train.steps)
+  return cfg, model, workdir
 
 
 def student(method: str, teacher: pathlib.Path, args) -> tuple[pathlib.Path, Any, dict]:
@@ -248,13 +245,17 @@ def targets(results: dict, timing: list[dict], students: Sequence[str], steps: S
 
 def main(argv: Sequence[str] | None = None) -> dict:
   args = parse_args(argv)
-  configs, models, teacher_dir = pair(args)
-  scorers = {"ar": ar.sequence_scorer(models["ar"]), "bigram": common.bigram_scorer(configs["langflow"])}
-  results = {"teacher": quality(models["langflow"], teacher_dir, scorers, args)}
-  cards = {}
+  # the teacher, then its students, then the AR twin (which only scores and times)
+  teacher_cfg, teacher, teacher_dir = pair_member("langflow", args)
+  students, cards = {}, {}
   for method in args.methods:
     workdir, model, cards[method] = student(method, teacher_dir, args)
-    results[f"{method} student"] = quality(model, workdir, scorers, args)
+    students[f"{method} student"] = (model, workdir)
+  ar_cfg, ar_model, _ = pair_member("ar", args)
+  configs, models = {"langflow": teacher_cfg, "ar": ar_cfg}, {"langflow": teacher, "ar": ar_model}
+  scorers = {"ar": ar.sequence_scorer(ar_model), "bigram": common.bigram_scorer(teacher_cfg)}
+  results = {label: quality(model, workdir, scorers, args)
+             for label, (model, workdir) in {"teacher": (teacher, teacher_dir), **students}.items()}
   reference = serving_pair.sample_quality(common.heldout(configs["langflow"]).ids[: args.samples], scorers)
   timing = [row for length in args.lengths for row in latency(length, timing_models(length, models, args), args)]
 
