@@ -357,6 +357,35 @@ def serving(r: Results) -> str:
       f"start. Every table: {r.link('serving.md')}."])
 
 
+@block("distill", "distill.json")
+def distill(r: Results) -> str:
+  """Teacher, students and AR: quality at a few step counts and time to the full output at length 128."""
+  d = r.json("distill.json")
+  length = d["args"]["quality_length"]
+  timing = {row["batch"]: row for row in d["timing"] if row["length"] == length}
+  batches = sorted(timing)
+  sec = lambda x: ("~" if x["extrapolated"] else "") + f"{x['seconds']:.3f}"  # noqa: E731
+  shown = {"teacher": (64, 8, 2), **{k: (4, 2, 1) for k in d["results"] if k != "teacher"}}
+  rows = []
+  for label, steps in shown.items():
+    q = d["results"][label]
+    for n in steps:
+      if str(n) in q:
+        rows.append([label, n, f"{q[str(n)]['gen_ppl_ar']:.1f}", f"{q[str(n)]['gen_ppl_bigram']:.1f}",
+                     f"{q[str(n)]['entropy']:.2f}", *[sec(timing[b]["langflow"][str(n)]) for b in batches]])
+  ref = d["reference"]
+  rows.append(["AR twin (KV cache)", length, "", "", "", *[f"{timing[b]['ar_seconds']:.3f}" for b in batches]])
+  rows.append(["held-out text", "", f"{ref['gen_ppl_ar']:.1f}", f"{ref['gen_ppl_bigram']:.1f}",
+               f"{ref['entropy']:.2f}", *["" for _ in batches]])
+  cross = d["crossover_batch_2_steps"].get(str(length))
+  return "\n\n".join([
+      table(["model", "steps", "Gen. PPL (AR)", "Gen. PPL (bigram)", "entropy",
+             *[f"s to {length} tokens, batch {b}" for b in batches]], rows),
+      f"2 steps stop beating AR at batch {'about ' + format(cross, '.0f') if cross else 'n/a (no crossing measured)'}. "
+      f"`~`: from the fitted line. Every step count, length 512 and the targets: {r.link('distill.md')}. "
+      f"{machine(d)}"])
+
+
 GIB = 1024 ** 3
 
 
