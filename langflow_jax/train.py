@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import logging
 import math
 import os
@@ -71,9 +72,11 @@ def init_train_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
 # --------------------------------------------------------------------------- steps
 
 
-def training_objective(config: ml_collections.ConfigDict) -> Callable:
-  """The method's objective with what it reads bound (a student's teacher: read from its run here)."""
-  return methods.for_config(config).training_objective(config, load_run=ckpt_lib.load_model)
+def training_objective(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None) -> Callable:
+  """The method's objective with what it reads bound: a student's teacher is read from its run here,
+  its weights placed on ``mesh`` by the sharding rules like the student's."""
+  load_run = functools.partial(ckpt_lib.load_model, mesh=mesh)
+  return methods.for_config(config).training_objective(config, load_run=load_run)
 
 
 def make_grad_fn(config: ml_collections.ConfigDict, parts: ModelParts, objective: Callable | None = None) -> Callable:
@@ -483,7 +486,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, mesh: jax.s
                               process_index=data_index, process_count=data_count,
                               prefetch=config.data.prefetch, threads=config.data.prefetch_threads)
   it.set_state(data_state)
-  objective = training_objective(config)  # a student's teacher is read once, here
+  objective = training_objective(config, mesh)  # a student's teacher is read once, here
   train_step = jit_train_step(make_train_step(config, parts, tx, objective), state_shardings, mesh)
   eval_step = make_eval_step(config, parts, mesh, state_shardings.ema_params, objective)
   writer = reporting.MetricWriter(workdir)
