@@ -73,6 +73,8 @@ def base_config() -> ml_collections.ConfigDict:
                                   # (paper: 0.25; experiments/results/known_entropy.md)
       self_cond_mode="batch",     # batch: one coin per step | sample: one per sequence
       time_sampling="stratified",  # stratified | antithetic | iid draws of u in [0, 1]
+      quantile_power=1.0,         # training draws at icdf(u^power): > 1 moves them towards low gamma, where
+                                  # the bound's nats are lost (1: the paper's information-uniform proposal)
       skip_warmup_steps=5000,     # linear ramp of the skip term (method §4.5); 0 disables
       schedule_loss_weight=1.0,   # weight of the schedule-fitting regression
       ce_weight=1.0,              # weight of the token cross-entropy (the paper's loss)
@@ -363,6 +365,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must lie in [0, 1).", "use e.g. 0.1.")
   _require(0.0 <= config.objective.self_cond_prob <= 1.0,
            f"objective.self_cond_prob={config.objective.self_cond_prob} must lie in [0, 1].", "use e.g. 0.25.")
+  _require(config.objective.get("quantile_power", 1.0) > 0,
+           f"objective.quantile_power={config.objective.get('quantile_power')} must be positive.",
+           "use 1 (the paper's proposal) or e.g. 2 (more draws at low noise).")
   _require(config.objective.self_cond_mode in ("batch", "sample"),
            f"objective.self_cond_mode='{config.objective.self_cond_mode}' is unknown.", "use batch or sample.")
   _require(config.objective.time_sampling in ("stratified", "antithetic", "iid"),

@@ -26,6 +26,15 @@ def test_uniform_samplers(method):
     np.testing.assert_allclose(u[:4] + u[4:], 1.0, atol=1e-6)
 
 
+def test_quantile_power_draws_gamma_at_the_warped_quantiles():
+  cfg, model, ids = setup(self_cond_prob=0.0, time_sampling="iid", quantile_power=2.0)
+  key = jax.random.PRNGKey(3)
+  out = O.langflow_objective(model, ids, jnp.ones_like(ids, bool), key, cfg=cfg.objective, train=False)
+  u = jax.random.uniform(jax.random.split(key, 5)[0], (4,))
+  np.testing.assert_allclose(np.asarray(out.gamma_B), np.asarray(model.schedule.icdf(u ** 2)), rtol=1e-6)
+  assert np.all(np.asarray(out.gamma_B) <= np.asarray(model.schedule.icdf(u)) + 1e-6)  # towards low noise
+
+
 def test_terms_are_sums_with_denominators_and_mask():
   cfg, model, ids = setup()
   mask = jnp.ones((4, 16), bool).at[3].set(False).at[2, 8:].set(False)
