@@ -365,48 +365,7 @@ def carry_over(res: dict, old: dict | None) -> None:
       res["ablations"][key] = {**r, "carried": True}
 
 
-def ratio(x: float | None, h: float) -> str:
-  return "n/a" if x is None or not math.isfinite(x) else f"{x:.3f} ({x / h:.2f})"
-
-
-def cell(r: dict | None, key: str, h: float) -> str:
-  """``ratio`` of a row's figure, starred when the row was carried over from an earlier invocation."""
-  r = r or {}
-  text = ratio(r.get(key), h)
-  return text + " *" if r.get("carried") and text != "n/a" else text
-
-
-def excess_slope(per: dict, h: float) -> tuple[int, int, float, float] | None:
-  """The power law through a method's last two rungs: ``(s1, s2, excess at s2, a)`` with the excess
-  over H falling as ``steps^-a`` (None with fewer than two rungs or an excess <= 0)."""
-  rungs = sorted(int(s) for s in per if per[s].get("nats_per_token") is not None)
-  if len(rungs) < 2:
-    return None
-  s1, s2 = rungs[-2:]
-  e1, e2 = (per[str(s)]["nats_per_token"] - h for s in (s1, s2))
-  if e1 <= 0 or e2 <= 0:
-    return None
-  return s1, s2, e2, math.log(e1 / e2) / math.log(s2 / s1)
-
-
-def crossing_budget(langflow: tuple | None, mdlm: tuple | None) -> str:
-  """Where LangFlow's extrapolated excess meets MDLM's, both continued from their last rungs."""
-  if not langflow or not mdlm or langflow[1] != mdlm[1]:
-    return "n/a"
-  (_, s2, e_lf, a_lf), (_, _, e_md, a_md) = langflow, mdlm
-  if e_lf <= e_md:
-    return f"already at {s2}"
-  if a_lf <= a_md:
-    return "never (LangFlow's excess does not fall faster)"
-  return f"{s2 * (e_lf / e_md) ** (1 / (a_lf - a_md)):,.0f} steps"
-
-
-def slopes_table(res: dict, h: float) -> list[list]:
-  fits = {m: excess_slope(per, h) for m, per in res["ladder"].items()}
-  rows = [[METHODS[m][0], f"{f[0]} -> {f[1]}", f"{f[2]:.3f}", f"{f[3]:.2f}"] for m, f in fits.items() if f]
-  if rows:
-    rows.append(["LangFlow meets MDLM at", "", "", crossing_budget(fits.get("langflow"), fits.get("mdlm"))])
-  return rows
+ratio, cell = harness.ratio_cell, harness.carried_cell
 
 
 def _stderr(r: dict) -> str:

@@ -131,6 +131,19 @@ def fmt(x: float | None, digits: int = 3) -> str:
   return f"{x:.{digits}f}" if abs(x) < 1e5 else f"{x:.3g}"
 
 
+def ratio_cell(x: float | None, h: float) -> str:
+  """A figure beside its ratio to a reference, ``0.911 (1.21)``: nats/token against an entropy."""
+  return "n/a" if x is None or not math.isfinite(x) else f"{x:.3f} ({x / h:.2f})"
+
+
+def carried_cell(row: dict | None, key: str, h: float) -> str:
+  """:func:`ratio_cell` of ``row[key]``, starred when the study carried the row over from an
+  earlier invocation (``row["carried"]``)."""
+  row = row or {}
+  text = ratio_cell(row.get(key), h)
+  return text + " *" if row.get("carried") and text != "n/a" else text
+
+
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
   lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
   lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]

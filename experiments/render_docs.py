@@ -31,6 +31,8 @@ import re
 import sys
 from typing import Any, Callable
 
+import harness
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
   sys.path.insert(0, str(ROOT))
@@ -260,15 +262,7 @@ def schedule(r: Results) -> str:
       f"errors, terms and the fitted schedules in {r.link('schedule.md')}. {bound_note(s)} {machine(s)}"])
 
 
-def _ratio(x: float | None, h: float) -> str:
-  return "n/a" if x is None or not math.isfinite(x) else f"{x:.3f} ({x / h:.2f})"
-
-
-def _cell(row: dict | None, key: str, h: float) -> str:
-  """``_ratio`` of a row's figure, starred when the study carried the row over from an earlier run."""
-  row = row or {}
-  text = _ratio(row.get(key), h)
-  return text + " *" if row.get("carried") and text != "n/a" else text
+_ratio, _cell = harness.ratio_cell, harness.carried_cell
 
 
 @block("known_entropy", "known_entropy.json")
