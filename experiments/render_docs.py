@@ -351,15 +351,15 @@ def serving(r: Results) -> str:
       f"start. Every table: {r.link('serving.md')}."])
 
 
-@block("distill", "distill.json")
-def distill(r: Results) -> str:
-  """Teacher, students and AR: quality at a few step counts and time to the full output at length 128."""
+def distill_table(r: Results, shown: dict[str, tuple[int, ...]] | None = None) -> str:
+  """Teacher, students and AR: quality at a few step counts and time to the full output at the quality
+  length (``shown``: the step counts of each model; default the teacher's 64 / 8 / 2, each student's 4 / 2 / 1)."""
   d = r.json("distill.json")
   length = d["args"]["quality_length"]
   timing = {row["batch"]: row for row in d["timing"] if row["length"] == length}
   batches = sorted(timing)
   sec = lambda x: ("~" if x["extrapolated"] else "") + f"{x['seconds']:.3f}"  # noqa: E731
-  shown = {"teacher": (64, 8, 2), **{k: (4, 2, 1) for k in d["results"] if k != "teacher"}}
+  shown = shown or {"teacher": (64, 8, 2), **{k: (4, 2, 1) for k in d["results"] if k != "teacher"}}
   rows = []
   for label, steps in shown.items():
     q = d["results"][label]
@@ -378,6 +378,18 @@ def distill(r: Results) -> str:
       f"2 steps stop beating AR at batch {'about ' + format(cross, '.0f') if cross else 'n/a (no crossing measured)'}. "
       f"`~`: from the fitted line. Every step count, length 512 and the targets: {r.link('distill.md')}. "
       f"{machine(d)}"])
+
+
+@block("distill", "distill.json")
+def distill(r: Results) -> str:
+  return distill_table(r)
+
+
+@block("distill-front", "distill.json")
+def distill_front(r: Results) -> str:
+  """The front page's cut: the teacher at 64 / 8 / 2 steps, the default (first) student at 4 / 2 / 1."""
+  first = next(k for k in r.json("distill.json")["results"] if k != "teacher")
+  return distill_table(r, {"teacher": (64, 8, 2), first: (4, 2, 1)})
 
 
 GIB = 1024 ** 3
