@@ -17,7 +17,7 @@ import pytest
 from flax import nnx
 
 from langflow_jax import checkpoint as ckpt_lib
-from langflow_jax import cli, diffusion, distillation, methods, sampling, train
+from langflow_jax import cli, diffusion, distillation, methods, sampling, serve, train
 from tests.conftest import fresh_and_random_models, small_config
 
 
@@ -153,6 +153,8 @@ def test_distill_sample_end_to_end(teachers, tmp_path, capsys):
   out = capsys.readouterr().out
   assert code == 0 and out.count("--- sample") == 2
   assert f"student of {(teachers / 'langflow').resolve()} (flowmap distillation for 2 steps" in out
+  service = serve.service_from_workdir(str(student), slots=1, steps=2, warmup=False)  # serves as LangFlow
+  assert service.kind == "langflow" and service.defaults.steps == 2
 
 
 @pytest.mark.parametrize("teacher, extra, message", [
