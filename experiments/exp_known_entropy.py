@@ -340,7 +340,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
           continue
         key = ab.name if steps == ABLATION_STEPS or args.quick else f"{ab.name}@{steps}"
         res["ablations"][key] = {"label": ab.label, "method": ab.method, "steps": steps,
-                                 **measure(v, args, steps, protocol)}
+                                 **measure(v, args, steps, protocol, chain if ab.method == "langflow" else None)}
         write(args, results, protocol)
   args.runs = base_runs
   return write(args, results, protocol)
@@ -366,6 +366,39 @@ def carry_over(res: dict, old: dict | None) -> None:
 
 
 ratio, cell = harness.ratio_cell, harness.carried_cell
+
+
+def excess_slope(per: dict, h: float) -> tuple[int, int, float, float] | None:
+  """The power law through a method's last two rungs: ``(s1, s2, excess at s2, a)`` with the excess
+  over H falling as ``steps^-a`` (None with fewer than two rungs or an excess <= 0)."""
+  rungs = sorted(int(s) for s in per if per[s].get("nats_per_token") is not None)
+  if len(rungs) < 2:
+    return None
+  s1, s2 = rungs[-2:]
+  e1, e2 = (per[str(s)]["nats_per_token"] - h for s in (s1, s2))
+  if e1 <= 0 or e2 <= 0:
+    return None
+  return s1, s2, e2, math.log(e1 / e2) / math.log(s2 / s1)
+
+
+def crossing_budget(langflow: tuple | None, mdlm: tuple | None) -> str:
+  """Where LangFlow's extrapolated excess meets MDLM's, both continued from their last rungs."""
+  if not langflow or not mdlm or langflow[1] != mdlm[1]:
+    return "n/a"
+  (_, s2, e_lf, a_lf), (_, _, e_md, a_md) = langflow, mdlm
+  if e_lf <= e_md:
+    return f"already at {s2}"
+  if a_lf <= a_md:
+    return "never (LangFlow's excess does not fall faster)"
+  return f"{s2 * (e_lf / e_md) ** (1 / (a_lf - a_md)):,.0f} steps"
+
+
+def slopes_table(res: dict, h: float) -> list[list]:
+  fits = {m: excess_slope(per, h) for m, per in res["ladder"].items()}
+  rows = [[METHODS[m][0], f"{f[0]} -> {f[1]}", f"{f[2]:.3f}", f"{f[3]:.2f}"] for m, f in fits.items() if f]
+  if rows:
+    rows.append(["LangFlow meets MDLM at", "", "", crossing_budget(fits.get("langflow"), fits.get("mdlm"))])
+  return rows
 
 
 def _stderr(r: dict) -> str:
@@ -404,11 +437,13 @@ def write(args, results: dict, protocol: dict) -> dict:
                      "law excess ~ steps^-a, and the budget where LangFlow's meets MDLM's if both laws held "
                      "(an extrapolation from two points, each with the stderr of its row):",
                      harness.markdown_table(["model", "rungs", "excess at the last", "a"], slopes)]
-    gaps = {int(st): r["gap"] for st, r in res["ladder"].get("langflow", {}).items() if r.get("gap")}
+    gaps = {f"LangFlow, {st} steps": r["gap"]
+            for st, r in sorted(res["ladder"].get("langflow", {}).items(), key=lambda kv: int(kv[0])) if r.get("gap")}
+    gaps.update({f"{r['label']}, {r['steps']} steps": r["gap"] for r in res["ablations"].values() if r.get("gap")})
     if gaps:
-      grows = [[st, f"{g['excess_integral'] + g['reconstruction_gap']:.3f}", f"{g['reconstruction_gap']:.3f}",
+      grows = [[name, f"{g['excess_integral'] + g['reconstruction_gap']:.3f}", f"{g['reconstruction_gap']:.3f}",
                 *(f"{b['excess'] / max(g['excess_integral'], 1e-12):.0%}" for b in g["bands"])]
-               for st, g in sorted(gaps.items())]
+               for name, g in gaps.items()]
       bands = next(iter(gaps.values()))["bands"]
       paragraphs += [
           "Where LangFlow loses its nats: the ELBO's excess over the exact posterior (the chain's, by "
@@ -416,10 +451,10 @@ def write(args, results: dict, protocol: dict) -> dict:
           "bound's gamma range (plus the reconstruction CE's excess at its clean end), and the integral's share "
           "in each band of the schedule's quantiles u, whose width is the share of training draws there:",
           harness.markdown_table(
-              ["steps", "ELBO excess (nats/token)", "of which reconstruction"] +
+              ["model", "ELBO excess (nats/token)", "of which reconstruction"] +
               [f"u {b['u'][0]:g}-{b['u'][1]:g} ({b['draws']:.0%} of draws)" for b in bands], grows),
           f"![gap profile]({NAME}_gap.png)"]
-      plots.gap_profile_plot(args.out / f"{NAME}_gap.png", {f"{name}, {st} steps": g for st, g in sorted(gaps.items())})
+      plots.gap_profile_plot(args.out / f"{NAME}_gap.png", {f"{name}: {k}": g for k, g in gaps.items()})
     if res["ablations"]:
       arows = []
       for ab_steps in sorted({r["steps"] for r in res["ablations"].values()}):
