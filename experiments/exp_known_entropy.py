@@ -293,6 +293,9 @@ def parse(argv):
                         "other budgets are reported as NAME@STEPS")
     p.add_argument("--cached-only", action="store_true",
                    help="train nothing: tabulate the runs already trained to their budget (and measure them)")
+    p.add_argument("--carry-all", action="store_true",
+                   help="also carry over LangFlow rows of the shipped recipe measured by an earlier invocation "
+                        "(only when the recipe's defaults have not changed since; starred like the others)")
     p.add_argument("--no-carry", action="store_true",
                    help="tabulate only what this invocation measures (default: rows of experiments it does not "
                         "run, baselines and previous-recipe rows, are carried over from --out's known_entropy.json)")
@@ -320,7 +323,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args.runs = base_runs / corpus.name
     res = results.setdefault(corpus.name, {"card": {k: card[k] for k in card if k not in ("words",)},
                                            "ladder": {}, "ablations": {}})
-    carry_over(res, previous.get(corpus.name))
+    carry_over(res, previous.get(corpus.name), everything=args.carry_all)
     top = rungs if corpus.kind == "tokens" or args.quick else tuple(r for r in rungs if r <= args.max_rung_words)
     for steps in top:
       for method in methods:
@@ -350,18 +353,25 @@ def previous_results(path: pathlib.Path) -> dict:
   return json.loads(path.read_text()).get("results", {}) if path.is_file() else {}
 
 
-def carry_over(res: dict, old: dict | None) -> None:
+CARRIED_NOTE = ("\\* measured by an earlier invocation of this script (its run directories since removed): a "
+                "baseline or a change of the previous recipe, fixed by its overrides, or (``--carry-all``) a row "
+                "of the shipped recipe whose defaults have not changed since; its code is unchanged, so the row "
+                "stands.")
+
+
+def carry_over(res: dict, old: dict | None, everything: bool = False) -> None:
   """Rows an earlier invocation measured whose experiment does not depend on LangFlow's shipped
-  recipe: the baselines' ladder and the absolute ablation rows. Marked ``carried`` (the tables
-  star them); a row measured now replaces its carried copy."""
+  recipe: the baselines' ladder and the absolute ablation rows (``everything``: every row, for
+  when the recipe is unchanged since). Marked ``carried`` (the tables star them); a row measured
+  now replaces its carried copy."""
   if not old:
     return
   absolute = {a.name for a in ABLATIONS if a.absolute}
   for method, per in old.get("ladder", {}).items():
-    if method != "langflow":
+    if method != "langflow" or everything:
       res["ladder"][method] = {s: {**r, "carried": True} for s, r in per.items()}
   for key, r in old.get("ablations", {}).items():
-    if key.partition("@")[0] in absolute:
+    if key.partition("@")[0] in absolute or everything:
       res["ablations"][key] = {**r, "carried": True}
 
 
@@ -393,12 +403,41 @@ def crossing_budget(langflow: tuple | None, mdlm: tuple | None) -> str:
   return f"{s2 * (e_lf / e_md) ** (1 / (a_lf - a_md)):,.0f} steps"
 
 
-def slopes_table(res: dict, h: float) -> list[list]:
+SLOPES_NOTE = ("Slopes: the excess over H (nats/token) through each method's last two rungs, as a power law "
+               "excess ~ steps^-a, and the budget where LangFlow's meets MDLM's if both laws held (an "
+               "extrapolation from two points, each with the stderr of its row):")
+GAP_NOTE = ("Where LangFlow loses its nats: the ELBO's excess over the exact posterior (the chain's, by "
+            "forward-backward over the run's own embeddings, so the excess is the network's), integrated over the "
+            "bound's gamma range (plus the reconstruction CE's excess at its clean end), and the integral's share "
+            "in each band of the schedule's quantiles u, whose width is the share of training draws there:")
+
+
+def slopes_table(res: dict, h: float) -> dict | None:
+  """``{"headers", "rows"}`` of the slopes (None without two rungs of any method)."""
   fits = {m: excess_slope(per, h) for m, per in res["ladder"].items()}
   rows = [[METHODS[m][0], f"{f[0]} -> {f[1]}", f"{f[2]:.3f}", f"{f[3]:.2f}"] for m, f in fits.items() if f]
-  if rows:
-    rows.append(["LangFlow meets MDLM at", "", "", crossing_budget(fits.get("langflow"), fits.get("mdlm"))])
-  return rows
+  if not rows:
+    return None
+  rows.append(["LangFlow meets MDLM at", "", "", crossing_budget(fits.get("langflow"), fits.get("mdlm"))])
+  return {"headers": ["model", "rungs", "excess at the last", "a"], "rows": rows}
+
+
+def gap_profiles(res: dict) -> dict[str, dict]:
+  """Row name -> gap profile, the ladder's LangFlow rungs then the LangFlow ablations."""
+  ladder = sorted(res["ladder"].get("langflow", {}).items(), key=lambda kv: int(kv[0]))
+  gaps = {f"LangFlow, {st} steps": r["gap"] for st, r in ladder if r.get("gap")}
+  gaps.update({f"{r['label']}, {r['steps']} steps": r["gap"] for r in res["ablations"].values() if r.get("gap")})
+  return gaps
+
+
+def gap_table(gaps: dict[str, dict]) -> dict | None:
+  if not gaps:
+    return None
+  bands = next(iter(gaps.values()))["bands"]
+  rows = [[name, f"{g['excess_integral'] + g['reconstruction_gap']:.3f}", f"{g['reconstruction_gap']:.3f}",
+           *(f"{b['excess'] / max(g['excess_integral'], 1e-12):.0%}" for b in g["bands"])] for name, g in gaps.items()]
+  return {"headers": ["model", "ELBO excess (nats/token)", "of which reconstruction"] +
+                     [f"u {b['u'][0]:g}-{b['u'][1]:g} ({b['draws']:.0%} of draws)" for b in bands], "rows": rows}
 
 
 def _stderr(r: dict) -> str:
@@ -431,30 +470,12 @@ def write(args, results: dict, protocol: dict) -> dict:
         f"{'token' if c['kind'] == 'token ids' else 'word'})",
         "Held-out nats/token (x H) at each training budget (steps of 32 x 64 tokens):",
         harness.markdown_table(["model"] + [f"{s} steps" for s in rungs], rows)]
-    slopes = slopes_table(res, h)
-    if slopes:
-      paragraphs += ["Slopes: the excess over H (nats/token) through each method's last two rungs, as a power "
-                     "law excess ~ steps^-a, and the budget where LangFlow's meets MDLM's if both laws held "
-                     "(an extrapolation from two points, each with the stderr of its row):",
-                     harness.markdown_table(["model", "rungs", "excess at the last", "a"], slopes)]
-    gaps = {f"LangFlow, {st} steps": r["gap"]
-            for st, r in sorted(res["ladder"].get("langflow", {}).items(), key=lambda kv: int(kv[0])) if r.get("gap")}
-    gaps.update({f"{r['label']}, {r['steps']} steps": r["gap"] for r in res["ablations"].values() if r.get("gap")})
-    if gaps:
-      grows = [[name, f"{g['excess_integral'] + g['reconstruction_gap']:.3f}", f"{g['reconstruction_gap']:.3f}",
-                *(f"{b['excess'] / max(g['excess_integral'], 1e-12):.0%}" for b in g["bands"])]
-               for name, g in gaps.items()]
-      bands = next(iter(gaps.values()))["bands"]
-      paragraphs += [
-          "Where LangFlow loses its nats: the ELBO's excess over the exact posterior (the chain's, by "
-          "forward-backward over the run's own embeddings, so the excess is the network's), integrated over the "
-          "bound's gamma range (plus the reconstruction CE's excess at its clean end), and the integral's share "
-          "in each band of the schedule's quantiles u, whose width is the share of training draws there:",
-          harness.markdown_table(
-              ["model", "ELBO excess (nats/token)", "of which reconstruction"] +
-              [f"u {b['u'][0]:g}-{b['u'][1]:g} ({b['draws']:.0%} of draws)" for b in bands], grows),
-          f"![gap profile]({NAME}_gap.png)"]
-      plots.gap_profile_plot(args.out / f"{NAME}_gap.png", {f"{name}: {k}": g for k, g in gaps.items()})
+    res["tables"] = {"slopes": slopes_table(res, h), "gap": gap_table(gap_profiles(res))}
+    if res["tables"]["slopes"]:
+      paragraphs += [SLOPES_NOTE, harness.markdown_table(**res["tables"]["slopes"])]
+    if res["tables"]["gap"]:
+      paragraphs += [GAP_NOTE, harness.markdown_table(**res["tables"]["gap"]), f"![gap profile]({NAME}_gap.png)"]
+      plots.gap_profile_plot(args.out / f"{NAME}_gap.png", {f"{name}: {k}": g for k, g in gap_profiles(res).items()})
     if res["ablations"]:
       arows = []
       for ab_steps in sorted({r["steps"] for r in res["ablations"].values()}):
@@ -479,14 +500,14 @@ def write(args, results: dict, protocol: dict) -> dict:
       "it integrates). MDLM: NELBO, every mask size once per row. AR: exact NLL.")
   if any(r.get("carried") for res in results.values() for per in [*res["ladder"].values(), res["ablations"]]
          for r in per.values()):
-    paragraphs.append("\\* measured by an earlier invocation of this script (its run directories since removed); "
-                      "the experiment is fixed by its overrides (a baseline, or a change of the previous recipe) "
-                      "and its code is unchanged since, so the row stands.")
+    paragraphs.append(CARRIED_NOTE)
   figure = args.out / f"{NAME}.png"
   if series:
     plots.loglog_lines(figure, series, xlabel="training steps (32 x 64 tokens each)",
                        ylabel="held-out nats/token / H", reference=1.0)
-  return common.write_results(args, NAME, paragraphs, str(figure), {"results": results, "protocol": protocol})
+  return common.write_results(args, NAME, paragraphs, str(figure),
+                              {"results": results, "protocol": protocol, "carried_note": CARRIED_NOTE,
+                               "notes": {"slopes": SLOPES_NOTE, "gap": GAP_NOTE}})
 
 
 if __name__ == "__main__":

@@ -288,10 +288,12 @@ def known_entropy(r: Results) -> str:
                 num(a.get("stderr"))] for a in res["ablations"].values()]
       parts += ["Ablations (one change each):",
                 table(["variant", "steps", "held-out nats/token (x H)", "flow mode (x H)", "stderr"], arows)]
+    for name, t in (res.get("tables") or {}).items():
+      if t:
+        parts += [k["notes"][name], table(t["headers"], t["rows"])]
   if any(row.get("carried") for res in k["results"].values()
          for per in [*res["ladder"].values(), res["ablations"]] for row in per.values()):
-    parts.append("\\* carried over from an earlier invocation of the study: a baseline, or a change of the "
-                 "previous recipe, whose code is unchanged since.")
+    parts.append(k.get("carried_note", "\\* carried over from an earlier invocation of the study."))
   p = k["protocol"]
   parts.append(f"LangFlow: {p['mode']} ODE bound, {p['solver']} {p['steps']}, variance-reduced, on the first "
                f"{p['num_batches']} x {p['batch_size']} held-out rows; MDLM: NELBO; AR: exact NLL. The study "
