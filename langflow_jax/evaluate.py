@@ -154,11 +154,9 @@ class EvalResult:
 # --------------------------------------------------------------------------- the denoising curve
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "self_cond"))
-def _curve_sums(graphdef, state, ids_BxL, mask_BxL, key, gamma_G, *, self_cond: bool):
-  """Summed held-out CE at each gamma for one batch: [G] nats (one eps draw reused for every gamma)."""
-  model = nnx.merge(graphdef, state)
-  m_BxL = mask_BxL.astype(jnp.float32)
+def _logits_at_levels(model, ids_BxL, key, self_cond: bool):
+  """gamma -> (gamma_B, z, logits) for one batch: one eps draw reused for every gamma, the
+  self-conditioning pre-pass where asked (as the bound and the sampler run it)."""
   e_BxLxD = model.embed(ids_BxL)
   eps = jax.random.normal(key, e_BxLxD.shape, jnp.float32)
 
@@ -166,7 +164,19 @@ def _curve_sums(graphdef, state, ids_BxL, mask_BxL, key, gamma_G, *, self_cond: 
     gamma_B = jnp.full(ids_BxL.shape[:1], gamma, jnp.float32)
     z = diffusion.add_noise(e_BxLxD, gamma_B, eps)
     x_sc = model.denoise(model(z, gamma_B, None)) if self_cond and model.self_conditioning else None
-    return jnp.sum(token_cross_entropy(model(z, gamma_B, x_sc), ids_BxL) * m_BxL)
+    return gamma_B, z, model(z, gamma_B, x_sc)
+
+  return at
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "self_cond"))
+def _curve_sums(graphdef, state, ids_BxL, mask_BxL, key, gamma_G, *, self_cond: bool):
+  """Summed held-out CE at each gamma for one batch: [G] nats (one eps draw reused for every gamma)."""
+  logits_at = _logits_at_levels(nnx.merge(graphdef, state), ids_BxL, key, self_cond)
+  m_BxL = mask_BxL.astype(jnp.float32)
+
+  def at(gamma):
+    return jnp.sum(token_cross_entropy(logits_at(gamma)[2], ids_BxL) * m_BxL)
 
   return jax.lax.map(at, gamma_G)
 
@@ -224,15 +234,12 @@ def _gap_sums(graphdef, state, ref_graphdef, ref_state, ids_BxL, mask_BxL, key, 
   """Per gamma, summed over one batch's valid tokens: the model's CE (self-conditioning pre-pass, as
   the bound and the sampler run it), the reference's CE and the ELBO excess density."""
   model, ref = nnx.merge(graphdef, state), nnx.merge(ref_graphdef, ref_state)
+  logits_at = _logits_at_levels(model, ids_BxL, key, self_cond=True)
   m_BxL = mask_BxL.astype(jnp.float32)
-  e_BxLxD = model.embed(ids_BxL)
-  eps = jax.random.normal(key, e_BxLxD.shape, jnp.float32)
 
   def at(gamma):
-    gamma_B = jnp.full(ids_BxL.shape[:1], gamma, jnp.float32)
-    z = diffusion.add_noise(e_BxLxD, gamma_B, eps)
-    x_sc = model.denoise(model(z, gamma_B, None)) if model.self_conditioning else None
-    logits, ref_logits = model(z, gamma_B, x_sc), ref(z, gamma_B)
+    gamma_B, z, logits = logits_at(gamma)
+    ref_logits = ref(z, gamma_B)
     excess = elbo_excess_density(model.denoise(logits), ref.denoise(ref_logits), gamma)
     return {"ce": jnp.sum(token_cross_entropy(logits, ids_BxL) * m_BxL),
             "ce_reference": jnp.sum(token_cross_entropy(ref_logits, ids_BxL) * m_BxL),
