@@ -353,7 +353,7 @@ def serving(r: Results) -> str:
       f"start. Every table: {r.link('serving.md')}."])
 
 
-def distill_table(r: Results, shown: dict[str, tuple[int, ...]] | None = None) -> str:
+def distill_table(r: Results, shown: dict[str, tuple[int, ...]] | None = None, heldout_row: bool = True) -> str:
   """Teacher, students and AR: quality at a few step counts and time to the full output at the quality
   length (``shown``: the step counts of each model; default the teacher's 64 / 8 / 2, each student's 4 / 2 / 1)."""
   d = r.json("distill.json")
@@ -371,15 +371,21 @@ def distill_table(r: Results, shown: dict[str, tuple[int, ...]] | None = None) -
                      f"{q[str(n)]['entropy']:.2f}", *[sec(timing[b]["langflow"][str(n)]) for b in batches]])
   ref = d["reference"]
   rows.append(["AR twin (KV cache)", length, "", "", "", *[f"{timing[b]['ar_seconds']:.3f}" for b in batches]])
-  rows.append(["held-out text", "", f"{ref['gen_ppl_ar']:.1f}", f"{ref['gen_ppl_bigram']:.1f}",
-               f"{ref['entropy']:.2f}", *["" for _ in batches]])
+  held = f"{ref['gen_ppl_ar']:.1f} / {ref['gen_ppl_bigram']:.1f} / {ref['entropy']:.2f}"
+  if heldout_row:
+    rows.append(["held-out text", "", *held.split(" / "), *["" for _ in batches]])
   cross = d["crossover_batch_2_steps"].get(str(length))
+  faster = [timing[b]["langflow"]["2"]["seconds"] < timing[b]["ar_seconds"] for b in batches]
+  if cross:
+    where = f"2 steps stop beating AR at batch about {cross:.0f}"
+  else:
+    where = (f"2 steps {'beat' if all(faster) else 'lose to'} AR at every timed batch "
+             f"({' and '.join(map(str, batches))})")
   return "\n\n".join([
       table(["model", "steps", "Gen. PPL (AR)", "Gen. PPL (bigram)", "entropy",
              *[f"s to {length} tokens, batch {b}" for b in batches]], rows),
-      f"2 steps stop beating AR at batch {'about ' + format(cross, '.0f') if cross else 'n/a (no crossing measured)'}. "
-      f"`~`: from the fitted line. Every step count, length 512 and the targets: {r.link('distill.md')}. "
-      f"{machine(d)}"])
+      f"{where}. {'' if heldout_row else 'Held-out text: ' + held + '. '}`~`: from the fitted line. Every step "
+      f"count, length 512 and the targets: {r.link('distill.md')}. {machine(d)}"])
 
 
 @block("distill", "distill.json")
@@ -389,9 +395,11 @@ def distill(r: Results) -> str:
 
 @block("distill-front", "distill.json")
 def distill_front(r: Results) -> str:
-  """The front page's cut: the teacher at 64 / 8 / 2 steps, the default (first) student at 4 / 2 / 1."""
-  first = next(k for k in r.json("distill.json")["results"] if k != "teacher")
-  return distill_table(r, {"teacher": (64, 8, 2), first: (4, 2, 1)})
+  """The front page's cut: the teacher at 64 / 8 steps, the default method's student at 4 / 2 / 1."""
+  from langflow_jax import config as config_lib
+
+  return distill_table(r, {"teacher": (64, 8), f"{config_lib.base_config().distill.method} student": (4, 2, 1)},
+                       heldout_row=False)
 
 
 GIB = 1024 ** 3

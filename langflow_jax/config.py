@@ -189,9 +189,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Few-step students (objective.name=distill; `langflow-jax distill --teacher RUN` sets it up; docs/sampling.md).
   c.distill = ml_collections.ConfigDict(dict(
       teacher="",                 # the frozen teacher's run directory (a LangFlow run)
-      method="flowmap",           # flowmap: one student jump = the teacher's ODE solution between two grid
-                                  # levels | progressive: Salimans & Ho, one student jump = two teacher jumps,
-                                  # halving the steps round by round
+      method="progressive",       # progressive: Salimans & Ho, one student jump = two teacher jumps, halving the
+                                  # steps round by round (the better of the two in experiments/results/distill.md)
+                                  # | flowmap: one student jump = the teacher's ODE solution between two grid levels
       steps=(1, 2, 4, 8),         # sampler steps the student is trained for (progressive: down to the smallest)
       teacher_steps=64,           # jumps of the teacher's DDIM solution over the whole grid that define the target
       round=0,                    # progressive: this run's round (0: its teacher is distill.teacher)

@@ -18,7 +18,8 @@ where the teacher's ODE does:
   target (Salimans & Ho's x-target); the loss is its squared error under the
   truncated-SNR weight max(SNR_t, 1).
 
-Two methods share this objective and differ in the jumps they train:
+Two methods share this objective and differ in the jumps they train (``progressive``
+is the default, the better of the two in experiments/results/distill.md):
 ``flowmap`` draws, per step, one of the student's step counts (``distill.steps``)
 and one of its jumps, solved by the teacher with ``teacher_steps / jumps``
 sub-steps: one student for every listed step count. ``progressive`` (Salimans

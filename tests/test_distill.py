@@ -144,15 +144,15 @@ def test_distill_sample_end_to_end(teachers, tmp_path, capsys):
   out = capsys.readouterr().out
   assert code == 0
   summary = json.loads(out)
-  assert summary["final_step"] == 2 and summary["card"]["method"] == "flowmap"
+  assert summary["final_step"] == 2 and summary["card"]["method"] == "progressive"
   assert summary["card"]["teacher"] == str((teachers / "langflow").resolve())
   meta = ckpt_lib.open_run(student)[0].read_meta()
-  assert meta["card"]["student"] and meta["card"]["steps"] == [2]
+  assert meta["card"]["student"] and meta["card"]["steps"] == [2] and meta["card"]["rounds"] == 1
   assert ckpt_lib.saved_config(student).objective.name == "distill"
   code = cli.main(["sample", "--workdir", str(student), "--steps", "2", "--num", "2"])
   out = capsys.readouterr().out
   assert code == 0 and out.count("--- sample") == 2
-  assert f"student of {(teachers / 'langflow').resolve()} (flowmap distillation for 2 steps" in out
+  assert f"student of {(teachers / 'langflow').resolve()} (progressive distillation for 2 steps, round 1 of 1" in out
   service = serve.service_from_workdir(str(student), slots=1, steps=2, warmup=False)  # serves as LangFlow
   assert service.kind == "langflow" and service.defaults.steps == 2
 
