@@ -71,7 +71,7 @@ def test_jump_target_is_the_teachers_prediction_after_one_hand_computed_step():
 
 def test_grids_of_the_two_methods():
   c = toy_config().distill
-  c.update(steps=(1, 2, 4, 8), teacher_steps=64)
+  c.update(method="flowmap", steps=(1, 2, 4, 8), teacher_steps=64)
   assert distillation.jump_grids(c) == (distillation.JumpGrid(1, 64), distillation.JumpGrid(3, 22),
                                         distillation.JumpGrid(7, 10))
   c.method = "progressive"
