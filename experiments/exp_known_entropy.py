@@ -422,11 +422,13 @@ def slopes_table(res: dict, h: float) -> dict | None:
   return {"headers": ["model", "rungs", "excess at the last", "a"], "rows": rows}
 
 
-def gap_profiles(res: dict) -> dict[str, dict]:
-  """Row name -> gap profile, the ladder's LangFlow rungs then the LangFlow ablations."""
+def gap_profiles(res: dict, short: bool = False) -> dict[str, dict]:
+  """Row name -> gap profile, the ladder's LangFlow rungs then the LangFlow ablations (``short``:
+  ablations by their key, for a legend)."""
   ladder = sorted(res["ladder"].get("langflow", {}).items(), key=lambda kv: int(kv[0]))
   gaps = {f"LangFlow, {st} steps": r["gap"] for st, r in ladder if r.get("gap")}
-  gaps.update({f"{r['label']}, {r['steps']} steps": r["gap"] for r in res["ablations"].values() if r.get("gap")})
+  gaps.update({(key.partition("@")[0] if short else r["label"]) + f", {r['steps']} steps": r["gap"]
+               for key, r in res["ablations"].items() if r.get("gap")})
   return gaps
 
 
@@ -475,7 +477,7 @@ def write(args, results: dict, protocol: dict) -> dict:
       paragraphs += [SLOPES_NOTE, harness.markdown_table(**res["tables"]["slopes"])]
     if res["tables"]["gap"]:
       paragraphs += [GAP_NOTE, harness.markdown_table(**res["tables"]["gap"]), f"![gap profile]({NAME}_gap.png)"]
-      plots.gap_profile_plot(args.out / f"{NAME}_gap.png", {f"{name}: {k}": g for k, g in gap_profiles(res).items()})
+      plots.gap_profile_plot(args.out / f"{NAME}_gap.png", {f"{name}: {k}": g for k, g in gap_profiles(res, short=True).items()})
     if res["ablations"]:
       arows = []
       for ab_steps in sorted({r["steps"] for r in res["ablations"].values()}):
