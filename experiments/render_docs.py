@@ -124,7 +124,7 @@ def bound_note(d: dict) -> str:
 # --------------------------------------------------------------------------- the front page
 
 
-@block("headline", "baselines.json", "known_entropy.json", "serving.json")
+@block("headline", "baselines.json", "known_entropy.json", "serving.json", "serve.json")
 def headline(r: Results) -> str:
   b, k = r.json("baselines.json"), r.json("known_entropy.json")
   res, ref = b["results"], b["reference"]
@@ -157,6 +157,14 @@ def headline(r: Results) -> str:
     rows.append([f"seconds to one full {length}-token output (batch 1; LangFlow at {lf[0]} and {lf[-1]} steps)",
                  f"{times[('langflow', lf[0])]:.3f} / {times[('langflow', lf[-1])]:.3f}", "n/a",
                  f"{times[('ar', None)]:.3f}", "serving.json"])
+  v = r.json("serve.json")
+  mixed = {x["scheduler"]: x for x in v["rows"] if isinstance(x["steps"], list)}
+  if {"stationary", "static"} <= set(mixed):
+    a, b = mixed["stationary"], mixed["static"]
+    rows.append([f"`langflow-jax serve`, {v['scheduler_concurrency']} clients, step counts "
+                 f"{'/'.join(map(str, a['steps']))}: requests/s and p50 s, stationary against static batch",
+                 f"{a['requests_per_s']:.2f} / {a['p50_s']:.1f} s against {b['requests_per_s']:.2f} / "
+                 f"{b['p50_s']:.1f} s", "n/a", "n/a", "serve.json"])
   rows = [[*row[:-1], r.link(row[-1])] for row in rows]
   return table(["measured on a 2-core CPU", "LangFlow", "MDLM", "AR", "results file"], rows)
 
@@ -386,6 +394,18 @@ def distill_table(r: Results, shown: dict[str, tuple[int, ...]] | None = None, h
              *[f"s to {length} tokens, batch {b}" for b in batches]], rows),
       f"{where}. {'' if heldout_row else 'Held-out text: ' + held + '. '}`~`: from the fitted line. Every step "
       f"count, length 512 and the targets: {r.link('distill.md')}. {machine(d)}"])
+
+
+@block("serve", "serve.json")
+def serve(r: Results) -> str:
+  """bench_serve's finding and tables, by the benchmark's own report (one formatter)."""
+  import bench_serve
+
+  d = r.json("serve.json")
+  sections = bench_serve.report(d, argparse.Namespace(**d["args"]))
+  body = sections[sections.index("## Finding") + 1:]
+  return "\n\n".join([x.replace("## ", "**", 1) + "**" if x.startswith("## ") else x for x in body] +
+                       [f"{r.link('serve.md')}, {r.link('serve.png')}. {machine(d)}"])
 
 
 @block("distill", "distill.json")
