@@ -120,14 +120,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
       harness.markdown_table(
           ["model", "bound (nats/token ± s.e.)", "PPL ≤",
            f"Gen. PPL ({' / '.join(map(str, sweep))} steps)", f"entropy ({sweep[-1]} steps)"], rows),
-      f"Bound: heun, {protocol['steps']} steps on the schedule's quantile grid, {protocol['num_batches']} x "
+      f"Bound: {protocol['mode']} mode, heun, {protocol['steps']} steps on the schedule's quantile grid, {protocol['num_batches']} x "
       f"{protocol['batch_size']} held-out sequences, one Gaussian probe, EMA weights, seed {protocol['seed']}; the "
       "self-conditioning pre-pass at every evaluation where the row uses self-conditioning.\n"
       f"Gen. PPL: {proto['num']} unconditional samples of {config.data.seq_len} tokens, official Euler sampler "
       f"(one network evaluation per step), seed {proto['seed']}, scored by a Kneser-Ney bigram of the training "
       "split (exp(token-weighted NLL of tokens 2..L)); entropy: mean unigram entropy per sample. The reference "
       f"row scores the first {proto['num']} held-out rows the same way.",
-  ], figure, {"results": results, "reference": reference})
+  ], figure, {"results": results, "reference": reference, "protocol": protocol})
 
 
 if __name__ == "__main__":
