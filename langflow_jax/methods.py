@@ -231,7 +231,8 @@ class _Baseline(Method):
   # LangFlow's noise schedule, self-conditioning and skip ramp
   unused_keys = ("distill.", "schedule.", "objective.self_cond_prob", "objective.self_cond_mode",
                  "objective.skip_warmup_steps",
-                 "objective.schedule_loss_weight", "objective.elbo_weight", "optimizer.schedule_lr_scale",
+                 "objective.schedule_loss_weight", "objective.elbo_weight", "objective.quantile_power",
+                 "optimizer.schedule_lr_scale",
                  "model.logit_init_std", "model.use_skip", "model.self_conditioning")
 
   def create_model(self, config, seed=0):

@@ -119,5 +119,6 @@ def test_baselines_do_not_count_langflow_only_keys_as_part_of_their_experiment()
   for name in ("ar", "mdlm"):
     m = methods.get(name)
     assert not m.uses_key("schedule.entropy_init") and not m.uses_key("objective.self_cond_prob")
+    assert not m.uses_key("objective.quantile_power")
     assert m.uses_key("optimizer.lr") and m.uses_key("objective.output_bias_init") and m.uses_key("model.n_blocks")
   assert all(methods.get("langflow").uses_key(k) for k in ("schedule.loc", "objective.self_cond_prob"))
