@@ -171,13 +171,18 @@ EVAL = {"solver": "heun", "steps": 64, "grid": "official", "estimator": "hutchin
 QUICK_EVAL = {"steps": 2, "batch_size": 4, "num_batches": 1}
 
 
+def corpus_chain(corpus: Corpus) -> markov.MarkovChain:
+  """The Markov chain that writes ``corpus`` (3 successors per state)."""
+  return markov.random_chain(corpus.states, 3, seed=corpus.seed)
+
+
 def build_corpus(corpus: Corpus, root: pathlib.Path) -> dict:
   """Writes the corpus (once) and returns its card: data overrides and exact entropies."""
   out = root / "corpora" / corpus.name
   card_path = out / "card.json"
   if card_path.is_file():
     return json.loads(card_path.read_text())
-  chain = markov.random_chain(corpus.states, 3, seed=corpus.seed)
+  chain = corpus_chain(corpus)
   if corpus.kind == "tokens":
     card = markov.token_corpus(out, chain, corpus.seq_len, corpus.train_rows, corpus.heldout_rows, seed=corpus.seed)
     data = {"name": card["data"]["name"], "tokenizer": card["data"]["tokenizer"], "seq_len": corpus.seq_len}
@@ -319,7 +324,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
   previous = {} if args.quick or args.no_carry else previous_results(args.out / f"{NAME}.json")
   for corpus in corpora:
     card = build_corpus(corpus, base_runs)
-    chain = markov.random_chain(corpus.states, 3, seed=corpus.seed) if corpus.kind == "tokens" else None
+    chain = corpus_chain(corpus) if corpus.kind == "tokens" else None
     args.runs = base_runs / corpus.name
     res = results.setdefault(corpus.name, {"card": {k: card[k] for k in card if k not in ("words",)},
                                            "ladder": {}, "ablations": {}})
