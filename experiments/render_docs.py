@@ -187,16 +187,24 @@ def provenance(r: Results) -> str:
 
 @block("demo", "transcripts.json")
 def demo(r: Results) -> str:
-  """What `make demo` printed, its protocol card cut short (the likelihood page shows it whole)."""
-  lines, out, card = transcript(r, "langflow-jax demo")["stdout"].splitlines(), [], False
+  """What `make demo` printed, its protocol card cut short (the likelihood page shows it whole) and its
+  unconditional samples cut to the first."""
+  lines, out, cut, more = transcript(r, "langflow-jax demo")["stdout"].splitlines(), [], None, 0
   for line in lines:
     if line.startswith("[demo] protocol card:"):
-      card = True
+      cut, more = "card", 0
       out.append("[demo] protocol card: ... (in full in docs/likelihood.md)")
-    elif card and line.startswith("[demo]   "):
-      continue
+    elif line.startswith("[demo] ") and " samples (" in line:
+      cut, more = "samples", -1
+      out.append(line)
+    elif cut and line.startswith("[demo]   "):
+      more += 1
+      if cut == "samples" and more == 0:
+        out.append(line)
     else:
-      card = False
+      if cut == "samples" and more > 0:
+        out.append(f"[demo]   ... ({more} more)")
+      cut = None
       out.append(line)
   return fenced("\n".join(out)) + "\n\n" + provenance(r)
 
@@ -406,6 +414,30 @@ def serve(r: Results) -> str:
   body = sections[sections.index("## Finding") + 1:]
   return "\n\n".join([x.replace("## ", "**", 1) + "**" if x.startswith("## ") else x for x in body] +
                        [f"{r.link('serve.md')}, {r.link('serve.png')}. {machine(d)}"])
+
+
+@block("serve-front", "serve.json")
+def serve_front(r: Results) -> str:
+  """The front page's cut of bench_serve: every server at one client; at the schedulers' concurrency the AR,
+  LangFlow at its most steps and the two schedulers on mixed step counts."""
+  d = r.json("serve.json")
+  many, most = d["scheduler_concurrency"], max(d["args"]["steps"])
+  rows = []
+  for x in d["rows"]:
+    mixed = isinstance(x["steps"], list)
+    lone = x["concurrency"] == 1 and not mixed
+    crowd = x["concurrency"] == many and (mixed or x["method"] != "langflow" or x["steps"] == most)
+    if not (lone or crowd):
+      continue
+    steps = ("mix " + "/".join(map(str, x["steps"]))) if mixed else (x["steps"] or "-")
+    rows.append([f"{x['method']} ({x.get('scheduler', 'stationary')})", steps, x["concurrency"], num(x["p50_s"]),
+                 num(x["ttfe_p50_s"]), num(x["requests_per_s"], 2)])
+  lib = ", ".join(f"{num(s)} s at {k} steps" for k, s in d["library_s"].items())
+  return "\n\n".join([
+      table(["server", "steps", "clients", "p50 s", "p50 first event s", "requests/s"], rows),
+      f"Length {d['args']['length']}, {d['args']['slots']} slots, an event every {d['args']['stream_every']} "
+      f"passes; one `sampling.sample` call of the same request: {lib}. Every concurrency and the targets: "
+      f"{r.link('serve.md')}. {machine(d)}"])
 
 
 @block("distill", "distill.json")
