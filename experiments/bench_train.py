@@ -1,6 +1,7 @@
 """Training throughput of the `bench` config against this machine's matmul peak.
 
     python experiments/bench_train.py [--steps 20] [--dtype float32|bfloat16|both] [--quick]
+    python experiments/bench_train.py --breakdown [--steps 5]   # where a train step's time goes
 
 Prints tokens/s, model FLOP/s (matmul FLOPs of the forward and backward pass,
 counted analytically, plus the self-conditioning pre-pass in the steps that
@@ -13,6 +14,15 @@ is reported separately. The pre-pass runs in about a quarter of the steps
 (``objective.self_cond_prob``), so throughput is total FLOPs over total time
 of all timed steps, not a median, which would mostly pick steps without it;
 the median times of the steps with and without the pre-pass are printed too.
+
+``--breakdown`` profiles the step by parts, each jitted and timed on its own
+(median of ``--steps`` calls), without and with the self-conditioning pre-pass
+(``objective.self_cond_prob`` 0 and 1): the network's forward pass, the
+training objective's value, its value and gradient, the whole step (AdamW,
+EMA, metrics). Each row gives its time in forward passes, XLA's FLOP count of
+that compiled part and the rate it runs at against the float32 matmul peak:
+what is not matmul work shows as a rate below the peak, and the step minus
+the gradient is what the optimizer and the EMA cost.
 """
 
 from __future__ import annotations
@@ -26,6 +36,7 @@ import numpy as np
 
 import harness
 from langflow_jax import config as config_lib
+from langflow_jax import objective as objective_lib
 from langflow_jax import parallel, train
 from langflow_jax.model import forward_matmul_flops_per_token
 
@@ -46,22 +57,32 @@ def model_flops_per_token(config) -> tuple[float, float]:
   return 3 * forward, sc_pass  # backward = 2x forward
 
 
-def measure(config_name: str, dtype: str, steps: int) -> dict:
-  """Compiles and times ``steps`` train steps of ``config_name`` with matmuls in ``dtype``."""
-  config = config_lib.load_config(config_name, [f"--config.model.compute_dtype={dtype}"])
+def _xla_flops(compiled) -> float:
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  return float(cost.get("flops", float("nan"))) if cost else float("nan")
+
+
+def setup(config_name: str, overrides: list[str]):
+  """(config, mesh, optimizer, model parts, train state, its shardings, a random batch) of a config."""
+  config = config_lib.load_config(config_name, overrides)
   mesh = parallel.make_mesh(config.mesh)
   tx = train.make_optimizer(config.optimizer, config.train.steps)
   parts, state, shardings = train.init_train_state(config, mesh, tx)
-  step_fn = train.jit_train_step(train.make_train_step(config, parts, tx), shardings, mesh)
   b, L, v = config.train.batch_size, config.data.seq_len, config.model.vocab_size
   rng = np.random.default_rng(0)
   batch = parallel.global_batch({"ids": rng.integers(0, v, (b, L), dtype=np.int32),
                                  "mask": np.ones((b, L), bool)}, mesh)
+  return config, mesh, tx, parts, state, shardings, batch
 
+
+def measure(config_name: str, dtype: str, steps: int) -> dict:
+  """Compiles and times ``steps`` train steps of ``config_name`` with matmuls in ``dtype``."""
+  config, mesh, tx, parts, state, shardings, batch = setup(config_name, [f"--config.model.compute_dtype={dtype}"])
+  step_fn = train.jit_train_step(train.make_train_step(config, parts, tx), shardings, mesh)
+  b, L = config.train.batch_size, config.data.seq_len
   compiled, compiling = harness.timed(lambda: step_fn.lower(state, batch).compile(), repeats=0)
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, list) else cost
-  xla_flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
+  xla_flops = _xla_flops(compiled)
 
   history = []  # every step's metrics: the first call is the harness's warm-up
 
@@ -79,6 +100,68 @@ def measure(config_name: str, dtype: str, steps: int) -> dict:
   return {"config": config, "dtype": dtype, "compile_s": compiling.seconds, "xla_flops": xla_flops,
           "times": times, "sc_fracs": sc_fracs, "tokens": tokens,
           "flops": tokens * (train_flops * steps + sc_flops * sum(sc_fracs))}
+
+
+def breakdown(config_name: str, self_cond_prob: float, repeats: int) -> dict[str, tuple[float, float]]:
+  """{part: (median seconds, XLA FLOPs)} of the train step's parts at one self-conditioning probability."""
+  config, mesh, tx, parts, state, shardings, batch = setup(
+      config_name, [f"--config.objective.self_cond_prob={self_cond_prob}"])
+  objective = train.training_objective(config, mesh)
+  grad_fn = train.make_grad_fn(config, parts, objective)
+  b, L, d = config.train.batch_size, config.data.seq_len, config.model.hidden_size
+  key, skip = jax.random.PRNGKey(0), jnp.float32(1.0)
+  z_BxLxD = jax.random.normal(key, (b, L, d), jnp.float32)
+  gamma_B = jnp.full((b,), 3.0, jnp.float32)
+
+  def loss_value(params, batch):
+    out = objective(parts.merge(params), batch["ids"], batch["mask"], key, skip_scale=skip)
+    num_tokens = jnp.sum(batch["mask"].astype(jnp.float32))
+    return objective_lib.total_loss(out.terms, config.objective, num_tokens, jnp.float32(b))
+
+  pieces = {
+      "network forward (logits)": (jax.jit(lambda params, z: parts.merge(params)(z, gamma_B, jnp.zeros_like(z))),
+                                   (state.params, z_BxLxD)),
+      "objective value": (jax.jit(loss_value), (state.params, batch)),
+      "objective value and gradient": (jax.jit(lambda params, batch: grad_fn(params, batch, key, skip)[0]),
+                                       (state.params, batch)),
+  }
+  out = {}
+  for name, (fn, args) in pieces.items():
+    compiled = fn.lower(*args).compile()
+    _, timing = harness.timed(lambda: compiled(*args), repeats)
+    out[name] = (timing.seconds, _xla_flops(compiled))
+  step = train.jit_train_step(train.make_train_step(config, parts, tx, objective), shardings, mesh)
+  compiled = step.lower(state, batch).compile()
+
+  def one_step():
+    nonlocal state
+    state, metrics = compiled(state, batch)
+    return metrics
+
+  _, timing = harness.timed(one_step, repeats)
+  out["train step (+ AdamW, EMA, metrics)"] = (timing.seconds, _xla_flops(compiled))
+  return out
+
+
+def report_breakdown(rows: dict[float, dict[str, tuple[float, float]]], peak: float, config_name: str) -> None:
+  probs = sorted(rows)
+  print(f"train step by parts, config {config_name}, float32; ms, x the network forward, XLA GFLOP, "
+        f"fraction of the float32 matmul peak ({peak / 1e9:.1f} GFLOP/s)")
+  print(f"{'':38}" + "".join(f"{'p_sc = ' + format(p, 'g'):>36}" for p in probs))
+  for name in rows[probs[0]]:
+    cells = []
+    for p in probs:
+      seconds, flops = rows[p][name]
+      fwd = rows[p]["network forward (logits)"][0]
+      cells.append(f"{seconds * 1e3:9.0f} {seconds / fwd:6.2f}x {flops / 1e9:8.1f} {flops / seconds / peak:8.1%}")
+    print(f"{name:38}" + "".join(f"{c:>36}" for c in cells))
+  for p in probs:
+    r = rows[p]
+    value, grad = r["objective value"][0], r["objective value and gradient"][0]
+    step = r["train step (+ AdamW, EMA, metrics)"][0]
+    print(f"p_sc = {p:g}: the backward adds {(grad - value) / value:.2f}x the objective's forward "
+          f"(2x is the matmul count); the optimizer, EMA and metrics add {(step - grad) * 1e3:.0f} ms "
+          f"({(step - grad) / step:.1%} of the step)")
 
 
 def report(r: dict, config_name: str, peaks: dict[str, float], peak_n: int) -> None:
@@ -111,12 +194,18 @@ def main(argv=None) -> int:
   parser.add_argument("--config", default="bench")
   parser.add_argument("--steps", type=int, default=20)
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "both"])
+  parser.add_argument("--breakdown", action="store_true", help="time the step's parts instead (float32)")
   args = parser.parse_args(argv)
   steps = 3 if args.quick else args.steps
+  peak_n = 2048 if args.quick else 4096
+  if args.breakdown:
+    rows = {p: breakdown(args.config, p, steps) for p in (0.0, 1.0)}
+    report_breakdown(rows, matmul_peak(peak_n), args.config)
+    print(f"machine:           {harness.machine_note()}")
+    return 0
   dtypes = ("float32", "bfloat16") if args.dtype == "both" else (args.dtype,)
 
   runs = {dtype: measure(args.config, dtype, steps) for dtype in dtypes}
-  peak_n = 2048 if args.quick else 4096
   peaks = {dtype: matmul_peak(peak_n, dtype=jnp.dtype(dtype)) for dtype in ("float32", "bfloat16")}
   for dtype in dtypes:
     report(runs[dtype], args.config, peaks, peak_n)

@@ -54,3 +54,19 @@ def test_quick_run_prints_throughput_against_both_peaks_and_the_bf16_ratio(bench
   assert re.search(r"tokens/s:\s+[\d,]+", out)
   ratio = re.search(r"bf16 / float32:\s+step ([\d.]+)x the time \(([\d.]+)x the speed\)", out)
   assert ratio and float(ratio.group(1)) == pytest.approx(1 / float(ratio.group(2)), rel=0.02)
+
+
+def test_breakdown_times_each_part_of_the_step_with_and_without_the_pre_pass(bench, capsys):
+  assert bench.main(["--config", "tiny", "--quick", "--breakdown"]) == 0
+  out = capsys.readouterr().out
+  assert re.findall(r"p_sc = (\d)\b", out.splitlines()[1]) == ["0", "1"]
+  parts = ("network forward (logits)", "objective value", "objective value and gradient",
+           "train step (+ AdamW, EMA, metrics)")
+  for part in parts:
+    line = next(x for x in out.splitlines() if x.startswith(part + " "))
+    cells = re.findall(r"([\d.]+) +([\d.]+)x +([\d.]+) +([\d.]+)%", line)
+    assert len(cells) == 2, line  # one per self-conditioning probability
+    assert all(float(ms) > 0 and float(gflop) > 0 for ms, _, gflop, _ in cells)
+  forward = next(x for x in out.splitlines() if x.startswith(parts[0] + " "))
+  assert re.findall(r" ([\d.]+)x", forward) == ["1.00", "1.00"]
+  assert len(re.findall(r"the backward adds [\d.]+x the objective's forward", out)) == 2
