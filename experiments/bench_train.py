@@ -1,7 +1,7 @@
 """Training throughput of the `bench` config against this machine's matmul peak.
 
     python experiments/bench_train.py [--steps 20] [--dtype float32|bfloat16|both] [--quick]
-    python experiments/bench_train.py --breakdown [--steps 5]   # where a train step's time goes
+    python experiments/bench_train.py --breakdown [--steps 5] [--dtype ...]   # where a step's time goes
 
 Prints tokens/s, model FLOP/s (matmul FLOPs of the forward and backward pass,
 counted analytically, plus the self-conditioning pre-pass in the steps that
@@ -102,10 +102,11 @@ def measure(config_name: str, dtype: str, steps: int) -> dict:
           "flops": tokens * (train_flops * steps + sc_flops * sum(sc_fracs))}
 
 
-def breakdown(config_name: str, self_cond_prob: float, repeats: int) -> dict[str, tuple[float, float]]:
+def breakdown(config_name: str, self_cond_prob: float, repeats: int,
+              dtype: str = "float32") -> dict[str, tuple[float, float]]:
   """{part: (median seconds, XLA FLOPs)} of the train step's parts at one self-conditioning probability."""
   config, mesh, tx, parts, state, shardings, batch = setup(
-      config_name, [f"--config.objective.self_cond_prob={self_cond_prob}"])
+      config_name, [f"--config.objective.self_cond_prob={self_cond_prob}", f"--config.model.compute_dtype={dtype}"])
   objective = train.training_objective(config, mesh)
   grad_fn = train.make_grad_fn(config, parts, objective)
   b, L, d = config.train.batch_size, config.data.seq_len, config.model.hidden_size
@@ -143,9 +144,10 @@ def breakdown(config_name: str, self_cond_prob: float, repeats: int) -> dict[str
   return out
 
 
-def report_breakdown(rows: dict[float, dict[str, tuple[float, float]]], peak: float, config_name: str) -> None:
+def report_breakdown(rows: dict[float, dict[str, tuple[float, float]]], peak: float, config_name: str,
+                     dtype: str) -> None:
   probs = sorted(rows)
-  print(f"train step by parts, config {config_name}, float32; ms, x the network forward, XLA GFLOP, "
+  print(f"train step by parts, config {config_name}, matmuls {dtype}; ms, x the network forward, XLA GFLOP, "
         f"fraction of the float32 matmul peak ({peak / 1e9:.1f} GFLOP/s)")
   print(f"{'':38}" + "".join(f"{'p_sc = ' + format(p, 'g'):>36}" for p in probs))
   for name in rows[probs[0]]:
@@ -157,11 +159,11 @@ def report_breakdown(rows: dict[float, dict[str, tuple[float, float]]], peak: fl
     print(f"{name:38}" + "".join(f"{c:>36}" for c in cells))
   for p in probs:
     r = rows[p]
-    value, grad = r["objective value"][0], r["objective value and gradient"][0]
-    step = r["train step (+ AdamW, EMA, metrics)"][0]
-    print(f"p_sc = {p:g}: the backward adds {(grad - value) / value:.2f}x the objective's forward "
-          f"(2x is the matmul count); the optimizer, EMA and metrics add {(step - grad) * 1e3:.0f} ms "
-          f"({(step - grad) / step:.1%} of the step)")
+    forward, value = r["network forward (logits)"][0], r["objective value"][0]
+    grad, step = r["objective value and gradient"][0], r["train step (+ AdamW, EMA, metrics)"][0]
+    print(f"p_sc = {p:g}: the backward takes {(grad - value) / forward:.2f} network forwards (its matmuls "
+          f"are 2); the optimizer, EMA and metrics add {(step - grad) * 1e3:.0f} ms ({(step - grad) / step:.1%} "
+          f"of the step)")
 
 
 def report(r: dict, config_name: str, peaks: dict[str, float], peak_n: int) -> None:
@@ -194,16 +196,17 @@ def main(argv=None) -> int:
   parser.add_argument("--config", default="bench")
   parser.add_argument("--steps", type=int, default=20)
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "both"])
-  parser.add_argument("--breakdown", action="store_true", help="time the step's parts instead (float32)")
+  parser.add_argument("--breakdown", action="store_true", help="time the step's parts instead (each --dtype)")
   args = parser.parse_args(argv)
   steps = 3 if args.quick else args.steps
   peak_n = 2048 if args.quick else 4096
+  dtypes = ("float32", "bfloat16") if args.dtype == "both" else (args.dtype,)
   if args.breakdown:
-    rows = {p: breakdown(args.config, p, steps) for p in (0.0, 1.0)}
-    report_breakdown(rows, matmul_peak(peak_n), args.config)
+    peak = matmul_peak(peak_n)
+    for dtype in dtypes:
+      report_breakdown({p: breakdown(args.config, p, steps, dtype) for p in (0.0, 1.0)}, peak, args.config, dtype)
     print(f"machine:           {harness.machine_note()}")
     return 0
-  dtypes = ("float32", "bfloat16") if args.dtype == "both" else (args.dtype,)
 
   runs = {dtype: measure(args.config, dtype, steps) for dtype in dtypes}
   peaks = {dtype: matmul_peak(peak_n, dtype=jnp.dtype(dtype)) for dtype in ("float32", "bfloat16")}

@@ -10,11 +10,15 @@ outside a sharded jit).
 Dtypes: parameters are float32. ``compute_dtype`` (float32 or bfloat16) is the
 dtype of the matmuls inside the blocks and the output head; layer norms,
 attention softmax, the residual stream, the skip term and the logits stay
-float32 in both cases (the policy of the official GPU code, method §3.7).
+float32 in both cases (the policy of the official GPU code, method §3.7). In
+bfloat16 every such product has bf16 operands and float32 accumulation, its
+derivatives' products too (:func:`low_precision_einsum`), and its result is
+rounded to bf16.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -22,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import nnx
+from jax.custom_derivatives import linear_call
 
 from langflow_jax import diffusion, parallel
 from langflow_jax.errors import ConfigError
@@ -52,6 +57,75 @@ def torch_linear_init(fan_in: int):
   return init
 
 
+def is_low_precision(dtype: Any) -> bool:
+  """Whether matmuls in ``dtype`` take the low-precision path (:func:`low_precision_einsum`)."""
+  return dtype is not None and jnp.dtype(dtype) != jnp.float32
+
+
+def _transposed_specs(spec: str) -> tuple[str, str]:
+  """The einsum specs of the two cotangents of ``"A,B->C"``: ``"C,B->A"`` and ``"A,C->B"``."""
+  inputs, out = spec.split("->")
+  a, b = inputs.split(",")
+  if not (set(a) <= set(out) | set(b) and set(b) <= set(out) | set(a)):
+    raise ValueError(f"einsum {spec!r} sums an index out of one operand alone")
+  return f"{out},{b}->{a}", f"{a},{out}->{b}"
+
+
+MATMUL = "ni,io->no"  # a linear layer's product: rows are tokens
+
+
+def _row_major_transpose(x_NxI: Array) -> Array:
+  """x^T, laid out row-major. XLA:CPU folds a plain transpose into the next product's dimension
+  numbers, and its native bf16 product takes no transposed left operand (it would run in float32); a
+  transpose through a 3-d view cannot fold, so the copy is made and the product stays bf16."""
+  n, i = x_NxI.shape
+  t = next((f for f in (16, 8, 4, 2) if n % f == 0), None)
+  if t is None:
+    return x_NxI.T
+  return jnp.transpose(x_NxI.reshape(n // t, t, i), (2, 0, 1)).reshape(i, n)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def low_precision_einsum(spec: str, a: Array, b: Array) -> Array:
+  """``einsum(spec, a, b)`` of two low-precision (bfloat16) operands, accumulated and returned in float32.
+
+  Its derivatives' products take low-precision operands too: a tangent or a cotangent is rounded to
+  the operands' dtype before it meets the other operand. XLA:CPU runs a bf16 product natively
+  (YNNPACK; several times its float32 rate where the CPU has AMX or AVX-512 BF16) only when both
+  operands are bf16 and the result is float32: a bf16 result, or jax's own transpose of this product
+  (a float32 cotangent against a bf16 operand), turns it into a float32 product. A custom JVP whose
+  tangent products are ``linear_call``s with their own transposes keeps both forward mode (the
+  likelihood's Hutchinson JVP) and reverse mode (training) on bf16 products.
+  """
+  return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+
+
+@low_precision_einsum.defjvp
+def _low_precision_einsum_jvp(spec, primals, tangents):
+  a, b = primals
+  ta, tb = tangents
+  spec_da, spec_db = _transposed_specs(spec)
+  f32 = jnp.float32
+
+  def along_a(b, ta):
+    return jnp.einsum(spec, ta.astype(a.dtype), b, preferred_element_type=f32)
+
+  def along_a_transposed(b, ct):
+    return jnp.einsum(spec_da, ct.astype(b.dtype), b, preferred_element_type=f32).astype(a.dtype)
+
+  def along_b(a, tb):
+    return jnp.einsum(spec, a, tb.astype(b.dtype), preferred_element_type=f32)
+
+  def along_b_transposed(a, ct):
+    if spec == MATMUL and jax.default_backend() == "cpu":  # the weight gradient of a linear layer
+      return jnp.dot(_row_major_transpose(a), ct.astype(a.dtype), preferred_element_type=f32).astype(b.dtype)
+    return jnp.einsum(spec_db, a, ct.astype(a.dtype), preferred_element_type=f32).astype(b.dtype)
+
+  tangent = (linear_call(along_a, along_a_transposed, b, ta) +
+             linear_call(along_b, along_b_transposed, a, tb))
+  return low_precision_einsum(spec, a, b), tangent
+
+
 class Linear(nnx.Linear):
   """``nnx.Linear`` applied to the input flattened to [N, in_features].
 
@@ -59,11 +133,21 @@ class Linear(nnx.Linear):
   XLA:CPU then lays the cotangent out with a copy fusion that recomputes the
   residual stream's backward chain per layer (1.8x slower backward on the
   bench config). One matmul row per token avoids that on every backend.
+
+  With a low-precision ``dtype`` the product is :func:`low_precision_einsum`
+  (bf16 operands, float32 accumulation), the bias is added in float32 and the
+  output is rounded to ``dtype``; float32 is ``nnx.Linear`` itself.
   """
 
   def __call__(self, x: Array) -> Array:
     lead = x.shape[:-1]
-    return super().__call__(x.reshape(-1, x.shape[-1])).reshape(lead + (-1,))
+    x_NxI = x.reshape(-1, x.shape[-1])
+    if not is_low_precision(self.dtype):
+      return super().__call__(x_NxI).reshape(lead + (-1,))
+    y_NxO = low_precision_einsum(MATMUL, x_NxI.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    if self.bias is not None:
+      y_NxO = y_NxO + self.bias[...].astype(jnp.float32)
+    return y_NxO.astype(self.dtype).reshape(lead + (-1,))
 
 
 def linear(in_features: int, out_features: int, axes: tuple[str | None, str | None], *,
@@ -150,10 +234,14 @@ def rotary_qkv(attn_qkv: nnx.Linear, a_BxLxD: Array, n_heads: int, cos_LxK: Arra
   dtype = attn_qkv.dtype or jnp.float32
   x_NxD = a_BxLxD.reshape(b * l, d).astype(dtype)
   kernel_Dx3xD = attn_qkv.kernel[...].reshape(d, 3, d)
-  q, k, v = (
-      parallel.constrain((x_NxD @ parallel.constrain(kernel_Dx3xD[:, i], (None, "act_heads")).astype(dtype))
-                         .reshape(b, l, n_heads, d // n_heads), BLHK)
-      for i in range(3))
+
+  def third(i: int) -> Array:
+    kernel_DxD = parallel.constrain(kernel_Dx3xD[:, i], (None, "act_heads")).astype(dtype)
+    if is_low_precision(dtype):
+      return low_precision_einsum(MATMUL, x_NxD, kernel_DxD).astype(dtype)
+    return x_NxD @ kernel_DxD
+
+  q, k, v = (parallel.constrain(third(i).reshape(b, l, n_heads, d // n_heads), BLHK) for i in range(3))
   return apply_rotary(q, cos_LxK, sin_LxK), apply_rotary(k, cos_LxK, sin_LxK), v
 
 
@@ -179,13 +267,20 @@ def dot_product_attention(q_BxLxHxK: Array, k_BxSxHxK: Array, v_BxSxHxK: Array,
         implementation=None if impl == "auto" else impl)
     return parallel.constrain(out_BxLxHxK, BLHK)
   q_BxHxLxK, k_BxHxSxK, v_BxHxSxK = (x.transpose(0, 2, 1, 3) for x in (q_BxLxHxK, k_BxSxHxK, v_BxSxHxK))
-  scores_BxHxLxS = jnp.einsum("bhqk,bhsk->bhqs", q_BxHxLxK, k_BxHxSxK,
-                              preferred_element_type=jnp.float32)
+  low = is_low_precision(q_BxHxLxK.dtype)
+  if low:
+    scores_BxHxLxS = low_precision_einsum("bhqk,bhsk->bhqs", q_BxHxLxK, k_BxHxSxK)
+  else:
+    scores_BxHxLxS = jnp.einsum("bhqk,bhsk->bhqs", q_BxHxLxK, k_BxHxSxK, preferred_element_type=jnp.float32)
   scores_BxHxLxS = scores_BxHxLxS / math.sqrt(q_BxLxHxK.shape[-1])
   if mask_LxS is not None:
     scores_BxHxLxS = jnp.where(mask_LxS, scores_BxHxLxS, -jnp.inf)
   probs = jax.nn.softmax(scores_BxHxLxS, axis=-1)
-  out_BxHxLxK = jnp.einsum("bhqs,bhsk->bhqk", probs.astype(v_BxHxSxK.dtype), v_BxHxSxK)
+  probs = probs.astype(v_BxHxSxK.dtype)
+  if low:
+    out_BxHxLxK = low_precision_einsum("bhqs,bhsk->bhqk", probs, v_BxHxSxK).astype(v_BxHxSxK.dtype)
+  else:
+    out_BxHxLxK = jnp.einsum("bhqs,bhsk->bhqk", probs, v_BxHxSxK)
   return parallel.constrain(out_BxHxLxK.transpose(0, 2, 1, 3), BLHK)
 
 

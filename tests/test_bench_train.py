@@ -69,4 +69,4 @@ def test_breakdown_times_each_part_of_the_step_with_and_without_the_pre_pass(ben
     assert all(float(ms) > 0 and float(gflop) > 0 for ms, _, gflop, _ in cells)
   forward = next(x for x in out.splitlines() if x.startswith(parts[0] + " "))
   assert re.findall(r" ([\d.]+)x", forward) == ["1.00", "1.00"]
-  assert len(re.findall(r"the backward adds [\d.]+x the objective's forward", out)) == 2
+  assert len(re.findall(r"the backward takes [\d.]+ network forwards", out)) == 2

@@ -168,3 +168,70 @@ def test_unknown_attention_kernel_is_a_config_error():
   cfg.model.attention = "flash"
   with pytest.raises(ConfigError, match="model.attention"):
     validate(cfg)
+
+
+# ----------------------------------------------------------------------------- the bfloat16 products
+
+
+def _dot_operand_dtypes(hlo: str) -> list[tuple[str, str]]:
+  """(lhs dtype, rhs dtype) of every dot in compiled HLO text."""
+  import re
+
+  types = {m.group(1): m.group(2) for m in re.finditer(r"%([\w.\-]+) = (\w+)\[", hlo)}
+  return [(types.get(a), types.get(b)) for a, b in re.findall(r" dot\(%([\w.\-]+), %([\w.\-]+)\)", hlo)]
+
+
+@pytest.mark.parametrize("spec,shapes", [(M.MATMUL, ((64, 32), (32, 48))),
+                                         ("bhqk,bhsk->bhqs", ((2, 3, 8, 4), (2, 3, 8, 4)))])
+def test_low_precision_einsum_value_jvp_and_gradient_follow_the_float32_product(spec, shapes):
+  keys = jax.random.split(jax.random.PRNGKey(0), 4)
+  a, b = (jax.random.normal(k, s) for k, s in zip(keys[:2], shapes))
+  ta, tb = (jax.random.normal(k, s) for k, s in zip(keys[2:], shapes))
+  bf = jnp.bfloat16
+  low = lambda a, b: M.low_precision_einsum(spec, a.astype(bf), b.astype(bf))  # noqa: E731
+  exact = lambda a, b: jnp.einsum(spec, a, b)  # noqa: E731
+  assert low(a, b).dtype == jnp.float32
+  rel = lambda x, y: float(jnp.linalg.norm(x - y) / jnp.linalg.norm(y))  # noqa: E731
+  assert rel(low(a, b), exact(a, b)) < 1e-2  # bf16 rounding of the operands only
+  _, t_low = jax.jvp(low, (a, b), (ta, tb))
+  _, t_exact = jax.jvp(exact, (a, b), (ta, tb))
+  assert rel(t_low, t_exact) < 2e-2
+  w = jax.random.normal(jax.random.PRNGKey(9), low(a, b).shape)
+  g_low = jax.grad(lambda a, b: jnp.sum(w * low(a, b)), argnums=(0, 1))(a, b)
+  g_exact = jax.grad(lambda a, b: jnp.sum(w * exact(a, b)), argnums=(0, 1))(a, b)
+  for x, y in zip(g_low, g_exact):
+    assert x.dtype == jnp.float32 and rel(x, y) < 2e-2
+
+
+def test_bfloat16_linear_runs_every_product_of_its_gradient_on_bf16_operands():
+  # The point of the low-precision path: XLA:CPU computes a bf16 x bf16 -> f32 product natively,
+  # but turns nnx.Linear's bf16-result product, and jax's own transposes, into float32 products.
+  layer = M.linear(64, 128, ("embed", "mlp"), rngs=nnx.Rngs(0), dtype=jnp.bfloat16)
+  graphdef, state = nnx.split(layer)
+  x = jax.random.normal(jax.random.PRNGKey(1), (256, 64))
+
+  def loss(state, x):
+    return jnp.sum(jnp.square(nnx.merge(graphdef, state)(x).astype(jnp.float32)))
+
+  hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(state, x).compile().as_text()
+  dots = _dot_operand_dtypes(hlo)
+  assert len(dots) == 3, dots  # the product, the input's and the kernel's cotangents
+  assert all(d == ("bf16", "bf16") for d in dots), dots
+  # the same numbers as the float32 layer, to bf16 rounding
+  ref = M.linear(64, 128, ("embed", "mlp"), rngs=nnx.Rngs(0), dtype=jnp.float32)
+  y, y_ref = layer(x), ref(x)
+  assert y.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(y_ref), rtol=3e-2, atol=3e-2)
+
+
+def test_bfloat16_model_supports_forward_mode_as_the_likelihood_uses_it():
+  _, model = make(compute_dtype="bfloat16")
+  randomize_zero_inits(model)
+  z, g, s = inputs()
+  u = jax.random.normal(jax.random.PRNGKey(5), z.shape)
+  _, t = jax.jvp(lambda z: model(z, g, s), (z,), (u,))
+  _, model32 = make(compute_dtype="float32")
+  randomize_zero_inits(model32)
+  _, t32 = jax.jvp(lambda z: model32(z, g, s), (z,), (u,))
+  assert t.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(t)))
+  assert float(jnp.linalg.norm(t - t32) / jnp.linalg.norm(t32)) < 5e-2
