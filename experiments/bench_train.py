@@ -2,6 +2,7 @@
 
     python experiments/bench_train.py [--steps 20] [--dtype float32|bfloat16|both] [--quick]
     python experiments/bench_train.py --breakdown [--steps 5] [--dtype ...]   # where a step's time goes
+    python experiments/bench_train.py --loss-curves [--curve-config tiny --curve-steps 400]  # bf16 vs float32
 
 Prints tokens/s, model FLOP/s (matmul FLOPs of the forward and backward pass,
 counted analytically, plus the self-conditioning pre-pass in the steps that
@@ -23,10 +24,18 @@ EMA, metrics). Each row gives its time in forward passes, XLA's FLOP count of
 that compiled part and the rate it runs at against the float32 matmul peak:
 what is not matmul work shows as a rate below the peak, and the step minus
 the gradient is what the optimizer and the EMA cost.
+
+``--loss-curves`` trains ``--curve-config`` for ``--curve-steps`` steps three
+times by the trainer (``train_and_evaluate``, in ``--workdir``; a finished run
+is reused): float32 with two seeds (``train.seed`` 0 and 1: the run-to-run
+noise) and bfloat16 with seed 0. It prints the three training-CE curves, the
+mean gap between the bf16 and the float32 curve of the same seed beside the
+gap between the two float32 seeds, and each run's held-out CE.
 """
 
 from __future__ import annotations
 
+import pathlib
 import statistics
 import sys
 
@@ -37,7 +46,7 @@ import numpy as np
 import harness
 from langflow_jax import config as config_lib
 from langflow_jax import objective as objective_lib
-from langflow_jax import parallel, train
+from langflow_jax import parallel, reporting, train
 from langflow_jax.model import forward_matmul_flops_per_token
 
 
@@ -166,6 +175,45 @@ def report_breakdown(rows: dict[float, dict[str, tuple[float, float]]], peak: fl
           f"of the step)")
 
 
+CURVE_RUNS = (("float32", 0), ("float32", 1), ("bfloat16", 0))
+
+
+def loss_curves(config_name: str, steps: int, workdir: pathlib.Path) -> dict[tuple[str, int], list[dict]]:
+  """{(dtype, seed): the run's metrics rows}, each trained (or reused) by the trainer."""
+  out = {}
+  for dtype, seed in CURVE_RUNS:
+    run = workdir / f"{config_name}_{dtype}_seed{seed}_{steps}"
+    rows = reporting.read_metrics(run)
+    if not any(r["step"] == steps and "eval/ce" in r for r in rows):
+      config = config_lib.load_config(config_name, [
+          f"--config.model.compute_dtype={dtype}", f"--config.train.seed={seed}",
+          f"--config.train.steps={steps}", f"--config.train.eval_every={steps}",
+          f"--config.train.log_every={max(1, steps // 20)}"])
+      harness.log(f"[bench_train] training {run.name} ...")
+      train.train_and_evaluate(config, run)
+      rows = reporting.read_metrics(run)
+    out[(dtype, seed)] = rows
+  return out
+
+
+def report_loss_curves(curves: dict[tuple[str, int], list[dict]], config_name: str, steps: int) -> None:
+  train_ce = {k: {r["step"]: r["train/ce"] for r in rows if "train/ce" in r} for k, rows in curves.items()}
+  common = sorted(set.intersection(*(set(c) for c in train_ce.values())))
+  names = [f"{d} seed {s}" for d, s in CURVE_RUNS]
+  print(f"training CE (window means) of {config_name}, {steps} steps, by the trainer")
+  print(f"{'step':>6}" + "".join(f"{n:>18}" for n in names))
+  every = max(1, len(common) // 8)
+  for step in common[::every] + ([common[-1]] if common[-1] not in common[::every] else []):
+    print(f"{step:>6}" + "".join(f"{train_ce[k][step]:18.4f}" for k in CURVE_RUNS))
+  (f32, s0), (_, s1), (bf16, _) = CURVE_RUNS
+  gap = lambda a, b: float(np.mean([abs(train_ce[a][s] - train_ce[b][s]) for s in common]))  # noqa: E731
+  print(f"mean |CE gap| over {len(common)} logged steps: bf16 - float32 (seed {s0}) "
+        f"{gap((bf16, s0), (f32, s0)):.4f}; float32 seed {s1} - seed {s0} (run-to-run) "
+        f"{gap((f32, s1), (f32, s0)):.4f}")
+  final = {k: next(r["eval/ce"] for r in reversed(rows) if "eval/ce" in r) for k, rows in curves.items()}
+  print("held-out CE (EMA) at the end: " + ", ".join(f"{n} {final[k]:.4f}" for n, k in zip(names, CURVE_RUNS)))
+
+
 def report(r: dict, config_name: str, peaks: dict[str, float], peak_n: int) -> None:
   config, steps, times, sc_fracs = r["config"], len(r["times"]), r["times"], r["sc_fracs"]
   total_s = sum(times)
@@ -197,10 +245,19 @@ def main(argv=None) -> int:
   parser.add_argument("--steps", type=int, default=20)
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "both"])
   parser.add_argument("--breakdown", action="store_true", help="time the step's parts instead (each --dtype)")
+  parser.add_argument("--loss-curves", action="store_true", help="bf16 against float32 training curves instead")
+  parser.add_argument("--curve-config", default="tiny")
+  parser.add_argument("--curve-steps", type=int, default=400)
+  parser.add_argument("--workdir", type=pathlib.Path, default=harness.ROOT / "runs" / "bench_train_curves")
   args = parser.parse_args(argv)
   steps = 3 if args.quick else args.steps
   peak_n = 2048 if args.quick else 4096
   dtypes = ("float32", "bfloat16") if args.dtype == "both" else (args.dtype,)
+  if args.loss_curves:
+    curve_steps = 4 if args.quick else args.curve_steps
+    report_loss_curves(loss_curves(args.curve_config, curve_steps, args.workdir), args.curve_config, curve_steps)
+    print(f"machine:           {harness.machine_note()}")
+    return 0
   if args.breakdown:
     peak = matmul_peak(peak_n)
     for dtype in dtypes:

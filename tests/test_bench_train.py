@@ -70,3 +70,17 @@ def test_breakdown_times_each_part_of_the_step_with_and_without_the_pre_pass(ben
   forward = next(x for x in out.splitlines() if x.startswith(parts[0] + " "))
   assert re.findall(r" ([\d.]+)x", forward) == ["1.00", "1.00"]
   assert len(re.findall(r"the backward takes [\d.]+ network forwards", out)) == 2
+
+
+def test_loss_curves_train_float32_twice_and_bfloat16_and_compare_the_gaps(bench, capsys, tmp_path):
+  assert bench.main(["--quick", "--loss-curves", "--workdir", str(tmp_path)]) == 0
+  out = capsys.readouterr().out
+  assert sorted(p.name for p in tmp_path.iterdir()) == [
+      "tiny_bfloat16_seed0_4", "tiny_float32_seed0_4", "tiny_float32_seed1_4"]
+  rows = [line.split() for line in out.splitlines() if re.match(r"\s+\d+\s+[\d.]+\s+[\d.]+\s+[\d.]+$", line)]
+  assert [int(r[0]) for r in rows] == [1, 2, 3, 4]
+  seeds = {(float(r[1]), float(r[2])) for r in rows}
+  assert any(a != b for a, b in seeds)  # the two float32 seeds differ
+  gaps = re.search(r"bf16 - float32 \(seed 0\) ([\d.]+); float32 seed 1 - seed 0 \(run-to-run\) ([\d.]+)", out)
+  assert gaps and float(gaps.group(2)) > 0
+  assert len(re.findall(r"seed \d [\d.]+", out.splitlines()[-2])) == 3  # held-out CE of each run
