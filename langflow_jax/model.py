@@ -11,9 +11,9 @@ Dtypes: parameters are float32. ``compute_dtype`` (float32 or bfloat16) is the
 dtype of the matmuls inside the blocks and the output head; layer norms,
 attention softmax, the residual stream, the skip term and the logits stay
 float32 in both cases (the policy of the official GPU code, method §3.7). In
-bfloat16 every such product has bf16 operands and float32 accumulation, its
-derivatives' products too (:func:`low_precision_einsum`), and its result is
-rounded to bf16.
+bfloat16 every such product has bf16 operands and float32 accumulation and
+result, its derivatives' products too (:func:`low_precision_einsum`); q, k and
+v are rounded to bf16 for attention.
 """
 
 from __future__ import annotations
@@ -135,8 +135,9 @@ class Linear(nnx.Linear):
   bench config). One matmul row per token avoids that on every backend.
 
   With a low-precision ``dtype`` the product is :func:`low_precision_einsum`
-  (bf16 operands, float32 accumulation), the bias is added in float32 and the
-  output is rounded to ``dtype``; float32 is ``nnx.Linear`` itself.
+  (bf16 operands, float32 accumulation) and the output, bias added, stays
+  float32: the residual stream and the logits it feeds are float32, and the
+  next product rounds its own operand; float32 is ``nnx.Linear`` itself.
   """
 
   def __call__(self, x: Array) -> Array:
@@ -147,7 +148,7 @@ class Linear(nnx.Linear):
     y_NxO = low_precision_einsum(MATMUL, x_NxI.astype(self.dtype), self.kernel[...].astype(self.dtype))
     if self.bias is not None:
       y_NxO = y_NxO + self.bias[...].astype(jnp.float32)
-    return y_NxO.astype(self.dtype).reshape(lead + (-1,))
+    return y_NxO.reshape(lead + (-1,))
 
 
 def linear(in_features: int, out_features: int, axes: tuple[str | None, str | None], *,

@@ -220,8 +220,8 @@ def test_bfloat16_linear_runs_every_product_of_its_gradient_on_bf16_operands():
   # the same numbers as the float32 layer, to bf16 rounding
   ref = M.linear(64, 128, ("embed", "mlp"), rngs=nnx.Rngs(0), dtype=jnp.float32)
   y, y_ref = layer(x), ref(x)
-  assert y.dtype == jnp.bfloat16
-  np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(y_ref), rtol=3e-2, atol=3e-2)
+  assert y.dtype == jnp.float32  # accumulated and returned in float32
+  np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), rtol=3e-2, atol=3e-2)
 
 
 def test_bfloat16_model_supports_forward_mode_as_the_likelihood_uses_it():
