@@ -239,8 +239,9 @@ def baselines(r: Results) -> str:
   b = r.json("baselines.json")
   names = {"langflow": "LangFlow", "ar": "AR Transformer", "mdlm": "MDLM"}
   measured = {"langflow": f"ODE estimate, {bound_mode(b)} mode", "ar": "exact NLL", "mdlm": "NELBO"}
-  rows = [[names[m], f"{x['params'] / 1e6:.3f}M", num(x["nats_per_token"]),
-           f"{math.exp(x['nats_per_token']):.1f}", measured[m], f"{x['gen_ppl']:.1f}", f"{x['entropy']:.2f}",
+  rows = [[x.get("label") or names[m], f"{x['params'] / 1e6:.3f}M", num(x["nats_per_token"]),
+           f"{math.exp(x['nats_per_token']):.1f}", x.get("measured_by") or measured[m], f"{x['gen_ppl']:.1f}",
+           f"{x['entropy']:.2f}",
            x["nfe"], f"{x['tokens_per_s']:.0f}"] for m, x in b["results"].items()]
   ref = b["reference"]
   rows.append(["held-out text (reference)", "", "", "", "", f"{ref['gen_ppl']:.1f}", f"{ref['entropy']:.2f}", "", ""])

@@ -88,8 +88,8 @@ def test_exp_selfcond(root):
 
 def test_exp_baselines(root):
   out, _ = run_script("baselines", root)
-  text = _check_outputs(out, "baselines", root, rows=4)
-  for name in ("langflow", "ar", "mdlm"):
+  text = _check_outputs(out, "baselines", root, rows=5)
+  for name in ("langflow", "ar", "mdlm", "mdlm-zero-bias"):
     r = out["results"][name]
     assert r["params"] > 0 and r["nats_per_token"] > 0 and r["tokens_per_s"] > 0 and r["nfe"] >= 1
   assert out["results"]["ar"]["nfe"] == 32  # one evaluation per generated position
