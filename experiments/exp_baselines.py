@@ -148,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
       "of the training split for every model (exp(token-weighted NLL of tokens 2..L)); entropy: mean unigram "
       f"entropy per sample. Speed: tokens/s of the whole batch after a compiling warm-up, median of {repeats}; "
       "train s/step: median over the trainer's log windows (the first, with the compilation, left out).",
-  ], figure, {"results": results, "reference": reference})
+  ], figure, {"results": results, "reference": reference, "protocol": protocol})
 
 
 if __name__ == "__main__":

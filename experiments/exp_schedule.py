@@ -131,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
       f"({curve_protocol['num_batches']} x {curve_protocol['batch_size']} sequences, zero self-conditioning "
       "input). TV: total-variation distance (0 = identical, 1 = disjoint) between the schedule's density and "
       "the model's measured dCE/dgamma scaled to unit area; the information-uniform principle asks for 0.",
-  ], figure, {"results": results})
+  ], figure, {"results": results, "protocol": protocol})
 
 
 if __name__ == "__main__":

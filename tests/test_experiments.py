@@ -69,6 +69,7 @@ def _check_outputs(out: dict, name: str, root: pathlib.Path, rows: int) -> str:
 def test_exp_schedule(root):
   out, _ = run_script("schedule", root)
   _check_outputs(out, "schedule", root, rows=3)
+  assert out["protocol"]["mode"] == common.EVAL["mode"]  # the docs name the bound's mode from here
   for name in ("langflow", "langflow-linear", "langflow-cosine"):
     r = out["results"][name]
     assert len(r["curve"]) == exp_schedule.QUICK_CURVE_POINTS and 0.0 <= r["tv"] <= 1.0
@@ -89,6 +90,7 @@ def test_exp_selfcond(root):
 def test_exp_baselines(root):
   out, _ = run_script("baselines", root)
   text = _check_outputs(out, "baselines", root, rows=5)
+  assert out["protocol"]["mode"] == common.EVAL["mode"]  # the docs name the bound's mode from here
   for name in ("langflow", "ar", "mdlm", "mdlm-zero-bias"):
     r = out["results"][name]
     assert r["params"] > 0 and r["nats_per_token"] > 0 and r["tokens_per_s"] > 0 and r["nfe"] >= 1
