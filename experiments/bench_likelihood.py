@@ -7,8 +7,8 @@
 
 Prints (1) the time of one vector-field evaluation (= one Euler step; a Heun
 step is two) relative to one denoiser forward pass, for the forward-mode JVP
-estimator used here and, for comparison, the reverse-mode VJP form of the
-official code; (2) the bound and its terms against the number of steps for
+estimator used here in the ``sc_chain_rule`` (default) and ``flow`` modes and,
+for comparison, the reverse-mode VJP form of the official code; (2) the bound and its terms against the number of steps for
 Euler and Heun, and the adaptive solver's step count.
 
 With fresh weights and the official zero output head (``model.logit_init_std=0``), the denoiser is the exact
@@ -40,7 +40,8 @@ def cost_table(model, batch: int, seq_len: int, reps: int) -> None:
   mask = jnp.ones((batch, seq_len), bool)
   u1 = jax.random.normal(jax.random.PRNGKey(1), (1, batch, seq_len, d))
   u4 = jax.random.normal(jax.random.PRNGKey(2), (4, batch, seq_len, d))
-  opts = lk.BoundOptions()
+  opts = lk.BoundOptions(mode="sc_chain_rule")
+  flow = dataclasses.replace(opts, mode="flow")
   no_sc = dataclasses.replace(opts, self_cond=False)
 
   def vjp_field(m, z):  # the official form: u^T J from one backward pass
@@ -52,13 +53,15 @@ def cost_table(model, batch: int, seq_len: int, reps: int) -> None:
       ("network forward (logits)", lambda m, z: m(z, gamma)),
       ("denoiser x_hat with the self-cond pre-pass (2 forwards)",
        lambda m, z: m.denoise(m(z, gamma, m.denoise(m(z, gamma))))),
-      ("ODE evaluation, JVP, 1 probe, self-cond (this package)",
+      ("ODE evaluation, JVP, 1 probe, self-cond, sc_chain_rule mode",
        lambda m, z: lk.denoiser_and_divergence(m, z, gamma, mask, u1, opts)),
+      ("ODE evaluation, JVP, 1 probe, self-cond, flow mode",
+       lambda m, z: lk.denoiser_and_divergence(m, z, gamma, mask, u1, flow)),
       ("ODE evaluation, JVP, 1 probe, no self-cond",
        lambda m, z: lk.denoiser_and_divergence(m, z, gamma, mask, u1, no_sc)),
-      ("ODE evaluation, JVP, 4 probes, self-cond",
+      ("ODE evaluation, JVP, 4 probes, self-cond, sc_chain_rule mode",
        lambda m, z: lk.denoiser_and_divergence(m, z, gamma, mask, u4, opts)),
-      ("ODE evaluation, VJP, 1 probe, self-cond (official form)", vjp_field),
+      ("ODE evaluation, VJP, 1 probe, self-cond, flow mode (official form)", vjp_field),
   ]
   base = None
   print(f"\n(1) cost per vector-field evaluation (= one Euler step), batch {batch} x {seq_len} tokens")
