@@ -129,14 +129,17 @@ def headline(r: Results) -> str:
   b, k = r.json("baselines.json"), r.json("known_entropy.json")
   res, ref = b["results"], b["reference"]
   flow = bound_mode(b) == "flow"
+  # MDLM at its better head setting (its rows differ only there): the comparison a tuned baseline gets
+  mdlm_key = min((key for key in res if key.startswith("mdlm")), key=lambda key: res[key]["nats_per_token"])
+  mdlm, mdlm_note = res[mdlm_key], "" if mdlm_key == "mdlm" else f" ({res[mdlm_key].get('label', mdlm_key)})"
   rows = [[f"held-out nats/token, embedded corpus, tiny size, {b['steps']} steps ({res['langflow']['params'] / 1e6:.1f}M "
            "parameters; <= marks an upper bound" + ("; LangFlow's in the official `flow` mode, which reads low"
                                                    if flow else "") + ")",
            f"{'' if flow else '<= '}{num(res['langflow']['nats_per_token'])}",
-           f"<= {num(res['mdlm']['nats_per_token'])}",
+           f"<= {num(mdlm['nats_per_token'])}{mdlm_note}",
            num(res["ar"]["nats_per_token"]), "baselines.json"],
           [f"Gen. PPL of {res['langflow']['num_samples']} samples under a bigram scorer (held-out text: "
-           f"{ref['gen_ppl']:.1f})", f"{res['langflow']['gen_ppl']:.1f}", f"{res['mdlm']['gen_ppl']:.1f}",
+           f"{ref['gen_ppl']:.1f})", f"{res['langflow']['gen_ppl']:.1f}", f"{mdlm['gen_ppl']:.1f}{mdlm_note}",
            f"{res['ar']['gen_ppl']:.1f}", "baselines.json"]]
   for corpus, c in k["results"].items():
     h = c["card"]["H"]
