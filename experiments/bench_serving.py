@@ -163,9 +163,7 @@ def forward_flops_per_token(model: nnx.Module, length: int) -> float:
     z = jnp.zeros((1, length, model.hidden_size), jnp.float32)
     fn = lambda st, z, g, s: nnx.merge(graphdef, st)(z, g, s)
     args = (state, z, jnp.zeros((1,), jnp.float32), z)
-  cost = jax.jit(fn).lower(*args).cost_analysis()
-  cost = cost[0] if isinstance(cost, list) else cost
-  return float(cost.get("flops", float("nan"))) / length if cost else float("nan")
+  return harness.xla_flops(jax.jit(fn).lower(*args)) / length
 
 
 # --------------------------------------------------------------------------- runners

@@ -66,12 +66,6 @@ def model_flops_per_token(config) -> tuple[float, float]:
   return 3 * forward, sc_pass  # backward = 2x forward
 
 
-def _xla_flops(compiled) -> float:
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, list) else cost
-  return float(cost.get("flops", float("nan"))) if cost else float("nan")
-
-
 def setup(config_name: str, overrides: list[str]):
   """(config, mesh, optimizer, model parts, train state, its shardings, a random batch) of a config."""
   config = config_lib.load_config(config_name, overrides)
@@ -91,7 +85,7 @@ def measure(config_name: str, dtype: str, steps: int) -> dict:
   step_fn = train.jit_train_step(train.make_train_step(config, parts, tx), shardings, mesh)
   b, L = config.train.batch_size, config.data.seq_len
   compiled, compiling = harness.timed(lambda: step_fn.lower(state, batch).compile(), repeats=0)
-  xla_flops = _xla_flops(compiled)
+  xla_flops = harness.xla_flops(compiled)
 
   history = []  # every step's metrics: the first call is the harness's warm-up
 
@@ -139,7 +133,7 @@ def breakdown(config_name: str, self_cond_prob: float, repeats: int,
   for name, (fn, args) in pieces.items():
     compiled = fn.lower(*args).compile()
     _, timing = harness.timed(lambda: compiled(*args), repeats)
-    out[name] = (timing.seconds, _xla_flops(compiled))
+    out[name] = (timing.seconds, harness.xla_flops(compiled))
   step = train.jit_train_step(train.make_train_step(config, parts, tx, objective), shardings, mesh)
   compiled = step.lower(state, batch).compile()
 
@@ -149,7 +143,7 @@ def breakdown(config_name: str, self_cond_prob: float, repeats: int,
     return metrics
 
   _, timing = harness.timed(one_step, repeats)
-  out["train step (+ AdamW, EMA, metrics)"] = (timing.seconds, _xla_flops(compiled))
+  out["train step (+ AdamW, EMA, metrics)"] = (timing.seconds, harness.xla_flops(compiled))
   return out
 
 

@@ -113,6 +113,13 @@ def timed(fn: Callable[[], Any], repeats: int = 1, max_run_s: float = math.inf) 
   return out, Timing(median, max(first - median, 0.0), len(times), times=tuple(times))
 
 
+def xla_flops(stage) -> float:
+  """XLA's FLOP count of a lowered or compiled jax function (NaN where the backend gives none)."""
+  cost = stage.cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  return float(cost.get("flops", float("nan"))) if cost else float("nan")
+
+
 # --------------------------------------------------------------------------- output
 
 
