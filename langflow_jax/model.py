@@ -126,6 +126,14 @@ def _low_precision_einsum_jvp(spec, primals, tangents):
   return low_precision_einsum(spec, a, b), tangent
 
 
+def product(spec: str, a: Array, b: Array) -> Array:
+  """``einsum(spec, a, b)`` in the operands' dtype, accumulated and returned in float32: float32
+  operands through ``jnp.einsum``, low-precision ones through :func:`low_precision_einsum`."""
+  if is_low_precision(a.dtype):
+    return low_precision_einsum(spec, a, b)
+  return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+
+
 class Linear(nnx.Linear):
   """``nnx.Linear`` applied to the input flattened to [N, in_features].
 
@@ -236,13 +244,10 @@ def rotary_qkv(attn_qkv: nnx.Linear, a_BxLxD: Array, n_heads: int, cos_LxK: Arra
   x_NxD = a_BxLxD.reshape(b * l, d).astype(dtype)
   kernel_Dx3xD = attn_qkv.kernel[...].reshape(d, 3, d)
 
-  def third(i: int) -> Array:
-    kernel_DxD = parallel.constrain(kernel_Dx3xD[:, i], (None, "act_heads")).astype(dtype)
-    if is_low_precision(dtype):
-      return low_precision_einsum(MATMUL, x_NxD, kernel_DxD).astype(dtype)
-    return x_NxD @ kernel_DxD
-
-  q, k, v = (parallel.constrain(third(i).reshape(b, l, n_heads, d // n_heads), BLHK) for i in range(3))
+  q, k, v = (
+      parallel.constrain(product(MATMUL, x_NxD, parallel.constrain(kernel_Dx3xD[:, i], (None, "act_heads"))
+                                 .astype(dtype)).astype(dtype).reshape(b, l, n_heads, d // n_heads), BLHK)
+      for i in range(3))
   return apply_rotary(q, cos_LxK, sin_LxK), apply_rotary(k, cos_LxK, sin_LxK), v
 
 
@@ -268,20 +273,12 @@ def dot_product_attention(q_BxLxHxK: Array, k_BxSxHxK: Array, v_BxSxHxK: Array,
         implementation=None if impl == "auto" else impl)
     return parallel.constrain(out_BxLxHxK, BLHK)
   q_BxHxLxK, k_BxHxSxK, v_BxHxSxK = (x.transpose(0, 2, 1, 3) for x in (q_BxLxHxK, k_BxSxHxK, v_BxSxHxK))
-  low = is_low_precision(q_BxHxLxK.dtype)
-  if low:
-    scores_BxHxLxS = low_precision_einsum("bhqk,bhsk->bhqs", q_BxHxLxK, k_BxHxSxK)
-  else:
-    scores_BxHxLxS = jnp.einsum("bhqk,bhsk->bhqs", q_BxHxLxK, k_BxHxSxK, preferred_element_type=jnp.float32)
+  scores_BxHxLxS = product("bhqk,bhsk->bhqs", q_BxHxLxK, k_BxHxSxK)
   scores_BxHxLxS = scores_BxHxLxS / math.sqrt(q_BxLxHxK.shape[-1])
   if mask_LxS is not None:
     scores_BxHxLxS = jnp.where(mask_LxS, scores_BxHxLxS, -jnp.inf)
   probs = jax.nn.softmax(scores_BxHxLxS, axis=-1)
-  probs = probs.astype(v_BxHxSxK.dtype)
-  if low:
-    out_BxHxLxK = low_precision_einsum("bhqs,bhsk->bhqk", probs, v_BxHxSxK).astype(v_BxHxSxK.dtype)
-  else:
-    out_BxHxLxK = jnp.einsum("bhqs,bhsk->bhqk", probs, v_BxHxSxK)
+  out_BxHxLxK = product("bhqs,bhsk->bhqk", probs.astype(v_BxHxSxK.dtype), v_BxHxSxK).astype(v_BxHxSxK.dtype)
   return parallel.constrain(out_BxHxLxK.transpose(0, 2, 1, 3), BLHK)
 
 
