@@ -80,10 +80,11 @@ def base_config() -> ml_collections.ConfigDict:
       schedule_loss_weight=1.0,   # weight of the schedule-fitting regression
       ce_weight=1.0,              # weight of the token cross-entropy (the paper's loss)
       elbo_weight=0.0,            # weight of the importance-weighted ELBO integrand (0: off, the paper's recipe)
-      output_bias_init="unigram",  # unigram (default): the head's bias starts at the log unigram frequencies
-                                  # of the training split (fresh runs, every method; with the skip term the
-                                  # untrained LangFlow is then the exact context-free posterior) | zeros (the
-                                  # official init). See experiments/results/known_entropy.md.
+      output_bias_init="auto",    # auto (default): the method's own start (Method.output_bias_init): LangFlow
+                                  # and AR the log unigram frequencies of the training split (with the skip
+                                  # term the untrained LangFlow is then the exact context-free posterior),
+                                  # MDLM zeros (the unigram start cost it 0.04-0.3 nats/token) | unigram |
+                                  # zeros (the official init). See experiments/results/known_entropy.md.
       mask_eps=1e-3,              # mdlm: mask rates t ~ U(mask_eps, 1) (MDLM's sampling_eps)
   ))
 
@@ -374,8 +375,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(config.objective.time_sampling in ("stratified", "antithetic", "iid"),
            f"objective.time_sampling='{config.objective.time_sampling}' is unknown.",
            "use stratified, antithetic or iid.")
-  _require(config.objective.output_bias_init in ("zeros", "unigram"),
-           f"objective.output_bias_init='{config.objective.output_bias_init}' is unknown.", "use zeros or unigram.")
+  _require(config.objective.output_bias_init in ("auto", "zeros", "unigram"),
+           f"objective.output_bias_init='{config.objective.output_bias_init}' is unknown.",
+           "use auto (the method's own), zeros or unigram.")
   _require(config.schedule.entropy_init in ("config", "unigram"),
            f"schedule.entropy_init='{config.schedule.entropy_init}' is unknown.", "use config or unigram.")
   _require(0.0 <= config.objective.mask_eps < 1.0,

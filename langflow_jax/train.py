@@ -365,9 +365,10 @@ def _start_state(config, workdir, checkpointer, state, state_shardings, tokenize
                          buffers=weights["buffers"]), {"step": 0}, \
         {"restored_from": origin}
   log_prior_V = None
-  if config.objective.output_bias_init == "unigram" or config.schedule.entropy_init == "unigram":
+  bias_init = methods.for_config(config).head_bias_init(config)
+  if bias_init == "unigram" or config.schedule.entropy_init == "unigram":
     log_prior_V = pipeline.unigram_log_prior(train_split, config.model.vocab_size)
-  if config.objective.output_bias_init == "unigram":
+  if bias_init == "unigram":
     state = with_output_bias(state, log_prior_V)
     log.info("output bias initialised to the training split's log unigram frequencies")
   if config.schedule.entropy_init == "unigram":

@@ -91,7 +91,7 @@ def test_exp_baselines(root):
   out, _ = run_script("baselines", root)
   text = _check_outputs(out, "baselines", root, rows=5)
   assert out["protocol"]["mode"] == common.EVAL["mode"]  # the docs name the bound's mode from here
-  for name in ("langflow", "ar", "mdlm", "mdlm-zero-bias"):
+  for name in ("langflow", "ar", "mdlm", "mdlm-unigram-bias"):
     r = out["results"][name]
     assert r["params"] > 0 and r["nats_per_token"] > 0 and r["tokens_per_s"] > 0 and r["nfe"] >= 1
   assert out["results"]["ar"]["nfe"] == 32  # one evaluation per generated position

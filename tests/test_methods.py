@@ -122,3 +122,28 @@ def test_baselines_do_not_count_langflow_only_keys_as_part_of_their_experiment()
     assert not m.uses_key("objective.quantile_power")
     assert m.uses_key("optimizer.lr") and m.uses_key("objective.output_bias_init") and m.uses_key("model.n_blocks")
   assert all(methods.get("langflow").uses_key(k) for k in ("schedule.loc", "objective.self_cond_prob"))
+
+
+def test_auto_head_bias_is_each_methods_own_start_and_an_explicit_choice_wins():
+  cfg = small_config()
+  cfg.objective.output_bias_init = "auto"
+  starts = {name: methods.get(name).head_bias_init(cfg) for name in ("langflow", "ar", "mdlm")}
+  assert starts == {"langflow": "unigram", "ar": "unigram", "mdlm": "zeros"}
+  for choice in ("zeros", "unigram"):
+    cfg.objective.output_bias_init = choice
+    assert {methods.get(n).head_bias_init(cfg) for n in ("langflow", "ar", "mdlm")} == {choice}
+
+
+def test_a_fresh_mdlm_run_keeps_its_head_bias_at_zero_under_the_default(tmp_path):
+  from langflow_jax import config as config_lib
+  from langflow_jax import train
+
+  cfg = small_config()
+  cfg.objective.name = "mdlm"
+  cfg.objective.output_bias_init = config_lib.base_config().objective.output_bias_init  # the shipped default
+  cfg.train.update(steps=1, eval_every=1, checkpoint_every=1)
+  cfg.optimizer.update(lr=1e-30, warmup_steps=0)  # one update that leaves the weights where they started
+  train.train_and_evaluate(cfg, tmp_path / "run")
+  _, _, state, _ = train.load_state(tmp_path / "run")
+  bias = np.asarray(state.params["output_layer"]["linear"]["bias"][...])
+  assert np.abs(bias).max() < 1e-20  # a log-unigram start would be several nats from 0
