@@ -72,6 +72,7 @@ def _transposed_specs(spec: str) -> tuple[str, str]:
 
 
 MATMUL = "ni,io->no"  # a linear layer's product: rows are tokens
+SKIP = "nd,vd->nv"    # the skip logits z E^T: rows are tokens
 
 
 def _row_major_transpose(x_NxI: Array) -> Array:
@@ -124,6 +125,45 @@ def _low_precision_einsum_jvp(spec, primals, tangents):
   tangent = (linear_call(along_a, along_a_transposed, b, ta) +
              linear_call(along_b, along_b_transposed, a, tb))
   return low_precision_einsum(spec, a, b), tangent
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 3))
+def einsum_low_precision_cotangents(spec: str, a: Array, b: Array, dtype: Any) -> Array:
+  """``einsum(spec, a, b)`` of float32 operands, in float32, whose reverse-mode products run in ``dtype``.
+
+  The value and the forward-mode tangent (the likelihood's JVP) are float32 products; only the
+  transposes, training's cotangent products, round their operands to ``dtype`` (float32
+  accumulation). For products whose value must stay float32 (the skip logits z E^T, several
+  hundred nats at low noise) while their gradients, like every other gradient of the bf16 path,
+  tolerate bf16 operands.
+  """
+  return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+
+
+@einsum_low_precision_cotangents.defjvp
+def _einsum_low_precision_cotangents_jvp(spec, dtype, primals, tangents):
+  a, b = primals
+  ta, tb = tangents
+  spec_da, spec_db = _transposed_specs(spec)
+  f32 = jnp.float32
+
+  def along_a(b, ta):
+    return jnp.einsum(spec, ta, b, preferred_element_type=f32)
+
+  def along_a_transposed(b, ct):
+    return jnp.einsum(spec_da, ct.astype(dtype), b.astype(dtype), preferred_element_type=f32)
+
+  def along_b(a, tb):
+    return jnp.einsum(spec, a, tb, preferred_element_type=f32)
+
+  def along_b_transposed(a, ct):
+    if spec == SKIP and jax.default_backend() == "cpu":  # ct^T z: a transposed left operand (see above)
+      return jnp.dot(_row_major_transpose(ct.astype(dtype)), a.astype(dtype), preferred_element_type=f32)
+    return jnp.einsum(spec_db, a.astype(dtype), ct.astype(dtype), preferred_element_type=f32)
+
+  tangent = (linear_call(along_a, along_a_transposed, b, ta) +
+             linear_call(along_b, along_b_transposed, a, tb))
+  return einsum_low_precision_cotangents(spec, a, b, dtype), tangent
 
 
 def product(spec: str, a: Array, b: Array) -> Array:
@@ -449,6 +489,7 @@ class LangFlow(nnx.Module):
     self.vocab_size = int(model_cfg.vocab_size)
     self.max_length = int(model_cfg.max_length)
     self.use_skip = bool(model_cfg.use_skip)
+    self.compute_dtype = DTYPES[model_cfg.compute_dtype]
     self.backbone = Backbone(model_cfg, rngs=rngs)
     self.schedule: NoiseSchedule = make_schedule(schedule_cfg)
 
@@ -486,8 +527,12 @@ class LangFlow(nnx.Module):
     logits, hidden = out if return_hidden else (out, None)
     if self.use_skip:
       b, l, d = z_BxLxD.shape
-      skip_BxLxV = jnp.einsum("nd,vd->nv", z_BxLxD.reshape(b * l, d).astype(jnp.float32),
-                              self.embedding_matrix(), preferred_element_type=jnp.float32).reshape(b, l, -1)
+      z_NxD, e_VxD = z_BxLxD.reshape(b * l, d).astype(jnp.float32), self.embedding_matrix()
+      if is_low_precision(self.compute_dtype):
+        skip_NxV = einsum_low_precision_cotangents(SKIP, z_NxD, e_VxD, self.compute_dtype)
+      else:
+        skip_NxV = jnp.einsum(SKIP, z_NxD, e_VxD, preferred_element_type=jnp.float32)
+      skip_BxLxV = skip_NxV.reshape(b, l, -1)
       coeff_B = skip_scale * diffusion.skip_coefficient(gamma_B)
       logits = parallel.constrain(logits + coeff_B[:, None, None] * skip_BxLxV, BLV)
     return (logits, hidden) if return_hidden else logits

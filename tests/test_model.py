@@ -224,6 +224,27 @@ def test_bfloat16_linear_runs_every_product_of_its_gradient_on_bf16_operands():
   np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), rtol=3e-2, atol=3e-2)
 
 
+def test_skip_product_keeps_float32_value_and_tangent_and_runs_its_cotangents_on_bf16_operands():
+  # The skip logits z E^T reach several hundred nats at low noise: their value and forward-mode
+  # tangent stay float32 products; only training's two cotangent products take bf16 operands.
+  keys = jax.random.split(jax.random.PRNGKey(0), 4)
+  z, e = jax.random.normal(keys[0], (64, 16)), jax.random.normal(keys[1], (40, 16))
+  tz, te = jax.random.normal(keys[2], z.shape), jax.random.normal(keys[3], e.shape)
+  low = lambda z, e: M.einsum_low_precision_cotangents(M.SKIP, z, e, jnp.bfloat16)  # noqa: E731
+  exact = lambda z, e: jnp.einsum(M.SKIP, z, e, precision="highest")  # noqa: E731
+  np.testing.assert_allclose(np.asarray(low(z, e)), np.asarray(exact(z, e)), rtol=1e-5, atol=1e-5)
+  (_, t_low), (_, t_exact) = jax.jvp(low, (z, e), (tz, te)), jax.jvp(exact, (z, e), (tz, te))
+  np.testing.assert_allclose(np.asarray(t_low), np.asarray(t_exact), rtol=1e-5, atol=1e-4)
+  w = jax.random.normal(jax.random.PRNGKey(9), (64, 40))
+  grad = lambda f: jax.grad(lambda z, e: jnp.sum(w * f(z, e)), argnums=(0, 1))  # noqa: E731
+  rel = lambda x, y: float(jnp.linalg.norm(x - y) / jnp.linalg.norm(y))  # noqa: E731
+  for x, y in zip(grad(low)(z, e), grad(exact)(z, e)):
+    assert x.dtype == jnp.float32 and 1e-5 < rel(x, y) < 1e-2  # bf16-rounded operands, not float32 ones
+  hlo = jax.jit(grad(low)).lower(z, e).compile().as_text()
+  dots = _dot_operand_dtypes(hlo)
+  assert sorted(dots) == [("bf16", "bf16"), ("bf16", "bf16")], dots  # the forward's own product is not needed
+
+
 def test_bfloat16_model_supports_forward_mode_as_the_likelihood_uses_it():
   _, model = make(compute_dtype="bfloat16")
   randomize_zero_inits(model)
