@@ -290,9 +290,10 @@ class ARMethod(_Baseline):
 class MDLMMethod(_Baseline):
   name, label, model_class, module = "mdlm", "MDLM", mdlm.MaskedDiffusionLM, mdlm
   serving = serving_lib.MDLMServing()
-  # A unigram start handicaps the absorbing-state model (it predicts from [MASK], not from a noisy
-  # embedding): 0.804 against 0.763 nats/token on tok32 at 1,200 steps, 6.474 against 6.183 on the
-  # embedded corpus at 800 (experiments/results/known_entropy.md, baselines.md).
+  # The unigram start, which gives LangFlow the context-free posterior for free, does not help the
+  # absorbing-state model on real text: 6.474 against 6.183 nats/token from zeros on the embedded
+  # corpus at 800 steps (experiments/results/baselines.md; on tok32, 33 tokens, the two are within
+  # 0.01-0.04 of each other, known_entropy.md).
   output_bias_init = "zeros"
 
   @staticmethod
