@@ -8,6 +8,8 @@ sampler's exact step).
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 
@@ -38,19 +40,19 @@ def add_noise(e_BxLxD: Array, gamma_B: Array, eps_BxLxD: Array) -> Array:
   return z.astype(e_BxLxD.dtype)
 
 
-def denoised_embedding(p_BxLxV: Array, embeddings_VxD: Array) -> Array:
-  """Posterior-mean embedding E^T p, accumulated in float32.
+def denoised_embedding(p_BxLxV: Array, embeddings_VxD: Array, dtype: Any = jnp.float32) -> Array:
+  """Posterior-mean embedding E^T p, its operands in ``dtype``, accumulated and returned in float32.
 
   One matmul row per token ([B*L, V] x [V, D]): see ``model.Linear``.
   """
   b, l, v = p_BxLxV.shape
-  x_NxD = jnp.matmul(p_BxLxV.reshape(b * l, v).astype(jnp.float32), embeddings_VxD.astype(jnp.float32),
+  x_NxD = jnp.matmul(p_BxLxV.reshape(b * l, v).astype(dtype), embeddings_VxD.astype(dtype),
                      preferred_element_type=jnp.float32)
   return x_NxD.reshape(b, l, -1)
 
 
 def denoised_embedding_from_logits(logits_BxLxV: Array, embeddings_VxD: Array,
-                                   temperature: float | Array = 1.0) -> Array:
+                                   temperature: float | Array = 1.0, dtype: Any = jnp.float32) -> Array:
   """E^T softmax(logits / temperature), float32, normalised after the product.
 
   exp(logits - max) goes through the [V, D] product and the [B, L, D] result
@@ -62,7 +64,7 @@ def denoised_embedding_from_logits(logits_BxLxV: Array, embeddings_VxD: Array,
   """
   scaled = logits_BxLxV.astype(jnp.float32) / temperature
   unnormalised = jnp.exp(scaled - jax.lax.stop_gradient(jnp.max(scaled, axis=-1, keepdims=True)))
-  return denoised_embedding(unnormalised, embeddings_VxD) / jnp.sum(unnormalised, axis=-1, keepdims=True)
+  return denoised_embedding(unnormalised, embeddings_VxD, dtype) / jnp.sum(unnormalised, axis=-1, keepdims=True)
 
 
 def ddim_step(z_BxLxD: Array, x_hat_BxLxD: Array, gamma_t: Array, gamma_s: Array) -> Array:

@@ -8,12 +8,14 @@ the main activations are pinned with ``parallel.constrain`` (the identity
 outside a sharded jit).
 
 Dtypes: parameters are float32. ``compute_dtype`` (float32 or bfloat16) is the
-dtype of the matmuls inside the blocks and the output head; layer norms,
-attention softmax, the residual stream, the skip term and the logits stay
-float32 in both cases (the policy of the official GPU code, method §3.7). In
-bfloat16 every such product has bf16 operands and float32 accumulation and
-result, its derivatives' products too (:func:`low_precision_einsum`); q, k and
-v are rounded to bf16 for attention.
+dtype of the matmuls inside the blocks, the self-conditioning projection and the
+output head; layer norms, attention softmax, the residual stream, the skip
+logits' value and the logits stay float32 in both cases. In bfloat16 every such
+product has bf16 operands and float32 accumulation and result, its derivatives'
+products too (:func:`low_precision_einsum`); q, k and v are rounded to bf16 for
+attention. The skip logits' cotangent products (:func:`einsum_low_precision_cotangents`)
+and training's stop-gradient pre-pass (:meth:`LangFlow.self_cond_input`) take bf16
+operands as well.
 """
 
 from __future__ import annotations
@@ -157,8 +159,11 @@ def _einsum_low_precision_cotangents_jvp(spec, dtype, primals, tangents):
     return jnp.einsum(spec, a, tb, preferred_element_type=f32)
 
   def along_b_transposed(a, ct):
-    if spec == SKIP and jax.default_backend() == "cpu":  # ct^T z: a transposed left operand (see above)
-      return jnp.dot(_row_major_transpose(ct.astype(dtype)), a.astype(dtype), preferred_element_type=f32)
+    if spec == SKIP and jax.default_backend() == "cpu":
+      # ct^T z has a transposed left operand, which XLA:CPU's bf16 product does not take; the
+      # row-major copy of the [N, V] cotangent (or of the [D, V] result, as z^T ct) costs more than
+      # the float32 product it would save (measured on the bench config), so E's cotangent stays float32
+      return jnp.einsum(spec_db, a, ct, preferred_element_type=f32)
     return jnp.einsum(spec_db, a.astype(dtype), ct.astype(dtype), preferred_element_type=f32)
 
   tangent = (linear_call(along_a, along_a_transposed, b, ta) +
@@ -449,7 +454,7 @@ class Backbone(nnx.Module):
     self.self_conditioning = bool(cfg.self_conditioning)
     if self.self_conditioning:
       self.self_cond_proj = linear(2 * d, d, ("embed2", "embed"), use_bias=False, zero_init=True,
-                                   rngs=rngs)
+                                   rngs=rngs, dtype=compute_dtype)
 
   def embedding_matrix(self) -> Array:
     """E: rows rescaled to norm sqrt(D) (an L2 normalisation, not a LayerNorm)."""
@@ -518,24 +523,53 @@ class LangFlow(nnx.Module):
   def __call__(self, z_BxLxD: Array, gamma_B: Array, self_cond_BxLxD: Array | None = None, *,
                skip_scale: float | Array = 1.0, dropout_key: Array | None = None,
                return_hidden: bool = False):
+    gamma_B = self._levels(z_BxLxD, gamma_B)
+    out = self.backbone(z_BxLxD, gamma_B, self_cond_BxLxD, dropout_key, return_hidden)
+    logits, hidden = out if return_hidden else (out, None)
+    if self.use_skip:
+      logits = self._add_skip(logits, z_BxLxD, gamma_B, skip_scale, value_dtype=jnp.float32)
+    return (logits, hidden) if return_hidden else logits
+
+  def _levels(self, z_BxLxD: Array, gamma_B: Array) -> Array:
+    """One float32 noise level per sequence (the length checked)."""
     check_length(z_BxLxD.shape[1], self.max_length)
     gamma_B = jnp.asarray(gamma_B, jnp.float32)
     if gamma_B.ndim == 2:  # per-token levels are averaged, as upstream does
       gamma_B = jnp.mean(gamma_B, axis=-1)
-    gamma_B = jnp.broadcast_to(gamma_B, z_BxLxD.shape[:1])
-    out = self.backbone(z_BxLxD, gamma_B, self_cond_BxLxD, dropout_key, return_hidden)
-    logits, hidden = out if return_hidden else (out, None)
+    return jnp.broadcast_to(gamma_B, z_BxLxD.shape[:1])
+
+  def _add_skip(self, logits_BxLxV: Array, z_BxLxD: Array, gamma_B: Array, skip_scale: float | Array,
+                value_dtype: Any) -> Array:
+    """``logits + skip_scale * c_skip(gamma) * z E^T``; the product's operands in ``value_dtype``."""
+    b, l, d = z_BxLxD.shape
+    z_NxD, e_VxD = z_BxLxD.reshape(b * l, d).astype(jnp.float32), self.embedding_matrix()
+    if is_low_precision(value_dtype):  # a value nothing differentiates (self_cond_input)
+      skip_NxV = jnp.einsum(SKIP, z_NxD.astype(value_dtype), e_VxD.astype(value_dtype),
+                            preferred_element_type=jnp.float32)
+    elif is_low_precision(self.compute_dtype):
+      skip_NxV = einsum_low_precision_cotangents(SKIP, z_NxD, e_VxD, self.compute_dtype)
+    else:
+      skip_NxV = jnp.einsum(SKIP, z_NxD, e_VxD, preferred_element_type=jnp.float32)
+    coeff_B = skip_scale * diffusion.skip_coefficient(gamma_B)
+    return parallel.constrain(logits_BxLxV + coeff_B[:, None, None] * skip_NxV.reshape(b, l, -1), BLV)
+
+  def self_cond_input(self, z_BxLxD: Array, gamma_B: Array, *, skip_scale: float | Array = 1.0,
+                      dropout_key: Array | None = None) -> Array:
+    """Training's self-conditioning pre-pass: E^T softmax(logits) of a pass without a
+    self-conditioning input, under stop-gradient.
+
+    Nothing differentiates it and it is a network input, so with a low-precision
+    ``compute_dtype`` its skip logits and E^T p take that dtype's operands too (float32
+    accumulation), where the differentiated pass keeps the skip logits' value float32. The
+    likelihood's pre-pass, which ``sc_chain_rule`` differentiates, and the sampler's (the
+    previous step's prediction) are float32 products.
+    """
+    gamma_B = self._levels(z_BxLxD, gamma_B)
+    logits = self.backbone(z_BxLxD, gamma_B, None, dropout_key, False)
     if self.use_skip:
-      b, l, d = z_BxLxD.shape
-      z_NxD, e_VxD = z_BxLxD.reshape(b * l, d).astype(jnp.float32), self.embedding_matrix()
-      if is_low_precision(self.compute_dtype):
-        skip_NxV = einsum_low_precision_cotangents(SKIP, z_NxD, e_VxD, self.compute_dtype)
-      else:
-        skip_NxV = jnp.einsum(SKIP, z_NxD, e_VxD, preferred_element_type=jnp.float32)
-      skip_BxLxV = skip_NxV.reshape(b, l, -1)
-      coeff_B = skip_scale * diffusion.skip_coefficient(gamma_B)
-      logits = parallel.constrain(logits + coeff_B[:, None, None] * skip_BxLxV, BLV)
-    return (logits, hidden) if return_hidden else logits
+      logits = self._add_skip(logits, z_BxLxD, gamma_B, skip_scale, value_dtype=self.compute_dtype)
+    x_hat = diffusion.denoised_embedding_from_logits(logits, self.embedding_matrix(), dtype=self.compute_dtype)
+    return jax.lax.stop_gradient(x_hat)
 
   def clean_logits(self, ids_BxL: Array) -> Array:
     """Logits for noiseless embeddings at gamma_min (official forward(input_ids))."""

@@ -117,8 +117,7 @@ def langflow_objective(model: LangFlow, ids_BxL: Array, mask_BxL: Array, key: Ar
   z_BxLxD = diffusion.add_noise(e_BxLxD, gamma_B, eps)
 
   def first_pass() -> Array:
-    logits = model(z_BxLxD, gamma_B, None, skip_scale=skip_scale, dropout_key=k_drop1)
-    return jax.lax.stop_gradient(model.denoise(logits))
+    return model.self_cond_input(z_BxLxD, gamma_B, skip_scale=skip_scale, dropout_key=k_drop1)
 
   use_sc = model.self_conditioning and cfg.self_cond_prob > 0
   if use_sc and cfg.self_cond_mode == "sample":
