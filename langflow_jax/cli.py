@@ -295,7 +295,7 @@ def cmd_serve(args, overrides) -> int:
 
   serve.serve_workdir(args.workdir, host=args.host, port=args.port, slots=args.slots, steps=args.steps,
                       max_steps=args.max_steps, queue=args.queue, scheduler=args.scheduler,
-                      warmup=not args.no_warmup, overrides=overrides)
+                      fuse_passes=args.fuse_passes, warmup=not args.no_warmup, overrides=overrides)
   return 0
 
 
@@ -383,6 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                "(default: 4 x slots)")
       p.add_argument("--scheduler", default="stationary", choices=("stationary", "static"),
                      help="stationary (continuous batching) or static (batch waits for its slowest member)")
+      p.add_argument("--fuse-passes", type=int, dest="fuse_passes", default=None,
+                     help="LangFlow: up to N passes a call, none past a stream event or a request's end "
+                          "(default: engine.FUSE_PASSES; 1: one pass a call)")
       p.add_argument("--no-warmup", action="store_true", dest="no_warmup",
                      help="compile on the first requests instead of before listening")
     if name == "aot":

@@ -72,6 +72,7 @@ Array = jax.Array
 log = logging.getLogger(__name__)
 
 SCHEDULERS = ("stationary", "static")
+FUSE_PASSES = 4  # the server's default Engine(fuse_passes=...): docs/serving.md says what it saves
 SAMPLER_IDS = {name: i for i, name in enumerate(("euler", "heun", "stochastic", "multistep"))}
 
 
@@ -173,6 +174,7 @@ class Slots:
   """
 
   min_bucket = 1  # the fewest slots a tick runs
+  fuses_passes = False  # whether ``tick(..., passes=m)`` runs m passes in one call (else always one)
 
   def __init__(self, model, *, slots: int, length: int):
     self.model = model
@@ -226,21 +228,18 @@ def _lf_admit(st, slot_idx_R, k_noise, k_cond, key_loop, ids_L, fixed_L, grid_N,
   return {name: st[name].at[slot_idx_R].set(value.astype(st[name].dtype), mode="drop") for name, value in new.items()}
 
 
-def _lf_tick(graphdef, params, st, i_S, n_S, active_S, *, k: int, heun: bool, stochastic: bool, update_dtype: str,
-             emit: bool = True):
-  """One pass of every slot in the prefix [0, k): the sampler's step, per slot. Without ``emit`` (no job
-  streams or ends this tick) the argmax tokens and their log-probabilities are not computed."""
+def _lf_tick(graphdef, params, st, i_S, n_S, active_S, passes, *, k: int, heun: bool, stochastic: bool,
+             update_dtype: str, emit: bool = True):
+  """``passes`` (traced, >= 1) passes of every slot in the prefix [0, k): the sampler's step, per slot, pass
+  after pass in one call (the engine never lets a job stream or end inside the block). Without ``emit``
+  (no job streams or ends after the block) the argmax tokens and their log-probabilities are not computed."""
   model = nnx.merge(graphdef, params)
   emb = model.embedding_matrix()
   dt = jnp.dtype(update_dtype)
   sub = {name: value[:k] for name, value in st.items()}
-  i, n, act = i_S[:k], n_S[:k], active_S[:k]
+  n, act = n_S[:k], active_S[:k]
   grid = sub["grid"]
   nmax = grid.shape[1]
-  g_t = jnp.take_along_axis(grid, i[:, None], axis=1)[:, 0]
-  g_s = jnp.take_along_axis(grid, jnp.minimum(i + 1, nmax - 1)[:, None], axis=1)[:, 0]
-  last = i >= n - 1
-  upd = act & ~last
   fixed = sub["fixed"][..., None]
   e_fixed = jnp.take(emb, sub["ids"], axis=0)
   eps = sub["eps"]
@@ -259,40 +258,50 @@ def _lf_tick(graphdef, params, st, i_S, n_S, active_S, *, k: int, heun: bool, st
   def ddim(z, x_hat, a, b):
     return diffusion.ddim_step(z.astype(dt), x_hat.astype(dt), a.astype(dt), b.astype(dt)).astype(jnp.float32)
 
-  z, s = sub["z"], sub["s"]
-  if stochastic:
-    churn_c = jnp.minimum(sub["churn"] / jnp.maximum(n - 1, 1).astype(jnp.float32), math.sqrt(2.0) - 1.0)
-    g_hat = jnp.minimum(g_t + 2.0 * jnp.log1p(churn_c), grid[:, 0])
-    ratio = jnp.exp((jax.nn.softplus(g_t) - jax.nn.softplus(g_hat)) / 2)
-    a_h, _ = diffusion.alpha_sigma(g_hat)
-    extra = a_h * jnp.sqrt(jnp.exp(g_t) * jnp.expm1(g_hat - g_t))
+  def one_pass(j, sub):
+    i = i_S[:k] + j
+    g_t = jnp.take_along_axis(grid, i[:, None], axis=1)[:, 0]
+    g_s = jnp.take_along_axis(grid, jnp.minimum(i + 1, nmax - 1)[:, None], axis=1)[:, 0]
+    last = i >= n - 1
+    upd = act & ~last
+    z, s = sub["z"], sub["s"]
+    if stochastic:
+      churn_c = jnp.minimum(sub["churn"] / jnp.maximum(n - 1, 1).astype(jnp.float32), math.sqrt(2.0) - 1.0)
+      g_hat = jnp.minimum(g_t + 2.0 * jnp.log1p(churn_c), grid[:, 0])
+      ratio = jnp.exp((jax.nn.softplus(g_t) - jax.nn.softplus(g_hat)) / 2)
+      a_h, _ = diffusion.alpha_sigma(g_hat)
+      extra = a_h * jnp.sqrt(jnp.exp(g_t) * jnp.expm1(g_hat - g_t))
 
-    def noise(key, step, cand):
-      k_step = jax.random.fold_in(key, step)  # == split(k_loop, n - 1)[step], the sampler's key
-      k_step = jnp.where(cand == 0, k_step, jax.random.fold_in(k_step, cand))
-      return jax.random.normal(k_step, z.shape[1:], jnp.float32)
+      def noise(key, step, cand):
+        k_step = jax.random.fold_in(key, step)  # == split(k_loop, n - 1)[step], the sampler's key
+        k_step = jnp.where(cand == 0, k_step, jax.random.fold_in(k_step, cand))
+        return jax.random.normal(k_step, z.shape[1:], jnp.float32)
 
-    xi = jax.vmap(noise)(sub["key"], i, sub["cand"])
-    use = (sampler == SAMPLER_IDS["stochastic"]) & ~last
-    z = jnp.where(col(use), col(ratio) * z + col(extra) * xi, z)
-    g_t = jnp.where(use, g_hat, g_t)
-  z = pin(z, g_t)
-  logits, x_hat = predict(z, g_t, s)
-  h = (g_t - g_s) / 2
-  r = col(sub["h_prev"] / jnp.maximum(h, 1e-12))
-  extrapolated = (1 + 0.5 / r) * x_hat - (0.5 / r) * sub["x_prev"]
-  multistep = (sampler == SAMPLER_IDS["multistep"]) & (i > 0)
-  z_new = ddim(z, jnp.where(col(multistep), extrapolated, x_hat), g_t, g_s)
-  s_new = x_hat
-  if heun:
-    z_pred = pin(ddim(z, x_hat, g_t, g_s), g_s)
-    _, x_end = predict(z_pred, g_s, x_hat)
-    is_heun = col(sampler == SAMPLER_IDS["heun"])
-    z_new = jnp.where(is_heun, ddim(z, 0.5 * (x_hat + x_end), g_t, g_s), z_new)
-    s_new = jnp.where(is_heun, x_end, s_new)
-  u = col(upd)
-  new = dict(sub, z=jnp.where(u, z_new, sub["z"]), s=jnp.where(u, s_new, s),
-             x_prev=jnp.where(u, x_hat, sub["x_prev"]), h_prev=jnp.where(upd, h, sub["h_prev"]))
+      xi = jax.vmap(noise)(sub["key"], i, sub["cand"])
+      use = (sampler == SAMPLER_IDS["stochastic"]) & ~last
+      z = jnp.where(col(use), col(ratio) * z + col(extra) * xi, z)
+      g_t = jnp.where(use, g_hat, g_t)
+    z = pin(z, g_t)
+    logits, x_hat = predict(z, g_t, s)
+    h = (g_t - g_s) / 2
+    r = col(sub["h_prev"] / jnp.maximum(h, 1e-12))
+    extrapolated = (1 + 0.5 / r) * x_hat - (0.5 / r) * sub["x_prev"]
+    multistep = (sampler == SAMPLER_IDS["multistep"]) & (i > 0)
+    z_new = ddim(z, jnp.where(col(multistep), extrapolated, x_hat), g_t, g_s)
+    s_new = x_hat
+    if heun:
+      z_pred = pin(ddim(z, x_hat, g_t, g_s), g_s)
+      _, x_end = predict(z_pred, g_s, x_hat)
+      is_heun = col(sampler == SAMPLER_IDS["heun"])
+      z_new = jnp.where(is_heun, ddim(z, 0.5 * (x_hat + x_end), g_t, g_s), z_new)
+      s_new = jnp.where(is_heun, x_end, s_new)
+    u = col(upd)
+    new = dict(sub, z=jnp.where(u, z_new, sub["z"]), s=jnp.where(u, s_new, s),
+               x_prev=jnp.where(u, x_hat, sub["x_prev"]), h_prev=jnp.where(upd, h, sub["h_prev"]))
+    return new, logits, g_t
+
+  sub = jax.lax.fori_loop(0, passes - 1, lambda j, sub: one_pass(j, sub)[0], sub)
+  new, logits, g_t = one_pass(passes - 1, sub)
   st = {name: st[name].at[:k].set(new[name]) for name in st}
   if not emit:
     return st, None, None, g_t
@@ -304,6 +313,8 @@ def _lf_tick(graphdef, params, st, i_S, n_S, active_S, *, k: int, heun: bool, st
 
 class LangFlowSlots(Slots):
   """S LangFlow sampler states side by side (see the module docstring)."""
+
+  fuses_passes = True
 
   def __init__(self, model, *, slots: int, length: int, max_steps: int, grid: str = "official", churn: float = 0.0,
                update_dtype: str = "auto", mesh: jax.sharding.Mesh | None = None):
@@ -375,14 +386,15 @@ class LangFlowSlots(Slots):
     return self._admits[key]
 
   def tick(self, k: int, i_S: np.ndarray, n_S: np.ndarray, active_S: np.ndarray, jobs: list[Job],
-           emit: bool = True):
+           emit: bool = True, passes: int = 1):
     heun = any(j.sampler == "heun" for j in jobs)
     stochastic = any(j.sampler == "stochastic" for j in jobs)
     key = (k, heun, stochastic, emit)
     if key not in self._ticks:
       self._ticks[key] = self._jit(functools.partial(_lf_tick, self._graphdef, k=k, heun=heun, stochastic=stochastic,
                                                      update_dtype=self.update_dtype, emit=emit), 1, k, emit)
-    args = (self._params, self._state, jnp.asarray(i_S), jnp.asarray(n_S), jnp.asarray(active_S))
+    args = (self._params, self._state, jnp.asarray(i_S), jnp.asarray(n_S), jnp.asarray(active_S),
+            jnp.int32(passes))
     if self.update_dtype == "float64":
       with jax.enable_x64(True):
         self._state, tokens, logprob, gamma = self._ticks[key](*args)
@@ -500,9 +512,9 @@ class ARSlots(Slots):
                                              jnp.float32(job.top_p))
 
   def tick(self, k: int, i_S: np.ndarray, n_S: np.ndarray, active_S: np.ndarray, jobs: list[Job],
-           emit: bool = True):
+           emit: bool = True, passes: int = 1):
     """One token per busy slot: slot s feeds its last token at position prompt_len + passes done."""
-    del n_S
+    del n_S, passes  # one pass a call (fuses_passes is False)
     pos = np.zeros((self.num_slots,), np.int32)
     for j in jobs:
       pos[j.slots] = j.prompt_len + i_S[j.slots]
@@ -595,7 +607,8 @@ class MDLMSlots(Slots):
                                              jnp.float32(job.temperature), jnp.float32(job.top_p))
 
   def tick(self, k: int, i_S: np.ndarray, n_S: np.ndarray, active_S: np.ndarray, jobs: list[Job],
-           emit: bool = True):
+           emit: bool = True, passes: int = 1):
+    del passes  # one pass a call (fuses_passes is False)
     if k not in self._ticks:
       self._ticks[k] = jax.jit(functools.partial(_mdlm_tick, self._graphdef, k=k), donate_argnums=1)
     self._state, tokens, lp, _ = self._ticks[k](self._params, self._state, jnp.asarray(i_S), jnp.asarray(n_S),
@@ -621,10 +634,15 @@ class Engine:
   :class:`ARSlots` or :class:`MDLMSlots`)."""
 
   def __init__(self, backend, *, queue_limit: int | None = None, scheduler: str = "stationary",
-               static_wait_s: float = 0.05):
+               static_wait_s: float = 0.05, fuse_passes: int = 1):
     if scheduler not in SCHEDULERS:
       raise ValueError(f"unknown scheduler {scheduler!r}; use one of {SCHEDULERS}")
+    if fuse_passes < 1:
+      raise ValueError(f"fuse_passes={fuse_passes} must be at least 1")
     self.backend = backend
+    # Up to this many passes in one call where the backend can (fuses_passes), never past a job's next
+    # event: a call's dispatch and host sync then cost once per block instead of once per pass.
+    self.fuse_passes = int(fuse_passes) if backend.fuses_passes else 1
     self.num_slots = backend.num_slots
     self.queue_limit = 4 * self.num_slots if queue_limit is None else int(queue_limit)
     self.scheduler = scheduler
@@ -807,11 +825,13 @@ class Engine:
       i_S[j.slots] = j.done_passes
       n_S[j.slots] = j.passes
     k = max(_bucket(int(np.flatnonzero(active)[-1]) + 1, s), self.backend.min_bucket)
-    emit = any(j.done_passes + 1 >= j.passes or (j.stream_every and (j.done_passes + 1) % j.stream_every == 0)
+    m = self._block(jobs, int(active.sum()))
+    emit = any(j.done_passes + m >= j.passes or (j.stream_every and (j.done_passes + m) % j.stream_every == 0)
                for j in jobs)
     t0 = time.monotonic()
     try:
-      tokens, logprob, gamma = self.backend.tick(k, i_S, n_S, active, jobs, emit)
+      tokens, logprob, gamma = (self.backend.tick(k, i_S, n_S, active, jobs, emit, passes=m) if m > 1 else
+                                self.backend.tick(k, i_S, n_S, active, jobs, emit))
       gamma_host = None if gamma is None else np.asarray(gamma)  # waits for the tick
       if gamma is None:
         jax.block_until_ready(tokens)
@@ -832,11 +852,11 @@ class Engine:
     dt = time.monotonic() - t0
     self.ticks += 1
     self.tick_seconds += dt
-    self.tick_ema_s = dt if self.ticks == 1 else 0.9 * self.tick_ema_s + 0.1 * dt
-    self.slot_passes += int(active.sum())
+    self.tick_ema_s = dt / m if self.ticks == 1 else 0.9 * self.tick_ema_s + 0.1 * dt / m  # per pass
+    self.slot_passes += m * int(active.sum())
     host_tokens = host_lp = None
     for j in jobs:
-      j.done_passes += 1
+      j.done_passes += m
       final = j.done_passes >= j.passes
       due = final or (j.stream_every and j.done_passes % j.stream_every == 0)
       if not due or j.cancelled:
@@ -859,6 +879,22 @@ class Engine:
       else:
         self.completed += 1
         self._emit(j, DoneEvent(j, rows, lp, None, g))
+
+  def _block(self, jobs: list[Job], busy: int) -> int:
+    """Passes the next call runs: up to ``fuse_passes``, none past a job's next stream event or its end
+    (so every event and exit falls on a block's last pass), and one while a waiting request could take
+    free slots (it joins at the next pass, as without fusing)."""
+    m = self.fuse_passes
+    if m == 1:
+      return 1
+    for j in jobs:
+      m = min(m, j.passes - j.done_passes)
+      if j.stream_every:
+        m = min(m, j.stream_every - j.done_passes % j.stream_every)
+    with self._cv:
+      if self._queue and self._queue[0].rows <= self.num_slots - busy:
+        return 1
+    return max(m, 1)
 
   def _finish_scored(self, job: Job, rows: np.ndarray, lp: np.ndarray, gamma: float | None) -> None:
     try:

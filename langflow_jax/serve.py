@@ -512,7 +512,8 @@ def _check_overrides(overrides: Sequence[str]) -> None:
 
 def service_from_workdir(workdir: str, *, slots: int | None = None, steps: int | None = None,
                          max_steps: int | None = None, queue: int | None = None, scheduler: str = "stationary",
-                         static_wait_s: float = 0.05, warmup: bool = True, overrides: Sequence[str] = ()) -> Service:
+                         static_wait_s: float = 0.05, fuse_passes: int | None = None, warmup: bool = True,
+                         overrides: Sequence[str] = ()) -> Service:
   """Loads a run (EMA weights) and builds its engine and service. ``slots`` defaults to the run's
   ``sample.batch_size``, ``steps`` to ``sample.steps``, ``max_steps`` to max(steps, 1024)."""
   import jax
@@ -553,7 +554,11 @@ def service_from_workdir(workdir: str, *, slots: int | None = None, steps: int |
   name = pathlib.Path(workdir).resolve().name
   method.check_model(model)
   backend = method.serving.slots(model, slots=slots, length=length, max_steps=max_steps, sample_cfg=sc, mesh=mesh)
-  engine = engine_lib.Engine(backend, queue_limit=queue, scheduler=scheduler, static_wait_s=static_wait_s)
+  fuse_passes = engine_lib.FUSE_PASSES if fuse_passes is None else int(fuse_passes)
+  if fuse_passes < 1:
+    raise UserError(f"--fuse-passes {fuse_passes} must be at least 1.", "use 1 (one pass a call) or e.g. 4.")
+  engine = engine_lib.Engine(backend, queue_limit=queue, scheduler=scheduler, static_wait_s=static_wait_s,
+                             fuse_passes=fuse_passes)
   if warmup:
     engine.warmup((sc.sampler,))  # a method without samplers to choose from ignores it
   defaults = RequestDefaults(steps=steps, max_steps=max_steps, sampler=sc.sampler, score=sc.score,

@@ -175,6 +175,26 @@ def test_engine_gives_the_samplers_tokens(small_model, lf_engine, sampler, rows)
   assert passes[0].gamma > passes[1].gamma > done.gamma  # noisy to clean
 
 
+@pytest.mark.parametrize("sampler", ["euler", "heun"])
+def test_fused_passes_give_the_same_tokens_and_events_in_fewer_calls(small_model, sampler):
+  # Up to fuse_passes passes a call, cut at every stream event and at the end: the same tokens as
+  # sampling.sample, the same events, and ceil-per-segment calls (7 passes, events every 3: 3 + 3 + 1).
+  eng = engine.Engine(engine.LangFlowSlots(small_model, slots=4, length=L, max_steps=16), fuse_passes=4).start()
+  try:
+    k_sample, _ = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(11), 0))
+    for passes, every, calls in ((7, 3, 3), (6, 0, 2)):
+      ref = sampling.sample(small_model, k_sample, sampling.SamplerOptions(sampler=sampler, steps=passes), num=1,
+                            seq_len=L)
+      before = eng.ticks
+      *streamed, done = run_job(eng, engine.Job(passes=passes, seed=11, sampler=sampler, stream_every=every))
+      assert isinstance(done, engine.DoneEvent)
+      assert [e.pass_index for e in streamed] == list(range(every, passes, every) if every else [])
+      np.testing.assert_array_equal(done.tokens_RxL, np.asarray(ref.tokens_BxL))
+      assert eng.ticks - before == calls
+  finally:
+    eng.stop()
+
+
 def test_engine_mixes_step_counts_and_survives_bad_jobs(lf_engine):
   # Jobs of different step counts share the batch (one compiled shape); a failing callback or
   # admission fails only its own job.
