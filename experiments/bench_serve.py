@@ -46,6 +46,7 @@ import os
 import pathlib
 import random
 import socket
+import statistics
 import subprocess
 import sys
 import threading
@@ -60,6 +61,7 @@ import harness
 import serving_pair
 from harness import fmt
 from langflow_jax import checkpoint as ckpt_lib
+from langflow_jax import engine as engine_lib
 from langflow_jax import methods, plots, sampling, train
 
 QUICK_DIR = "runs/bench_serve_quick"
@@ -275,6 +277,46 @@ def library_latency(workdir: pathlib.Path, steps: int, length: int) -> float:
   return timing.seconds
 
 
+def engine_latency(workdir: pathlib.Path, args) -> list[dict]:
+  """The engine in this process (no HTTP) at concurrency 1, one pass a call and fused
+  (``engine.FUSE_PASSES``): p50 time to the first event and to the answer per step count, over
+  ``--requests`` requests after ``--warmup``; what the server adds beyond it is the HTTP layer."""
+  from langflow_jax import serve
+
+  service = serve.service_from_workdir(str(workdir), slots=args.slots, steps=args.steps[0],
+                                       max_steps=max([*args.steps, *args.mix]), warmup=True)
+  eng = service.engine.start()
+  out = []
+  try:
+    for fuse in sorted({1, engine_lib.FUSE_PASSES}):
+      eng.fuse_passes = fuse
+      for steps in args.steps:
+        firsts, dones, calls = [], [], eng.ticks
+        for r in range(args.warmup + args.requests):
+          finished, seen = threading.Event(), {}
+
+          def on_event(e, seen=seen, finished=finished):
+            now = time.perf_counter()
+            seen.setdefault("first", now)
+            if isinstance(e, (engine_lib.DoneEvent, engine_lib.ErrorEvent)):
+              seen["done"] = now
+              finished.set()
+
+          start = time.perf_counter()
+          eng.submit(engine_lib.Job(passes=steps, seed=r, stream_every=args.stream_every, on_event=on_event))
+          finished.wait(600)
+          if r == args.warmup - 1:
+            calls = eng.ticks
+          if r >= args.warmup:
+            firsts.append(seen["first"] - start)
+            dones.append(seen["done"] - start)
+        out.append({"fuse_passes": fuse, "steps": steps, "first_event_p50_s": statistics.median(firsts),
+                    "p50_s": statistics.median(dones), "calls_per_request": (eng.ticks - calls) / args.requests})
+  finally:
+    eng.stop()
+  return out
+
+
 def quality(cfg, rows: list[dict]) -> dict[str, dict]:
   """Gen. PPL (bigram) and entropy of up to 64 served outputs a server and step count."""
   scorers = {"bigram": common.bigram_scorer(cfg)}
@@ -331,9 +373,18 @@ def report(data: dict, args) -> list[str]:
                      f"{fmt(one[0]['ttfe_p50_s'])} s against {args.stream_every} steps' worth "
                      f"{fmt(lib * args.stream_every / int(steps))} s.")
   quality_rows = [[k, fmt(v["gen_ppl_bigram"], 1), fmt(v["entropy"], 3), v["num"]] for k, v in data["quality"].items()]
+  engine_rows = [[r["fuse_passes"], r["steps"], fmt(r["first_event_p50_s"]), fmt(r["p50_s"]),
+                  fmt(r["p50_s"] / data["library_s"][str(r["steps"])]) + "x", fmt(r["calls_per_request"], 1)]
+                 for r in data.get("engine_in_process", [])]
   return [*title, "## Finding", "\n".join(finding), "## Latency and throughput", harness.markdown_table(head, body),
           "Latency is end to end (request sent to `[DONE]`); requests/s and tokens/s over the measured window "
-          "(closed loop: each client sends its next request when the last is done).",
+          "(closed loop: each client sends its next request when the last is done). The server runs up to "
+          f"`--fuse-passes` passes a call (its default, {engine_lib.FUSE_PASSES} here).",
+          "## The engine without HTTP (concurrency 1)",
+          harness.markdown_table(["passes a call (at most)", "steps", "p50 first event s", "p50 s",
+                                  "x one `sampling.sample` call", "calls a request"], engine_rows),
+          "The engine in the benchmark's own process, one request at a time; the server's figures above add "
+          "the HTTP layer to these.",
           "## Quality of what was served",
           harness.markdown_table(["server", "Gen. PPL (bigram)", "entropy", "sequences"], quality_rows)]
 
@@ -408,10 +459,11 @@ def main(argv=None) -> pathlib.Path:
   finally:
     server.stop()
   library = {str(s): library_latency(runs["langflow"], s, args.length) for s in args.steps}
+  in_process = engine_latency(runs["langflow"], args)
   served = quality(model_config(args, "langflow"), rows)
   for r in rows:
     r.pop("ids", None)  # scored above; the results file keeps the times
-  data = {"rows": rows, "library_s": library, "quality": served, "scheduler_concurrency": sched_c,
+  data = {"rows": rows, "library_s": library, "engine_in_process": in_process, "quality": served, "scheduler_concurrency": sched_c,
           "args": vars(args),
           "crossover": {str(s): crossover_concurrency([r for r in rows if r["method"] == "langflow"
                                                        and r["steps"] == s], [r for r in rows if r["method"] == "ar"])

@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from langflow_jax import engine
 from tests.conftest import experiment_fixture
 
 pytest.importorskip("httpx")
@@ -34,7 +35,8 @@ def test_quick_run_writes_table_json_and_plot(bench, tmp_path):
   text = report.read_text()
   for needle in ("## Finding", "LangFlow at 2 steps", "Mixed step counts (mix 2,4) at concurrency 2",
                  "## Latency and throughput", "| langflow (static) | mix 2,4 | 2 |", "| ar (stationary) | - | 1 |",
-                 "## Quality of what was served", "serve.png", "Machine:", "QUICK SMOKE RUN"):
+                 "## Quality of what was served", "serve.png", "Machine:", "QUICK SMOKE RUN",
+                 "## The engine without HTTP (concurrency 1)"):
     assert needle in text, needle
   assert (out / "serve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   data = json.loads((out / "serve.json").read_text())
@@ -44,3 +46,7 @@ def test_quick_run_writes_table_json_and_plot(bench, tmp_path):
                            ("ar", "stationary", "None", 1), ("ar", "stationary", "None", 2)])
   assert all(r["errors"] == 0 and r["ok"] == r["requests"] > 0 for r in data["rows"])
   assert set(data["crossover"]) == {"2"} and set(data["library_s"]) == {"2"}
+  # one pass a call and fused: 2 passes with an event every pass cannot fuse, so both take 2 calls
+  engine_rows = {(r["fuse_passes"], r["steps"]): r for r in data["engine_in_process"]}
+  assert set(engine_rows) == {(1, 2), (engine.FUSE_PASSES, 2)}
+  assert all(r["calls_per_request"] == 2 and 0 < r["first_event_p50_s"] <= r["p50_s"] for r in engine_rows.values())
