@@ -24,6 +24,10 @@ Scheduling (``scheduler``):
 A tick runs only the smallest power-of-two prefix of the slots that holds
 every busy one (slots are taken lowest first), so a lone request costs a
 batch of one; that is at most log2(S) + 1 compiled shapes per tick variant.
+A LangFlow tick runs up to ``fuse_passes`` passes in one call (a traced loop
+count, so no further shapes), never past a job's next stream event or its
+end, and one pass while a waiting job could take free slots: the call's
+dispatch and host sync are paid once a block.
 
 Exactness (:class:`LangFlowSlots`): a job's tokens are those of
 ``sampling.sample`` / ``best_of_n`` from the same seed and options, as
