@@ -129,6 +129,10 @@ ABLATIONS = (
     Ablation("lr1e-3", "lr 1e-3", ("config.optimizer.lr=1e-3",)),
     Ablation("mdlm0-lr4e-3", "MDLM lr 4e-3 (shipped 2e-3)", ("config.optimizer.lr=4e-3",), method="mdlm"),
     Ablation("mdlm0-lr1e-3", "MDLM lr 1e-3", ("config.optimizer.lr=1e-3",), method="mdlm"),
+    Ablation("sc0.25-ema0.999", "self-conditioning p = 0.25, EMA decay 0.999 (shipped: 1, 0.99)",
+             ("config.objective.self_cond_prob=0.25", "config.optimizer.ema_decay=0.999")),
+    Ablation("mdlm-ema0.999", "MDLM, EMA decay 0.999 (shipped 0.99)", ("config.optimizer.ema_decay=0.999",),
+             method="mdlm"),
     Ablation("mdlm-unigram-bias", "MDLM, head bias at the log unigram (its previous default; shipped: 0)",
              (UNIGRAM_HEAD,), method="mdlm", corpora=("tok32", "words16")),
     # Rows measured while MDLM's head started at the log unigram (the overrides say so, so they stand).
