@@ -151,12 +151,15 @@ def run_job(eng, job, timeout=300):
   return events
 
 
+@pytest.mark.parametrize("fuse", [1, 4])
 @pytest.mark.parametrize("sampler, rows", [("euler", 3), ("heun", 1), ("multistep", 2), ("stochastic", 1)])
-def test_engine_gives_the_samplers_tokens(small_model, lf_engine, sampler, rows):
+def test_engine_gives_the_samplers_tokens(small_model, lf_engine, sampler, rows, fuse, monkeypatch):
   # One request through the stationary batch = sampling.sample with the same seed and steps (the keys of
-  # `langflow-jax sample --seed`), prompt held by the same conditioning, candidates side by side.
+  # `langflow-jax sample --seed`), prompt held by the same conditioning, candidates side by side; one pass
+  # a call or fused (blocks of 2 here: an event every 2 passes).
   churn = 0.5 if sampler == "stochastic" else 0.0
   lf_engine.backend.churn = churn
+  monkeypatch.setattr(lf_engine, "fuse_passes", fuse)
   ids = np.zeros(L, np.int32)
   fixed = np.zeros(L, bool)
   ids[:3], fixed[:3] = [0, 5, 7], True
