@@ -71,6 +71,7 @@ import numpy as np
 from flax import nnx
 
 from langflow_jax import diffusion, parallel, sampling
+from langflow_jax import model as model_lib
 
 Array = jax.Array
 log = logging.getLogger(__name__)
@@ -334,7 +335,8 @@ class LangFlowSlots(Slots):
       if slots % shards:
         raise ValueError(f"{slots} slots do not divide over the mesh's {shards} data shards")
       self.min_bucket = shards
-    super().__init__(model, slots=slots, length=length)
+    # Every tick would normalise E's rows again (the sampler's scan hoists that out of its loop)
+    super().__init__(model_lib.with_embedding_normalised_once(model), slots=slots, length=length)
     if mesh is not None:
       self._params = jax.device_put(self._params, parallel.tree_shardings(self._params, mesh))
 

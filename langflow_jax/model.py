@@ -578,6 +578,18 @@ class LangFlow(nnx.Module):
     return self(z, jnp.full((ids_BxL.shape[0],), gamma_min))
 
 
+def with_embedding_normalised_once(model: LangFlow) -> LangFlow:
+  """A copy of ``model`` that stores E already row-normalised (``normalize_embedding`` off): the same
+  E without the normalisation of the [V, D] table in every call. For a loop of separate calls (the
+  serving engine's ticks); a ``scan`` hoists it by itself. ``model`` is left as it is."""
+  if not model.backbone.normalize_embedding:
+    return model
+  copy = nnx.clone(model)
+  copy.backbone.vocab_embed.embedding.set_value(jax.jit(lambda m: m.embedding_matrix())(model))
+  copy.backbone.normalize_embedding = False
+  return copy
+
+
 def create_model(config: ml_collections.ConfigDict, seed: int = 0) -> LangFlow:
   """A freshly initialised model for ``config`` (its ``model`` and ``schedule``)."""
   return LangFlow(config.model, config.schedule, rngs=nnx.Rngs(params=seed))

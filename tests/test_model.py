@@ -286,3 +286,16 @@ def test_bfloat16_model_supports_forward_mode_as_the_likelihood_uses_it():
   _, t32 = jax.jvp(lambda z: model32(z, g, s), (z,), (u,))
   assert t.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(t)))
   assert float(jnp.linalg.norm(t - t32) / jnp.linalg.norm(t32)) < 5e-2
+
+
+def test_embedding_normalised_once_is_the_same_model_and_leaves_the_original():
+  _, model = make()
+  randomize_zero_inits(model)
+  z, g, s = inputs()
+  before = np.asarray(model.backbone.vocab_embed.embedding[...])
+  copy = M.with_embedding_normalised_once(model)
+  assert not copy.backbone.normalize_embedding and model.backbone.normalize_embedding
+  np.testing.assert_array_equal(np.asarray(model.backbone.vocab_embed.embedding[...]), before)
+  stored = np.asarray(copy.backbone.vocab_embed.embedding[...])
+  np.testing.assert_allclose(np.linalg.norm(stored, axis=-1), np.sqrt(stored.shape[-1]), rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(copy(z, g, s)), np.asarray(model(z, g, s)), rtol=1e-5, atol=1e-5)
