@@ -463,8 +463,8 @@ def main(argv=None) -> pathlib.Path:
   served = quality(model_config(args, "langflow"), rows)
   for r in rows:
     r.pop("ids", None)  # scored above; the results file keeps the times
-  data = {"rows": rows, "library_s": library, "engine_in_process": in_process, "quality": served, "scheduler_concurrency": sched_c,
-          "args": vars(args),
+  data = {"rows": rows, "library_s": library, "engine_in_process": in_process, "quality": served,
+          "scheduler_concurrency": sched_c, "args": vars(args),
           "crossover": {str(s): crossover_concurrency([r for r in rows if r["method"] == "langflow"
                                                        and r["steps"] == s], [r for r in rows if r["method"] == "ar"])
                         for s in args.steps}}

@@ -836,8 +836,7 @@ class Engine:
                for j in jobs)
     t0 = time.monotonic()
     try:
-      tokens, logprob, gamma = (self.backend.tick(k, i_S, n_S, active, jobs, emit, passes=m) if m > 1 else
-                                self.backend.tick(k, i_S, n_S, active, jobs, emit))
+      tokens, logprob, gamma = self.backend.tick(k, i_S, n_S, active, jobs, emit, passes=m)
       gamma_host = None if gamma is None else np.asarray(gamma)  # waits for the tick
       if gamma is None:
         jax.block_until_ready(tokens)
