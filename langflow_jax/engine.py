@@ -154,11 +154,21 @@ class EngineStopped(Exception):
 
 def request_keys(seed: int):
   """The keys ``langflow-jax sample --seed SEED`` uses for its first chunk of requests:
-  (k_noise, k_cond, k_loop) inside ``sampling.sample`` and the score's key."""
+  (k_noise, k_cond, k_loop) inside ``sampling.sample`` and the score's key. One compiled call for an int32
+  seed (five eager key operations cost an admission about 1 ms); the same keys."""
+  if 0 <= seed < 2**31:
+    return _request_keys_jit(np.int32(seed))
+  return _request_keys(seed)
+
+
+def _request_keys(seed):
   key = jax.random.fold_in(jax.random.PRNGKey(seed), 0)
   k_sample, k_score = jax.random.split(key)
   k_noise, k_cond, k_loop = jax.random.split(jax.random.fold_in(k_sample, sampling.KEY_SALT), 3)
   return k_noise, k_cond, k_loop, k_score
+
+
+_request_keys_jit = jax.jit(_request_keys)
 
 
 def _bucket(n: int, cap: int) -> int:
@@ -234,10 +244,11 @@ def _lf_admit(st, slot_idx_R, k_noise, k_cond, key_loop, ids_L, fixed_L, grid_N,
 
 
 def _lf_tick(graphdef, params, st, i_S, n_S, active_S, passes, *, k: int, heun: bool, stochastic: bool,
-             update_dtype: str, emit: bool = True):
+             update_dtype: str, emit: bool = True, with_logprob: bool = True):
   """``passes`` (traced, >= 1) passes of every slot in the prefix [0, k): the sampler's step, per slot, pass
   after pass in one call (the engine never lets a job stream or end inside the block). Without ``emit``
-  (no job streams or ends after the block) the argmax tokens and their log-probabilities are not computed."""
+  (no job streams or ends after the block) the argmax tokens and their log-probabilities are not computed;
+  without ``with_logprob`` (no job ends: stream events only) the log-probabilities are not."""
   model = nnx.merge(graphdef, params)
   emb = model.embedding_matrix()
   dt = jnp.dtype(update_dtype)
@@ -310,9 +321,8 @@ def _lf_tick(graphdef, params, st, i_S, n_S, active_S, passes, *, k: int, heun: 
   st = {name: st[name].at[:k].set(new[name]) for name in st}
   if not emit:
     return st, None, None, g_t
-  tokens = jnp.where(sub["fixed"], sub["ids"], jnp.argmax(logits, axis=-1).astype(jnp.int32))
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  token_logprob = jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]
+  tokens = jnp.where(sub["fixed"], sub["ids"], model_lib.vocab_argmax(logits))
+  token_logprob = model_lib.chosen_log_probs(logits, tokens) if with_logprob else None
   return st, tokens, token_logprob, g_t
 
 
@@ -354,7 +364,7 @@ class LangFlowSlots(Slots):
   def _state_shardings(self):
     return {name: parallel.rows_sharding(self.mesh, value.ndim, self.num_slots) for name, value in self._state.items()}
 
-  def _jit(self, fn, donate: int, k: int | None = None, emit: bool = True):
+  def _jit(self, fn, donate: int, k: int | None = None, emit: bool = True, with_logprob: bool = True):
     """jit; on a mesh with the slots' shardings pinned (the state keeps its layout from tick to tick)."""
     if self.mesh is None:
       return jax.jit(fn, donate_argnums=donate)
@@ -362,7 +372,7 @@ class LangFlowSlots(Slots):
     if k is None:
       return jax.jit(fn, donate_argnums=donate, out_shardings=state)
     rows = lambda ndim: parallel.rows_sharding(self.mesh, ndim, k)
-    tokens = (rows(2), rows(2)) if emit else (None, None)
+    tokens = (rows(2), rows(2) if with_logprob else None) if emit else (None, None)
     return jax.jit(fn, donate_argnums=donate, out_shardings=(state, *tokens, rows(1)))
 
   def grid(self, steps: int) -> np.ndarray:
@@ -392,13 +402,15 @@ class LangFlowSlots(Slots):
     return self._admits[key]
 
   def tick(self, k: int, i_S: np.ndarray, n_S: np.ndarray, active_S: np.ndarray, jobs: list[Job],
-           emit: bool = True, passes: int = 1):
+           emit: bool = True, passes: int = 1, logprob: bool = True):
     heun = any(j.sampler == "heun" for j in jobs)
     stochastic = any(j.sampler == "stochastic" for j in jobs)
-    key = (k, heun, stochastic, emit)
+    logprob = emit and logprob
+    key = (k, heun, stochastic, emit, logprob)
     if key not in self._ticks:
       self._ticks[key] = self._jit(functools.partial(_lf_tick, self._graphdef, k=k, heun=heun, stochastic=stochastic,
-                                                     update_dtype=self.update_dtype, emit=emit), 1, k, emit)
+                                                     update_dtype=self.update_dtype, emit=emit, with_logprob=logprob),
+                                   1, k, emit, logprob)
     args = (self._params, self._state, jnp.asarray(i_S), jnp.asarray(n_S), jnp.asarray(active_S),
             jnp.int32(passes))
     if self.update_dtype == "float64":
@@ -420,8 +432,9 @@ class LangFlowSlots(Slots):
     zeros = np.zeros((self.num_slots,), np.int32)
     for k in self.row_buckets(self.min_bucket):
       for name in samplers:
-        for emit in (False, True):
-          out = self.tick(k, zeros, zeros + 2, np.zeros((self.num_slots,), bool), [Job(sampler=name)], emit)
+        for emit, logprob in ((False, False), (True, False), (True, True)):
+          out = self.tick(k, zeros, zeros + 2, np.zeros((self.num_slots,), bool), [Job(sampler=name)], emit,
+                          logprob=logprob)
     jax.block_until_ready(out[2])
 
   def score(self, job: Job, tokens_RxL: np.ndarray, logprob_RxL: np.ndarray) -> np.ndarray:
@@ -518,9 +531,9 @@ class ARSlots(Slots):
                                              jnp.float32(job.top_p))
 
   def tick(self, k: int, i_S: np.ndarray, n_S: np.ndarray, active_S: np.ndarray, jobs: list[Job],
-           emit: bool = True, passes: int = 1):
+           emit: bool = True, passes: int = 1, logprob: bool = True):
     """One token per busy slot: slot s feeds its last token at position prompt_len + passes done."""
-    del n_S, passes  # one pass a call (fuses_passes is False)
+    del n_S, passes, logprob  # one pass a call (fuses_passes is False); the token's log p comes with it
     pos = np.zeros((self.num_slots,), np.int32)
     for j in jobs:
       pos[j.slots] = j.prompt_len + i_S[j.slots]
@@ -566,15 +579,17 @@ def _mdlm_tick(graphdef, params, st, i_S, n_S, active_S, *, k: int):
     key = jax.random.fold_in(key, step)
     return jnp.where(cand == 0, key, jax.random.fold_in(key, cand))
 
-  def propose(lp, key, temperature, top_p):
-    greedy = temperature == 0
-    scaled = lp / jnp.where(greedy, 1.0, temperature)
-    scaled = jnp.where(top_p < 1.0, ar.nucleus_filter(scaled, top_p), scaled)
-    drawn = jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
-    return jnp.where(greedy, jnp.argmax(lp, axis=-1).astype(jnp.int32), drawn)
-
+  # Each slot's draw is jax.random.categorical(key, scaled) (the argmax of scaled plus Gumbel noise of the
+  # slot's key), with the argmaxes over the whole prefix at once (model.vocab_argmax, which a vmap would
+  # turn into both of its branches) and the nucleus filter's sort only when a slot asks for it.
+  temperature, top_p = sub["temperature"], sub["top_p"]
+  greedy = (temperature == 0)[:, None]
+  scaled = logp / jnp.where(temperature == 0, 1.0, temperature)[:, None, None]
+  scaled = jax.lax.cond(jnp.all(top_p >= 1.0), lambda s: s, lambda s: jax.vmap(
+      lambda row, p: jnp.where(p < 1.0, ar.nucleus_filter(row, p), row))(s, top_p), scaled)
   k_token = jax.vmap(per_candidate)(sub["k_token"], sub["version"], sub["cand"])
-  proposal = jax.vmap(propose)(logp, k_token, sub["temperature"], sub["top_p"])
+  gumbel = jax.vmap(lambda key: jax.random.gumbel(key, scaled.shape[1:], scaled.dtype))(k_token)
+  proposal = jnp.where(greedy, model_lib.vocab_argmax(logp), model_lib.vocab_argmax(gumbel + scaled))
   k_unmask = jax.vmap(per_candidate)(sub["k_unmask"], i, sub["cand"])
   p_unmask = 1.0 / jnp.maximum(n - i, 1)
   draw = jax.vmap(lambda key, p: jax.random.bernoulli(key, p, x.shape[1:]))(k_unmask, p_unmask)
@@ -613,8 +628,8 @@ class MDLMSlots(Slots):
                                              jnp.float32(job.temperature), jnp.float32(job.top_p))
 
   def tick(self, k: int, i_S: np.ndarray, n_S: np.ndarray, active_S: np.ndarray, jobs: list[Job],
-           emit: bool = True, passes: int = 1):
-    del passes  # one pass a call (fuses_passes is False)
+           emit: bool = True, passes: int = 1, logprob: bool = True):
+    del passes, logprob  # one pass a call (fuses_passes is False); the log p are kept per slot anyway
     if k not in self._ticks:
       self._ticks[k] = jax.jit(functools.partial(_mdlm_tick, self._graphdef, k=k), donate_argnums=1)
     self._state, tokens, lp, _ = self._ticks[k](self._params, self._state, jnp.asarray(i_S), jnp.asarray(n_S),
@@ -832,11 +847,11 @@ class Engine:
       n_S[j.slots] = j.passes
     k = max(_bucket(int(np.flatnonzero(active)[-1]) + 1, s), self.backend.min_bucket)
     m = self._block(jobs, int(active.sum()))
-    emit = any(j.done_passes + m >= j.passes or (j.stream_every and (j.done_passes + m) % j.stream_every == 0)
-               for j in jobs)
+    ends = any(j.done_passes + m >= j.passes for j in jobs)
+    emit = ends or any(j.stream_every and (j.done_passes + m) % j.stream_every == 0 for j in jobs)
     t0 = time.monotonic()
     try:
-      tokens, logprob, gamma = self.backend.tick(k, i_S, n_S, active, jobs, emit, passes=m)
+      tokens, logprob, gamma = self.backend.tick(k, i_S, n_S, active, jobs, emit, passes=m, logprob=ends)
       gamma_host = None if gamma is None else np.asarray(gamma)  # waits for the tick
       if gamma is None:
         jax.block_until_ready(tokens)

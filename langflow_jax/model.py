@@ -333,6 +333,57 @@ def normalized_rows(w_VxD: Array) -> Array:
   return math.sqrt(w_VxD.shape[-1]) * w_VxD / jnp.maximum(norm, NORM_EPS)
 
 
+ARGMAX_BLOCK = 64
+
+
+def vocab_argmax(x_NxV: Array) -> Array:
+  """``jnp.argmax(x, -1)`` as int32, the same index (the first of ties; NaN ranks highest), in two levels.
+
+  XLA:CPU lowers an argmax to a reduction over (value, index) pairs that does not vectorise: over a
+  [1, 128, 8192] float32 block it took 2.4 ms against 0.15 ms for a max, so every decode of the
+  logits cost a third of a sampler step. Here a max over blocks of ``ARGMAX_BLOCK`` (a vectorised
+  reduce window; the last block padded with -inf without a copy) picks the first block holding the
+  largest value, and the pair reduction runs over that block only (0.35 ms; 5.5 against 57 ms over
+  [4, 128, 50257]). The last block starts ``V - ARGMAX_BLOCK`` when V is not a multiple: the overlap
+  belongs to the block before, whose values are all smaller, so the first index still wins. The
+  window's max drops NaN on XLA:CPU, so an input with a NaN anywhere (its sum is NaN) takes
+  ``jnp.argmax`` itself (a ``lax.cond``: one branch runs, outside ``vmap``).
+  """
+  v = x_NxV.shape[-1]
+  if v <= ARGMAX_BLOCK:
+    return jnp.argmax(x_NxV, axis=-1).astype(jnp.int32)
+  if not jnp.issubdtype(x_NxV.dtype, jnp.floating):
+    return _blocked_argmax(x_NxV, jnp.array(jnp.iinfo(x_NxV.dtype).min, x_NxV.dtype))
+  exact = lambda x: jnp.argmax(x, axis=-1).astype(jnp.int32)
+  blocked = lambda x: _blocked_argmax(x, jnp.array(-jnp.inf, x.dtype))
+  return jax.lax.cond(jnp.isnan(jnp.sum(x_NxV, dtype=jnp.float32)), exact, blocked, x_NxV)
+
+
+def _blocked_argmax(x_NxV: Array, low: Array) -> Array:
+  v, block = x_NxV.shape[-1], ARGMAX_BLOCK
+  window = (1,) * (x_NxV.ndim - 1) + (block,)
+  block_max = jax.lax.reduce_window(x_NxV, low, jax.lax.max, window, window,
+                                    padding=((0, 0),) * (x_NxV.ndim - 1) + ((0, -v % block),))
+  start = jnp.minimum(jnp.argmax(block_max, axis=-1).astype(jnp.int32) * block, v - block)
+  rows_RxV = x_NxV.reshape(-1, v)
+  inner = jax.vmap(lambda row, s: jax.lax.dynamic_slice_in_dim(row, s, block))(rows_RxV, start.reshape(-1))
+  return start + jnp.argmax(inner, axis=-1).astype(jnp.int32).reshape(start.shape)
+
+
+def vocab_categorical(key: Array, logits_NxV: Array) -> Array:
+  """``jax.random.categorical(key, logits, -1)``, the same draw (argmax of logits plus the same Gumbel
+  noise), through :func:`vocab_argmax`."""
+  return vocab_argmax(jax.random.gumbel(key, logits_NxV.shape, logits_NxV.dtype) + logits_NxV)
+
+
+def chosen_log_probs(logits_NxV: Array, tokens_N: Array) -> Array:
+  """float32 log softmax(logits) at ``tokens``: the chosen logit less the log-sum-exp (no [N, V] log-softmax
+  is written out)."""
+  logits = logits_NxV.astype(jnp.float32)
+  chosen = jnp.take_along_axis(logits, tokens_N[..., None], axis=-1)[..., 0]
+  return chosen - jax.nn.logsumexp(logits, axis=-1)
+
+
 def dropout(x: Array, rate: float, key: Array | None) -> Array:
   """Inverted dropout; the identity when ``key`` is None (evaluation)."""
   if key is None or rate == 0.0:

@@ -60,7 +60,7 @@ from flax import nnx
 from langflow_jax import config as config_lib
 from langflow_jax import diffusion, likelihood, parallel
 from langflow_jax.errors import ConfigError, UserError
-from langflow_jax.model import LangFlow
+from langflow_jax.model import LangFlow, chosen_log_probs, vocab_argmax
 from langflow_jax.schedule import NoiseSchedule, linspace_f32, sampler_u_grid
 
 Array = jax.Array
@@ -197,7 +197,7 @@ def sample_loop(model: LangFlow, z0_BxLxD: Array, gammas_N: Array, options: Samp
     return out.astype(jnp.float32)
 
   def argmax_tokens(logits):
-    tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    tokens = vocab_argmax(logits)
     return tokens if cond is None else jnp.where(cond.fixed_BxL, cond.ids_BxL, tokens)
 
   churn_c = jnp.minimum(jnp.asarray(churn, jnp.float32) / max(n - 1, 1), math.sqrt(2.0) - 1.0)
@@ -243,8 +243,7 @@ def sample_loop(model: LangFlow, z0_BxLxD: Array, gammas_N: Array, options: Samp
   z = pin(z, gammas_N[-1])
   logits = model(z, jnp.full((b,), gammas_N[-1]), s if options.self_condition else None)
   tokens = argmax_tokens(logits)
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  token_logprob = jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]
+  token_logprob = chosen_log_probs(logits, tokens)
   if options.trace:
     trace = jnp.concatenate([trace, tokens[None]], axis=0)
   return SampleOutput(tokens_BxL=tokens, token_logprob_BxL=token_logprob, final_z_BxLxD=z,

@@ -299,3 +299,37 @@ def test_embedding_normalised_once_is_the_same_model_and_leaves_the_original():
   stored = np.asarray(copy.backbone.vocab_embed.embedding[...])
   np.testing.assert_allclose(np.linalg.norm(stored, axis=-1), np.sqrt(stored.shape[-1]), rtol=1e-5)
   np.testing.assert_allclose(np.asarray(copy(z, g, s)), np.asarray(model(z, g, s)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 300), (2, 257), (4, M.ARGMAX_BLOCK), (2, 7), (3, 2 * M.ARGMAX_BLOCK)])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.int32])
+def test_vocab_argmax_is_jnp_argmax_with_ties_infinities_and_nan(shape, dtype):
+  x = jax.random.normal(jax.random.PRNGKey(0), shape) * 3
+  cases = {"values": x, "ties": jnp.round(x)}  # many equal maxima: the first index must win
+  if dtype != jnp.int32:
+    v = shape[-1]
+    cases["nan after +inf"] = x.at[..., 1].set(jnp.inf).at[..., v // 2].set(jnp.nan)
+    cases["+inf in the last block"] = x.at[..., v - 1].set(jnp.inf)
+    cases["all -inf"] = jnp.full(shape, -jnp.inf)
+  for name, case in cases.items():
+    case = case.astype(dtype)
+    got = jax.jit(M.vocab_argmax)(case)
+    assert got.dtype == jnp.int32
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(jnp.argmax(case, axis=-1)), err_msg=name)
+
+
+def test_vocab_categorical_is_the_same_draw_as_jax_random_categorical():
+  logits = jax.random.normal(jax.random.PRNGKey(1), (4, 9, 500)) * 2
+  for seed in range(3):
+    key = jax.random.PRNGKey(seed)
+    np.testing.assert_array_equal(np.asarray(jax.jit(M.vocab_categorical)(key, logits)),
+                                  np.asarray(jax.random.categorical(key, logits, axis=-1)))
+
+
+def test_chosen_log_probs_are_the_log_softmax_at_the_tokens():
+  logits = jax.random.normal(jax.random.PRNGKey(2), (3, 6, 40)).astype(jnp.bfloat16) * 4
+  tokens = jax.random.randint(jax.random.PRNGKey(3), (3, 6), 0, 40)
+  want = jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32), -1), tokens[..., None], -1)[..., 0]
+  got = M.chosen_log_probs(logits, tokens)
+  assert got.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)

@@ -198,6 +198,30 @@ def test_fused_passes_give_the_same_tokens_and_events_in_fewer_calls(small_model
     eng.stop()
 
 
+def test_stream_only_ticks_skip_the_log_probabilities_and_the_last_one_has_them(small_model, monkeypatch):
+  # A pass that only streams needs the argmax tokens; the log-softmax over the vocabulary is paid at a
+  # job's last pass alone (where DoneEvent reports it).
+  eng = engine.Engine(engine.LangFlowSlots(small_model, slots=4, length=L, max_steps=16))
+  calls, tick = [], eng.backend.tick
+
+  def spy(*args, **kwargs):
+    out = tick(*args, **kwargs)
+    calls.append((args[5], out[1] is None))  # (emit, no log-probabilities)
+    return out
+
+  monkeypatch.setattr(eng.backend, "tick", spy)
+  eng.start()
+  try:
+    *streamed, done = run_job(eng, engine.Job(passes=4, seed=3, stream_every=2))
+  finally:
+    eng.stop()
+  assert [e.pass_index for e in streamed] == [2]
+  assert calls == [(False, True), (True, True), (False, True), (True, False)]
+  ref = sampling.sample(small_model, jax.random.split(jax.random.fold_in(jax.random.PRNGKey(3), 0))[0],
+                        sampling.SamplerOptions(steps=4), num=1, seq_len=L)
+  np.testing.assert_allclose(done.logprob_RxL, np.asarray(ref.token_logprob_BxL), atol=1e-4)
+
+
 def test_engine_mixes_step_counts_and_survives_bad_jobs(lf_engine):
   # Jobs of different step counts share the batch (one compiled shape); a failing callback or
   # admission fails only its own job.

@@ -44,7 +44,7 @@ from langflow_jax import metrics
 from langflow_jax.errors import ConfigError
 from langflow_jax.model import (DTYPES, PreLNBlock, ScaleOnlyLayerNorm, TokenEmbedding, check_heads,
                                 check_length, dot_product_attention, dropout, linear, normalized_rows,
-                                rotary_inv_freq, rotary_qkv, rotary_tables)
+                                rotary_inv_freq, rotary_qkv, rotary_tables, vocab_argmax, vocab_categorical)
 from langflow_jax.objective import ObjectiveOutput, objective_output, token_cross_entropy
 
 Array = jax.Array
@@ -219,11 +219,11 @@ def choose_tokens(logits_BxV: Array, key: Array, temperature: Array | float, top
   """Next tokens: argmax, or a draw from softmax(logits / T) restricted to the top-p nucleus."""
   logits = logits_BxV.astype(jnp.float32)
   if greedy:
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return vocab_argmax(logits)
   logits = logits / temperature
   if top_p < 1.0:
     logits = nucleus_filter(logits, top_p)
-  return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+  return vocab_categorical(key, logits)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "length", "top_p", "greedy", "return_logits"))
