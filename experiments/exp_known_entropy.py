@@ -171,6 +171,11 @@ ABLATIONS = (
     on_v0("emb-lr0.1", "token-embedding lr x 0.1", "config.optimizer.embedding_lr_scale=0.1"),
     on_v0("emb-frozen", "token embeddings frozen at their random init", "config.optimizer.embedding_lr_scale=0.0"),
     Ablation("emb-lr0.1", "token-embedding lr x 0.1", ("config.optimizer.embedding_lr_scale=0.1",)),
+    # Plaid trains its embedding table at 1e-2 against the network's 1.4e-3 (x7), with Adam's b2 at 0.99.
+    Ablation("emb-lr7", "token-embedding lr x 7 (Plaid's ratio)", ("config.optimizer.embedding_lr_scale=7.0",)),
+    Ablation("sc0.25-emb-lr7", "self-conditioning p = 0.25, token-embedding lr x 7",
+             ("config.objective.self_cond_prob=0.25", "config.optimizer.embedding_lr_scale=7.0")),
+    Ablation("b2-0.99", "Adam b2 0.99 (Plaid's; shipped 0.999)", ("config.optimizer.b2=0.99",)),
     Ablation("zeros-bias", "head bias starts at zero (the official init; the default is the log unigram)",
              ("config.objective.output_bias_init=zeros",), corpora=("tok32", "words16")),
 )
@@ -301,7 +306,7 @@ def parse(argv):
   def extra(p: argparse.ArgumentParser):
     p.add_argument("--corpora", default="tok32,words16", help="comma-separated corpus names")
     p.add_argument("--rungs", default=None, help="comma-separated step counts (default 300,1200,4800)")
-    p.add_argument("--methods", default="langflow,mdlm,ar")
+    p.add_argument("--methods", default="langflow,mdlm,ar", help="the ladder's methods (none: ablations only)")
     p.add_argument("--ablations", default="all",
                    help="all | none | comma-separated NAME or NAME@STEPS (e.g. v0@300,v0,v0@4800)")
     p.add_argument("--ablation-steps", type=int, default=ABLATION_STEPS,
@@ -327,7 +332,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
   protocol = {**EVAL, **(QUICK_EVAL if args.quick else {})}
   rungs = QUICK_RUNGS if args.quick else tuple(int(r) for r in (args.rungs or ",".join(map(str, RUNGS))).split(","))
   corpora = [QUICK_CORPUS] if args.quick else [CORPORA[c] for c in args.corpora.split(",")]
-  methods = args.methods.split(",")
+  methods = [] if args.methods == "none" else args.methods.split(",")
   wanted = ablation_budgets(args)
   base_runs = args.runs
 
