@@ -63,15 +63,20 @@ def cost_table(model, batch: int, seq_len: int, reps: int) -> None:
        lambda m, z: lk.denoiser_and_divergence(m, z, gamma, mask, u4, opts)),
       ("ODE evaluation, VJP, 1 probe, self-cond, flow mode (official form)", vjp_field),
   ]
-  base = None
-  print(f"\n(1) cost per vector-field evaluation (= one Euler step), batch {batch} x {seq_len} tokens")
-  print(f"{'':62s} {'ms':>9s} {'x forward':>10s}")
+  base = base_flops = None
+  print(f"\n(1) cost per vector-field evaluation (= one Euler step), batch {batch} x {seq_len} tokens; "
+        "XLA's FLOP count of each program against the forward's: the work a row cannot do with less")
+  print(f"{'':62s} {'ms':>9s} {'x forward':>10s} {'GFLOP':>8s} {'x forward':>10s}")
   for name, body in rows:
     fn = jax.jit(lambda state, z, body=body: body(nnx.merge(graphdef, state), z))
+    flops = harness.xla_flops(fn.lower(state, z).compile())
     _, timing = harness.timed(lambda: fn(state, z), reps)
     t = timing.seconds
-    base = base or t
-    print(f"{name:62s} {1e3 * t:9.2f} {t / base:10.2f}", flush=True)
+    base, base_flops = base or t, base_flops or flops
+    print(f"{name:62s} {1e3 * t:9.2f} {t / base:10.2f} {flops / 1e9:8.1f} {flops / base_flops:10.2f}", flush=True)
+  print("An exact JVP repeats every matmul of the pass it differentiates on the tangent (a product of two "
+        "activations, as in attention, twice), so it is at least two passes' work: flow mode = pre-pass + pass + "
+        "tangent (>= 3 forwards), sc_chain_rule = both passes and both tangents (>= 4), no self-conditioning >= 2.")
 
 
 def steps_table(model, config, split, batch: int, steps: list[int], adaptive_rtol: float, max_steps: int) -> None:

@@ -176,6 +176,10 @@ ABLATIONS = (
     Ablation("sc0.25-emb-lr7", "self-conditioning p = 0.25, token-embedding lr x 7",
              ("config.objective.self_cond_prob=0.25", "config.optimizer.embedding_lr_scale=7.0")),
     Ablation("b2-0.99", "Adam b2 0.99 (Plaid's; shipped 0.999)", ("config.optimizer.b2=0.99",)),
+    Ablation("posterior-input", "each position's own-z posterior mean as a network input (model.posterior_input)",
+             ("config.model.posterior_input=true",)),
+    Ablation("sc0.25-posterior-input", "self-conditioning p = 0.25, the own-z posterior mean as an input",
+             ("config.objective.self_cond_prob=0.25", "config.model.posterior_input=true")),
     Ablation("zeros-bias", "head bias starts at zero (the official init; the default is the log unigram)",
              ("config.objective.output_bias_init=zeros",), corpora=("tok32", "words16")),
 )

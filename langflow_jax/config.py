@@ -40,6 +40,8 @@ def base_config() -> ml_collections.ConfigDict:
       max_length=1024,            # [model_length]
       normalize_embedding=True,   # [use_normalized_embedding]: rows scaled to norm sqrt(D)
       self_conditioning=True,
+      posterior_input=False,      # also feed each position's own-z posterior mean E^T softmax(c_skip z E^T) through a
+                                  # zero-initialised projection (not in the official layout; imports keep false)
       use_skip=True,              # [use_bias]: the preconditioning skip logits
       logit_init_std=0.1,         # head kernel init: each initial logit ~ N(0, std^2). 0: the official zero head,
                                   # which with zero-gated blocks and the skip term starts at a saddle that training

@@ -506,11 +506,29 @@ class Backbone(nnx.Module):
     if self.self_conditioning:
       self.self_cond_proj = linear(2 * d, d, ("embed2", "embed"), use_bias=False, zero_init=True,
                                    rngs=rngs, dtype=compute_dtype)
+    self.posterior_input = bool(cfg.get("posterior_input", False))
+    if self.posterior_input:
+      self.posterior_proj = linear(d, d, ("embed2", "embed"), use_bias=False, zero_init=True, rngs=rngs,
+                                   dtype=compute_dtype)
 
   def embedding_matrix(self) -> Array:
     """E: rows rescaled to norm sqrt(D) (an L2 normalisation, not a LayerNorm)."""
     w = self.vocab_embed.embedding[...].astype(jnp.float32)
     return normalized_rows(w) if self.normalize_embedding else w
+
+  def token_posterior_mean(self, z_BxLxD: Array, gamma_B: Array) -> Array:
+    """E^T softmax(c_skip(gamma) z E^T): each position's posterior-mean embedding from its own noisy
+    embedding alone, under a uniform prior (the skip logits' posterior), float32.
+
+    The ``posterior_input`` feature: the network would otherwise have to learn this V-way softmax of
+    every neighbour's z before it can combine neighbours (a 2-block, width-128 network learns it slowly).
+    """
+    e_VxD = self.embedding_matrix()
+    b, l, d = z_BxLxD.shape
+    skip_NxV = jnp.einsum(SKIP, z_BxLxD.reshape(b * l, d).astype(jnp.float32), e_VxD,
+                          preferred_element_type=jnp.float32)
+    logits = diffusion.skip_coefficient(gamma_B)[:, None, None] * skip_NxV.reshape(b, l, -1)
+    return diffusion.denoised_embedding_from_logits(logits, e_VxD)
 
   def __call__(self, z_BxLxD: Array, gamma_B: Array, self_cond_BxLxD: Array | None,
                dropout_key: Array | None = None, return_hidden: bool = False):
@@ -519,6 +537,8 @@ class Backbone(nnx.Module):
     if self.self_conditioning:
       s = jnp.zeros_like(z_BxLxD) if self_cond_BxLxD is None else self_cond_BxLxD
       h = z_BxLxD + self.self_cond_proj(jnp.concatenate([z_BxLxD, s.astype(jnp.float32)], -1))
+    if self.posterior_input:
+      h = h + self.posterior_proj(self.token_posterior_mean(z_BxLxD, gamma_B))
     c_BxC = parallel.constrain(jax.nn.silu(self.sigma_map(gamma_B)), ("batch", None))
     cos, sin = rotary_tables(self.rotary_inv_freq[...], z_BxLxD.shape[1])
     keys = (jax.random.split(dropout_key, len(self.blocks)) if dropout_key is not None

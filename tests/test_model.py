@@ -333,3 +333,26 @@ def test_chosen_log_probs_are_the_log_softmax_at_the_tokens():
   got = M.chosen_log_probs(logits, tokens)
   assert got.dtype == jnp.float32
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+
+
+def test_posterior_input_is_each_positions_own_posterior_mean_through_a_zero_started_projection():
+  cfg, plain = make()
+  cfg.model.posterior_input = True
+  model = M.create_model(cfg, seed=0)
+  z, gamma, s = inputs(d=cfg.model.hidden_size)
+  # At init the projection is zero: the same function as the model without the input.
+  np.testing.assert_array_equal(np.asarray(model(z, gamma, s)), np.asarray(plain(z, gamma, s)))
+  assert not hasattr(plain.backbone, "posterior_proj")  # the official layout is unchanged without it
+  # The feature: E^T softmax(c_skip(gamma) z E^T), the Gaussian posterior of a uniform prior, per position.
+  e = np.asarray(model.embedding_matrix(), np.float64)
+  c = np.exp((np.logaddexp(0, -np.asarray(gamma, np.float64)) - np.asarray(gamma, np.float64)) / 2)
+  logits = c[:, None, None] * np.einsum("bld,vd->blv", np.asarray(z, np.float64), e)
+  p = np.exp(logits - logits.max(-1, keepdims=True))
+  want = (p / p.sum(-1, keepdims=True)) @ e
+  np.testing.assert_allclose(np.asarray(model.backbone.token_posterior_mean(z, gamma)), want, rtol=1e-4, atol=1e-4)
+  # Once the projection has weights the network's output depends on it.
+  proj = model.backbone.posterior_proj.kernel
+  proj.set_value(jax.random.normal(jax.random.PRNGKey(5), proj.shape) * 0.1)
+  randomize_zero_inits(model)
+  randomize_zero_inits(plain)
+  assert float(jnp.abs(model(z, gamma, s) - plain(z, gamma, s)).max()) > 1e-3
