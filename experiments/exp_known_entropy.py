@@ -180,6 +180,9 @@ ABLATIONS = (
              ("config.model.posterior_input=true",)),
     Ablation("sc0.25-posterior-input", "self-conditioning p = 0.25, the own-z posterior mean as an input",
              ("config.objective.self_cond_prob=0.25", "config.model.posterior_input=true")),
+    Ablation("sc0.25-posterior-emb-lr7", "self-conditioning p = 0.25, the own-z posterior mean as an input, "
+             "token-embedding lr x 7", ("config.objective.self_cond_prob=0.25", "config.model.posterior_input=true",
+                                         "config.optimizer.embedding_lr_scale=7.0")),
     Ablation("zeros-bias", "head bias starts at zero (the official init; the default is the log unigram)",
              ("config.objective.output_bias_init=zeros",), corpora=("tok32", "words16")),
 )
