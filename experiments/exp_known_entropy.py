@@ -180,6 +180,9 @@ ABLATIONS = (
              ("config.model.posterior_input=true",)),
     Ablation("sc0.25-posterior-input", "self-conditioning p = 0.25, the own-z posterior mean as an input",
              ("config.objective.self_cond_prob=0.25", "config.model.posterior_input=true")),
+    Ablation("sc0.25-depth4", "self-conditioning p = 0.25, 4 blocks (2x the FLOPs)",
+             ("config.objective.self_cond_prob=0.25", "config.model.n_blocks=4")),
+    Ablation("mdlm0-depth4", "MDLM, 4 blocks (2x the FLOPs)", ("config.model.n_blocks=4",), method="mdlm"),
     Ablation("sc0.25-posterior-emb-lr7", "self-conditioning p = 0.25, the own-z posterior mean as an input, "
              "token-embedding lr x 7", ("config.objective.self_cond_prob=0.25", "config.model.posterior_input=true",
                                          "config.optimizer.embedding_lr_scale=7.0")),
