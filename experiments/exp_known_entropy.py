@@ -307,6 +307,15 @@ def ablation_budgets(args: argparse.Namespace) -> dict[str, list[int]]:
   return budgets
 
 
+def ladder_methods(args: argparse.Namespace) -> list[str]:
+  """The methods whose ladder rungs this invocation trains and measures (``none``: ablations only)."""
+  methods = [] if args.methods == "none" else args.methods.split(",")
+  unknown = set(methods) - {"langflow", "mdlm", "ar"}
+  if unknown:
+    raise SystemExit(f"exp_known_entropy: unknown method(s) {sorted(unknown)}; use langflow, mdlm, ar or none")
+  return methods
+
+
 def trained(v: common.Variant, args: argparse.Namespace, steps: int) -> bool:
   rung = argparse.Namespace(**{**vars(args), "steps": steps})
   return common.finished_step(common.run_dir(v, rung)) == steps
@@ -342,7 +351,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
   protocol = {**EVAL, **(QUICK_EVAL if args.quick else {})}
   rungs = QUICK_RUNGS if args.quick else tuple(int(r) for r in (args.rungs or ",".join(map(str, RUNGS))).split(","))
   corpora = [QUICK_CORPUS] if args.quick else [CORPORA[c] for c in args.corpora.split(",")]
-  methods = [] if args.methods == "none" else args.methods.split(",")
+  methods = ladder_methods(args)
   wanted = ablation_budgets(args)
   base_runs = args.runs
 

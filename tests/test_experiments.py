@@ -144,3 +144,12 @@ def test_known_entropy_quick(root):
   assert lf["context_free_exact"] is not None and "sc_chain_rule" in lf["what"]
   assert set(res["ablations"]) == {"zeros-bias"}
   assert (root / "results" / "known_entropy.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_known_entropy_methods_none_trains_no_ladder_rung_and_a_typo_is_an_error():
+  import exp_known_entropy as module
+
+  assert module.ladder_methods(module.parse(["--methods", "none", "--ablations", "sc0.25"])) == []
+  assert module.ladder_methods(module.parse([])) == ["langflow", "mdlm", "ar"]
+  with pytest.raises(SystemExit, match="unknown method"):
+    module.ladder_methods(module.parse(["--methods", "langflow,mdml"]))
