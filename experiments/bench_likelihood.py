@@ -69,8 +69,9 @@ def cost_table(model, batch: int, seq_len: int, reps: int) -> None:
   print(f"{'':62s} {'ms':>9s} {'x forward':>10s} {'GFLOP':>8s} {'x forward':>10s}")
   for name, body in rows:
     fn = jax.jit(lambda state, z, body=body: body(nnx.merge(graphdef, state), z))
-    flops = harness.xla_flops(fn.lower(state, z).compile())
-    _, timing = harness.timed(lambda: fn(state, z), reps)
+    compiled = fn.lower(state, z).compile()
+    flops = harness.xla_flops(compiled)
+    _, timing = harness.timed(lambda: compiled(state, z), reps)
     t = timing.seconds
     base, base_flops = base or t, base_flops or flops
     print(f"{name:62s} {1e3 * t:9.2f} {t / base:10.2f} {flops / 1e9:8.1f} {flops / base_flops:10.2f}", flush=True)

@@ -310,9 +310,9 @@ def ablation_budgets(args: argparse.Namespace) -> dict[str, list[int]]:
 def ladder_methods(args: argparse.Namespace) -> list[str]:
   """The methods whose ladder rungs this invocation trains and measures (``none``: ablations only)."""
   methods = [] if args.methods == "none" else args.methods.split(",")
-  unknown = set(methods) - {"langflow", "mdlm", "ar"}
+  unknown = set(methods) - set(METHODS)
   if unknown:
-    raise SystemExit(f"exp_known_entropy: unknown method(s) {sorted(unknown)}; use langflow, mdlm, ar or none")
+    raise SystemExit(f"exp_known_entropy: unknown method(s) {sorted(unknown)}; use {', '.join(METHODS)} or none")
   return methods
 
 

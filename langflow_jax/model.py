@@ -349,12 +349,11 @@ def vocab_argmax(x_NxV: Array) -> Array:
   window's max drops NaN on XLA:CPU, so an input with a NaN anywhere (its sum is NaN) takes
   ``jnp.argmax`` itself (a ``lax.cond``: one branch runs, outside ``vmap``).
   """
-  v = x_NxV.shape[-1]
-  if v <= ARGMAX_BLOCK:
-    return jnp.argmax(x_NxV, axis=-1).astype(jnp.int32)
+  exact = lambda x: jnp.argmax(x, axis=-1).astype(jnp.int32)
+  if x_NxV.shape[-1] <= ARGMAX_BLOCK:
+    return exact(x_NxV)
   if not jnp.issubdtype(x_NxV.dtype, jnp.floating):
     return _blocked_argmax(x_NxV, jnp.array(jnp.iinfo(x_NxV.dtype).min, x_NxV.dtype))
-  exact = lambda x: jnp.argmax(x, axis=-1).astype(jnp.int32)
   blocked = lambda x: _blocked_argmax(x, jnp.array(-jnp.inf, x.dtype))
   return jax.lax.cond(jnp.isnan(jnp.sum(x_NxV, dtype=jnp.float32)), exact, blocked, x_NxV)
 
