@@ -363,7 +363,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args.runs = base_runs / corpus.name
     res = results.setdefault(corpus.name, {"card": {k: card[k] for k in card if k not in ("words",)},
                                            "ladder": {}, "ablations": {}})
-    carry_over(res, previous.get(corpus.name), everything=args.carry_all)
+    dropped = carry_over(res, previous.get(corpus.name), everything=args.carry_all)
+    if dropped:
+      # deliberate (a changed recipe must not carry old rows), but easy to trip over: say so before training
+      print(f"[{NAME}] {corpus.name}: {len(dropped)} rows of the shipped recipe in {args.out / (NAME + '.json')} "
+            f"are not carried over and leave the tables unless measured again ({', '.join(sorted(dropped)[:6])}"
+            f"{', ...' if len(dropped) > 6 else ''}); pass --carry-all if its defaults have not changed since.",
+            flush=True)
     top = rungs if corpus.kind == "tokens" or args.quick else tuple(r for r in rungs if r <= args.max_rung_words)
     for steps in top:
       for method in methods:
@@ -399,20 +405,26 @@ CARRIED_NOTE = ("\\* measured by an earlier invocation of this script (its run d
                 "stands.")
 
 
-def carry_over(res: dict, old: dict | None, everything: bool = False) -> None:
+def carry_over(res: dict, old: dict | None, everything: bool = False) -> list[str]:
   """Rows an earlier invocation measured whose experiment does not depend on LangFlow's shipped
   recipe: the baselines' ladder and the absolute ablation rows (``everything``: every row, for
   when the recipe is unchanged since). Marked ``carried`` (the tables star them); a row measured
-  now replaces its carried copy."""
+  now replaces its carried copy. Returns the rows left behind (``langflow@STEPS``, ablation keys)."""
   if not old:
-    return
+    return []
   absolute = {a.name for a in ABLATIONS if a.absolute}
+  dropped = []
   for method, per in old.get("ladder", {}).items():
     if method != "langflow" or everything:
       res["ladder"][method] = {s: {**r, "carried": True} for s, r in per.items()}
+    else:
+      dropped += [f"{method}@{s}" for s in per]
   for key, r in old.get("ablations", {}).items():
     if key.partition("@")[0] in absolute or everything:
       res["ablations"][key] = {**r, "carried": True}
+    else:
+      dropped.append(key)
+  return dropped
 
 
 ratio, cell = harness.ratio_cell, harness.carried_cell

@@ -153,3 +153,19 @@ def test_known_entropy_methods_none_trains_no_ladder_rung_and_a_typo_is_an_error
   assert module.ladder_methods(module.parse([])) == ["langflow", "mdlm", "ar"]
   with pytest.raises(SystemExit, match="unknown method"):
     module.ladder_methods(module.parse(["--methods", "langflow,mdml"]))
+
+
+def test_known_entropy_carry_over_names_the_shipped_recipe_rows_it_leaves_behind():
+  import exp_known_entropy as module
+
+  absolute = next(a.name for a in module.ABLATIONS if a.absolute)
+  relative = next(a.name for a in module.ABLATIONS if not a.absolute)
+  old = {"ladder": {"langflow": {"4800": {"nats_per_token": 0.8}}, "mdlm": {"4800": {"nats_per_token": 0.7}}},
+         "ablations": {absolute: {"nats_per_token": 1.0}, f"{relative}@4800": {"nats_per_token": 0.9}}}
+  res = {"ladder": {}, "ablations": {}}
+  assert sorted(module.carry_over(res, old)) == sorted(["langflow@4800", f"{relative}@4800"])
+  assert set(res["ladder"]) == {"mdlm"} and set(res["ablations"]) == {absolute}
+  assert res["ladder"]["mdlm"]["4800"]["carried"]
+  everything = {"ladder": {}, "ablations": {}}
+  assert module.carry_over(everything, old, everything=True) == []
+  assert set(everything["ladder"]) == {"langflow", "mdlm"} and len(everything["ablations"]) == 2
