@@ -366,10 +366,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     dropped = carry_over(res, previous.get(corpus.name), everything=args.carry_all)
     if dropped:
       # deliberate (a changed recipe must not carry old rows), but easy to trip over: say so before training
-      print(f"[{NAME}] {corpus.name}: {len(dropped)} rows of the shipped recipe in {args.out / (NAME + '.json')} "
-            f"are not carried over and leave the tables unless measured again ({', '.join(sorted(dropped)[:6])}"
-            f"{', ...' if len(dropped) > 6 else ''}); pass --carry-all if its defaults have not changed since.",
-            flush=True)
+      harness.log(f"[{NAME}] {corpus.name}: {len(dropped)} rows of the shipped recipe in "
+                  f"{args.out / (NAME + '.json')} are not carried over and leave the tables unless measured again "
+                  f"({', '.join(sorted(dropped)[:6])}{', ...' if len(dropped) > 6 else ''}); pass --carry-all if "
+                  "its defaults have not changed since.")
     top = rungs if corpus.kind == "tokens" or args.quick else tuple(r for r in rungs if r <= args.max_rung_words)
     for steps in top:
       for method in methods:
